@@ -1,0 +1,72 @@
+"""Shared pieces of the data modules."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images in [-1, 1] (N, C, H, W) with optional labels and captions, yielding dicts."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, captions: list[str] | None = None):
+        self.images, self.labels, self.captions = images, labels, captions
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": self.images[i]}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic random (train, val) split of range(n)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base: subclasses set ``self.train_set`` / ``self.val_set`` in ``setup``.
+
+    ``image_size`` and ``channels`` describe the images this module yields; the U-Net is
+    built from them. ``num_classes`` is None for unlabelled data.
+    """
+
+    name = "images"
+    num_classes: int | None = None
+
+    def __init__(self, image_size: int = 32, channels: int = 3, batch_size: int = 128, num_workers: int = 0,
+                 seed: int = 0):
+        super().__init__()
+        if image_size <= 0:
+            raise ValueError(f"data.image_size must be positive, got {image_size}")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

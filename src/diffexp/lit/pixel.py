@@ -1,0 +1,138 @@
+"""Pixel-space diffusion as a LightningModule."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from diffexp.diffusion import check_prediction_type, diffusion_loss, q_sample, training_target
+from diffexp.samplers import DDIMSampler, Sampler, Trajectory
+from diffexp.schedules import NoiseSchedule
+
+CONFIG_KEY = "diffexp_config"
+
+
+class PixelDiffusion(L.LightningModule):
+    """Trains ``net`` to denoise: loss = w(t) * || net(x_t, t) - target ||^2 with t ~ U{0..T-1}.
+
+    Args:
+        net: the denoiser, called as net(x_t, t, class_labels=...).
+        schedule: the noise schedule (:func:`diffexp.schedules.get_schedule`).
+        prediction_type: ``epsilon`` | ``sample`` | ``v_prediction``.
+        min_snr_gamma: if set, weight the loss by min-SNR-gamma (Hang et al. 2023).
+        optimizer: a partial optimizer, called with the parameters (default AdamW, lr 2e-4).
+        warmup_steps: linear learning-rate warm-up over this many steps.
+        sampler: a partial sampler, called with schedule and prediction_type (default DDIM-50).
+        class_conditional: feed ``batch["label"]`` to the net, dropped with probability ``p_uncond``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        min_snr_gamma: float | None = None,
+        optimizer: Callable | None = None,
+        warmup_steps: int = 0,
+        sampler: Callable[..., Sampler] | None = None,
+        class_conditional: bool = False,
+        p_uncond: float = 0.1,
+    ):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.min_snr_gamma = min_snr_gamma
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.sampler_factory = sampler or partial(DDIMSampler, steps=50)
+        if class_conditional and getattr(net, "class_emb", None) is None:
+            raise ValueError("model.class_conditional=true needs a U-Net built with num_classes (unet.num_classes)")
+        self.class_conditional = class_conditional
+        self.p_uncond = p_uncond
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
+        self.register_buffer("snr", schedule.snr.float(), persistent=False)
+        self.run_config: dict | None = None  # the composed config, saved in every checkpoint
+
+    # --- training -------------------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(x_t, t, **cond)
+
+    def conditioning(self, batch: dict, drop: bool) -> dict:
+        """Keyword arguments for the net from a batch; labels dropped at rate p_uncond when ``drop``."""
+        if not self.class_conditional:
+            return {}
+        labels = batch["label"].clone()
+        if drop and self.p_uncond > 0:
+            mask = torch.rand(labels.shape, device=labels.device) < self.p_uncond
+            labels[mask] = self.net.num_classes
+        return {"class_labels": labels}
+
+    def loss(self, batch: dict, drop_conditioning: bool = True) -> torch.Tensor:
+        x0 = batch["image"]
+        n = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = q_sample(x0, t, noise, self.alphas_cumprod)
+        target = training_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
+        pred = self.net(x_t, t, **self.conditioning(batch, drop_conditioning))
+        return diffusion_loss(pred, target, t, self.snr, self.prediction_type, self.min_snr_gamma)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.loss(batch, drop_conditioning=False)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- sampling -------------------------------------------------------------------------------
+    def make_sampler(self, sampler: Callable[..., Sampler] | Sampler | None = None) -> Sampler:
+        """A sampler for this model: an instance as is, or a partial completed with schedule and prediction_type."""
+        if isinstance(sampler, Sampler):
+            return sampler
+        return (sampler or self.sampler_factory)(schedule=self.schedule, prediction_type=self.prediction_type)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        sampler: Callable[..., Sampler] | Sampler | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        progress: bool | None = None,
+        return_trajectory: bool = False,
+    ) -> torch.Tensor | Trajectory:
+        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one)."""
+        was_training = self.training
+        self.eval()
+        try:
+            kwargs = {"class_labels": class_labels.to(self.device)} if class_labels is not None else {}
+            return self.make_sampler(sampler).sample(
+                self.net, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
+                progress=progress, return_trajectory=return_trajectory, model_kwargs=kwargs,
+            )
+        finally:
+            self.train(was_training)
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config

@@ -1,0 +1,143 @@
+"""The diffusion U-Net (Ho et al. 2020; Dhariwal & Nichol 2021 improvements optional)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffexp.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+
+
+class UNet(nn.Module):
+    """eps/x0/v-prediction U-Net: model(x_t, t, class_labels=None, context=None) -> Tensor like x_t.
+
+    Args:
+        image_size: input height = width; must be divisible by 2 ** (len(channel_mult) - 1).
+        in_channels, out_channels: image channels (out defaults to in).
+        base_channels: channels at full resolution; level i has base_channels * channel_mult[i].
+        channel_mult: one entry per resolution level.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_resolutions: resolutions (e.g. 16 for 16x16) that get self-attention.
+        num_heads: attention heads.
+        dropout: dropout inside residual blocks.
+        scale_shift: time injection as GroupNorm scale-shift (True) or addition (False, DDPM).
+        num_classes: if set, a class-label embedding is added to the time embedding; index
+            ``num_classes`` is the "no label" class used for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 1,
+        dropout: float = 0.1,
+        scale_shift: bool = True,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size % factor:
+            raise ValueError(
+                f"image_size={image_size} cannot pass through a U-Net with channel_mult={list(channel_mult)}: "
+                f"it must be divisible by 2**{len(channel_mult) - 1} = {factor} "
+                f"(change data.image_size or unet.channel_mult)"
+            )
+        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        bad = [r for r in attention_resolutions if r not in resolutions]
+        if bad:
+            raise ValueError(
+                f"unet.attention_resolutions={list(attention_resolutions)} includes {bad}, which the U-Net never "
+                f"reaches at image_size={image_size}; allowed: {resolutions}"
+            )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.base_channels = base_channels
+        self.num_classes = num_classes
+        self.min_divisor = factor
+        temb_dim = base_channels * 4
+
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(cin, cout):
+            return ResBlock(cin, cout, temb_dim, dropout, scale_shift)
+
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch = base_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [block(ch, base_channels * mult)]
+                ch = base_channels * mult
+                if resolutions[level] in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.mid = nn.ModuleList([block(ch, ch), AttentionBlock(ch, num_heads), block(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                layers = [block(ch + skip_channels.pop(), base_channels * mult)]
+                ch = base_channels * mult
+                if resolutions[level] in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads))
+                self.up.append(nn.ModuleList(layers))
+            if level > 0:
+                self.up.append(nn.ModuleList([Upsample(ch)]))
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if x.shape[-1] % self.min_divisor or x.shape[-2] % self.min_divisor:
+            raise ValueError(f"input of size {tuple(x.shape[-2:])} must be divisible by {self.min_divisor}")
+        if context is not None:
+            raise ValueError("this U-Net has no cross-attention; build it with context conditioning to pass context")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.class_emb is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.class_emb(class_labels)
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            h = self._run(layers, h, temb)
+            skips.append(h)
+        h = self._run(self.mid, h, temb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(layers, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,109 @@
+"""sample.py's run(cfg): rebuild a model from its checkpoint alone, sample, write grid.png and samples.npz."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.callbacks.ema import ema_state_from_checkpoint
+from diffexp.lit.pixel import CONFIG_KEY
+from diffexp.viz.images import save_grid, to_uint8_nhwc
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist; pass a checkpoint written by train.py, "
+                                f"e.g. ckpt=logs/train/latest/checkpoints/last.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in checkpoint:
+        raise ValueError(f"ckpt={str(path)!r} carries no diffexp config (key {CONFIG_KEY!r}); was it written by train.py?")
+    return checkpoint
+
+
+def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """The LightningModule saved in ``path``, built from the config inside it, EMA weights if present and asked for.
+
+    Returns (model in eval mode, training config as a DictConfig).
+    """
+    checkpoint = load_checkpoint(path)
+    train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    model = hydra.utils.instantiate(train_cfg.model)
+    model.load_state_dict(checkpoint["state_dict"])
+    ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
+    if ema is not None:
+        model.load_state_dict(ema, strict=False)
+    model.run_config = checkpoint[CONFIG_KEY]
+    return model.to(device).eval(), train_cfg
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """The output directory, refusing to overwrite earlier samples unless ``overwrite``."""
+    out = Path(out)
+    existing = [p for p in (out / "grid.png", out / "samples.npz", out / "metrics.json") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"out={str(out)!r} already holds {[p.name for p in existing]}; choose another out=DIR "
+                              f"or pass overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def draw_samples(model, n: int, sampler, seed: int, batch_size: int, labels: torch.Tensor | None = None,
+                 progress: bool = True) -> torch.Tensor:
+    """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``."""
+    if n <= 0:
+        raise ValueError(f"n must be a positive number of samples, got {n}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    sampler = model.make_sampler(sampler)
+    chunks = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        batch_labels = labels[start:start + m] if labels is not None else None
+        chunks.append(model.sample(m, sampler=sampler, generator=generator, class_labels=batch_labels,
+                                   progress=progress).cpu())
+    return torch.cat(chunks)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Sample ``cfg.n`` images from ``cfg.ckpt``; write grid.png, samples.npz (and metrics.json)."""
+    if cfg.ckpt is None:
+        raise ValueError("ckpt=PATH is required (a checkpoint written by train.py)")
+    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else None
+    labels = None
+    if model.class_conditional:
+        labels = torch.arange(cfg.n) % model.net.num_classes
+    start = time.perf_counter()
+    images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, labels, cfg.progress)
+    seconds = time.perf_counter() - start
+    save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
+    arrays = {"images": to_uint8_nhwc(images)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
+    summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None,
+               "ckpt": str(cfg.ckpt), "seed": cfg.seed}
+    if cfg.get("metrics"):
+        from diffexp.metrics import evaluate
+
+        summary["metrics"] = evaluate(list(cfg.metrics), images, train_cfg, device=device)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"[diffexp] wrote {out / 'grid.png'} and {out / 'samples.npz'}")
+    return summary

@@ -1,0 +1,22 @@
+"""Samplers: the reverse process as small, model-agnostic classes (pure torch).
+
+>>> sampler = get_sampler("ddim", schedule=s, steps=50)
+>>> x0 = sampler.sample(model_fn, shape=(16, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+"""
+from diffexp.samplers.base import Sampler, Trajectory
+from diffexp.samplers.ddim import DDIMSampler
+from diffexp.samplers.ddpm import DDPMSampler
+from diffexp.samplers.spacing import TIMESTEP_SPACINGS, spaced_timesteps
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
+def get_sampler(name: str, schedule, **kwargs) -> Sampler:
+    """Build the sampler called ``name`` (one of :data:`SAMPLERS`) for ``schedule``."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is not a known sampler; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](schedule, **kwargs)
+
+
+__all__ = ["Sampler", "Trajectory", "DDIMSampler", "DDPMSampler", "SAMPLERS", "get_sampler",
+           "spaced_timesteps", "TIMESTEP_SPACINGS"]

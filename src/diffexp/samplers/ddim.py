@@ -1,0 +1,39 @@
+"""DDIM sampling (Song, Meng & Ermon 2021, eq. 12)."""
+from __future__ import annotations
+
+import torch
+
+from diffexp.samplers.base import Sampler, randn
+from diffexp.samplers.spacing import spaced_timesteps
+
+
+class DDIMSampler(Sampler):
+    """Deterministic (eta = 0) to DDPM-like (eta = 1) sampling on ``steps`` spaced timesteps.
+
+    For consecutive visited timesteps t > t' (t' taken from the timestep list, abar_{-1} = 1):
+        sigma  = eta * sqrt((1 - abar_t') / (1 - abar_t)) * sqrt(1 - abar_t / abar_t')
+        x_t'   = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
+    """
+
+    def __init__(self, schedule, steps: int = 50, eta: float = 0.0, timestep_spacing: str = "leading", **kwargs):
+        super().__init__(schedule, **kwargs)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"sampler.eta must lie in [0, 1], got {eta}")
+        self.eta = eta
+        self.steps = steps
+        self._timesteps = spaced_timesteps(schedule.num_timesteps, steps, timestep_spacing)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._timesteps
+
+    def step(self, model_output, t, t_prev, x_t, generator=None, noise=None):
+        x0, eps = self.predict_x0_eps(model_output, x_t, t)
+        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        sigma = self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            if noise is None:
+                noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+            x_prev = x_prev + sigma * noise
+        return x_prev, x0

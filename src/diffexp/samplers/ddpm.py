@@ -1,0 +1,47 @@
+"""DDPM ancestral sampling (Ho et al. 2020, Alg. 2)."""
+from __future__ import annotations
+
+import torch
+
+from diffexp.samplers.base import Sampler, randn
+from diffexp.samplers.spacing import spaced_timesteps
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling from the posterior q(x_{t'} | x_t, x_0) with x_0 predicted by the model.
+
+    For consecutive visited timesteps t > t' (t' = t - 1 when ``steps`` is None, all T steps):
+        alpha = abar_t / abar_t',  beta = 1 - alpha
+        mean  = sqrt(abar_t') beta / (1 - abar_t) * x_0 + sqrt(alpha) (1 - abar_t') / (1 - abar_t) * x_t
+        var   = (1 - abar_t') / (1 - abar_t) * beta   (``fixed_small``, posterior beta-tilde)
+              = beta                                  (``fixed_large``)
+    No noise is added on the last step (to t' = -1, where abar = 1).
+    """
+
+    def __init__(self, schedule, steps: int | None = None, variance_type: str = "fixed_small",
+                 timestep_spacing: str = "leading", **kwargs):
+        super().__init__(schedule, **kwargs)
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"sampler.variance_type={variance_type!r}; choose one of {list(VARIANCE_TYPES)}")
+        self.variance_type = variance_type
+        T = schedule.num_timesteps
+        self._timesteps = spaced_timesteps(T, steps if steps is not None else T, timestep_spacing)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._timesteps
+
+    def step(self, model_output, t, t_prev, x_t, generator=None, noise=None):
+        x0, _ = self.predict_x0_eps(model_output, x_t, t)
+        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        alpha = abar_t / abar_prev
+        beta = 1.0 - alpha
+        mean = (abar_prev**0.5 * beta / (1 - abar_t)) * x0 + (alpha**0.5 * (1 - abar_prev) / (1 - abar_t)) * x_t
+        if t_prev < 0:
+            return mean, x0
+        var = (1 - abar_prev) / (1 - abar_t) * beta if self.variance_type == "fixed_small" else beta
+        if noise is None:
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        return mean + var**0.5 * noise, x0

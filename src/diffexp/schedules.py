@@ -1,0 +1,104 @@
+"""Noise schedules: betas -> alphas_cumprod and SNR (pure torch, float64).
+
+A schedule fixes the forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+for integer timesteps t in [0, T), with abar_t = prod_{s<=t} (1 - beta_s).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete noise schedule; every tensor is float64 of shape (T,)."""
+
+    name: str
+    betas: torch.Tensor
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """alpha_t = 1 - beta_t."""
+        return 1.0 - self.betas
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar_t = prod_{s<=t} alpha_s."""
+        return torch.cumprod(self.alphas, dim=0)
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """SNR(t) = abar_t / (1 - abar_t)."""
+        abar = self.alphas_cumprod
+        return abar / (1.0 - abar)
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """log SNR(t) (-inf where the terminal SNR is zero)."""
+        return torch.log(self.snr)
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.name!r}, T={self.num_timesteps})"
+
+
+def cosine_alpha_bar(u: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """f(u) = cos(((u + s) / (1 + s)) * pi / 2) ** 2 (Nichol & Dhariwal 2021, eq. 17)."""
+    return torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(abar) so that abar_{T-1} = 0 and abar_0 is kept (Lin et al. 2023, Alg. 1)."""
+    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def get_schedule(
+    name: str = "linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+    rescale_zero_terminal_snr: bool = False,
+) -> NoiseSchedule:
+    """Build a named schedule with T = num_timesteps steps.
+
+    - linear:    betas = linspace(beta_start, beta_end, T)   (Ho et al. 2020; no 1000/T rescaling)
+    - quadratic: betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2
+    - cosine:    betas[i] = min(1 - f((i+1)/T) / f(i/T), max_beta), f = cosine_alpha_bar
+    - sigmoid:   betas = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    ``rescale_zero_terminal_snr`` then applies Lin et al. (2023), Alg. 1.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule.name={name!r} is not a known schedule; choose one of {list(SCHEDULES)}")
+    if not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ValueError(f"schedule.num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"schedule needs 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+    T = num_timesteps
+    f64 = torch.float64
+    if name == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=f64)
+    elif name == "quadratic":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=f64) ** 2
+    elif name == "cosine":
+        u = torch.arange(T + 1, dtype=f64) / T
+        f = cosine_alpha_bar(u, cosine_s)
+        betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
+    else:  # sigmoid
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=f64)) * (beta_end - beta_start) + beta_start
+    if rescale_zero_terminal_snr:
+        betas = zero_terminal_snr_betas(betas)
+    return NoiseSchedule(name=name + ("+ztsnr" if rescale_zero_terminal_snr else ""), betas=betas)

@@ -1,0 +1,103 @@
+"""train.py's run(cfg): build data, model, callbacks, loggers, trainer; fit; return the swept metric."""
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.runinfo import write_run_info
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every entry with a ``_target_`` of a name -> config mapping (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a .ckpt file to resume "
+                                f"(e.g. logs/train/runs/<run>/checkpoints/last.ckpt) or leave it null")
+
+
+def build(cfg: DictConfig):
+    """Instantiate (datamodule, model, callbacks, loggers, trainer) from a composed train config.
+
+    Everything a user can get wrong (sizes, sampler settings, paths) raises here, before training.
+    """
+    check_ckpt_path(cfg.get("ckpt_path"))
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    model.make_sampler()  # validates sampler settings now rather than at the first sample grid
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, callbacks, loggers, trainer
+
+
+def update_latest_link(run_dir: Path, link: Path) -> None:
+    """Point ``link`` (e.g. logs/train/latest) at the newest run directory, atomically."""
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(os.path.relpath(run_dir.resolve(), link.parent.resolve()), target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        pass
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as configured and return ``cfg.optimized_metric`` (for sweeps), or None if absent."""
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    datamodule, model, callbacks, loggers, trainer = build(cfg)
+    if trainer.is_global_zero:
+        write_run_info(run_dir, cfg.seed)
+        rank_zero_info(f"Run directory: {run_dir.resolve()}")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero and cfg.paths.get("latest_link"):
+        update_latest_link(run_dir, Path(cfg.paths.latest_link))
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+def run_safely(cfg: DictConfig) -> float | None:
+    """run(cfg), always printing the run directory and closing W&B.
+
+    In a multirun a failing job is logged (RUN/error.txt) and returns NaN, so the sweep goes on.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        return run(cfg)
+    except Exception:
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        if not multirun:
+            raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        print(f"[diffexp] job failed; traceback in {run_dir / 'error.txt'}")
+        return math.nan
+    finally:
+        print(f"[diffexp] output dir: {run_dir.resolve()}")
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        except ImportError:
+            pass

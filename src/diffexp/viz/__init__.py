@@ -1,0 +1,1 @@
+"""Plots, grids and animations for notebooks, callbacks and the CLI."""
