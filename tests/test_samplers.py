@@ -1,0 +1,172 @@
+"""Every sampler passes the same checks; DDIM/DDPM also agree with diffusers step for step."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from diffexp.samplers import DDIMSampler, DDPMSampler, get_sampler, spaced_timesteps
+from diffexp.schedules import get_schedule
+
+T = 1000
+
+
+def toy_model(x, t):
+    """A smooth deterministic stand-in for a denoiser (depends on x and t)."""
+    return 0.3 * torch.tanh(x) + 0.001 * t.view(-1, 1, 1, 1).to(x.dtype) * x.mean()
+
+
+def gaussian_denoiser(schedule, mu, sigma, prediction_type):
+    """The exact E[eps | x_t] (or x0 / v) for data x0 ~ N(mu, sigma^2): the optimal network."""
+    abar = schedule.alphas_cumprod
+
+    def model_fn(x, t):
+        ab = abar[t].view(-1, 1, 1, 1).to(x)
+        var = ab * sigma**2 + 1 - ab
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * mu) / var
+        x0 = mu + ab.sqrt() * sigma**2 * (x - ab.sqrt() * mu) / var
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "sample":
+            return x0
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+    return model_fn
+
+
+SAMPLER_CASES = [
+    ("ddpm", {}),
+    ("ddpm", {"variance_type": "fixed_large"}),
+    ("ddim", {"steps": 50}),
+    ("ddim", {"steps": 50, "eta": 1.0}),
+    ("ddim", {"steps": 20, "timestep_spacing": "trailing"}),
+    ("ddim", {"steps": 30, "timestep_spacing": "linspace"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", SAMPLER_CASES)
+class TestEverySampler:
+    def make(self, name, kwargs, **extra):
+        return get_sampler(name, schedule=get_schedule("linear", T), progress=False, **kwargs, **extra)
+
+    def test_shape_and_determinism(self, name, kwargs):
+        sampler = self.make(name, kwargs)
+        a = sampler.sample(toy_model, shape=(3, 2, 4, 4), generator=torch.Generator().manual_seed(1))
+        b = sampler.sample(toy_model, shape=(3, 2, 4, 4), generator=torch.Generator().manual_seed(1))
+        c = sampler.sample(toy_model, shape=(3, 2, 4, 4), generator=torch.Generator().manual_seed(2))
+        assert a.shape == (3, 2, 4, 4) and torch.isfinite(a).all()
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+    def test_global_rng_untouched(self, name, kwargs):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        self.make(name, kwargs).sample(toy_model, shape=(2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(torch.rand(3), expected)
+
+    def test_x_T_and_trajectory(self, name, kwargs):
+        sampler = self.make(name, kwargs)
+        x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        traj = sampler.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(0), return_trajectory=True)
+        n = len(sampler.timesteps)
+        assert len(traj.xs) == len(traj.x0s) == len(traj.timesteps) == n
+        assert torch.equal(traj.xs[0], x_T)
+        assert traj.timesteps == sorted(traj.timesteps, reverse=True)
+        final = sampler.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(final, traj.sample)
+
+    @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+    def test_gaussian_oracle(self, name, kwargs, prediction_type):
+        """With the exact denoiser for N(mu, sigma^2) data, samples have that mean and std."""
+        schedule = get_schedule("linear", T)
+        mu, sigma = 0.5, 0.3
+        sampler = get_sampler(name, schedule=schedule, progress=False, prediction_type=prediction_type, **kwargs)
+        x = sampler.sample(gaussian_denoiser(schedule, mu, sigma, prediction_type), shape=(4000, 1, 2, 2),
+                           generator=torch.Generator().manual_seed(0))
+        assert x.mean().item() == pytest.approx(mu, abs=0.01)
+        assert x.std().item() == pytest.approx(sigma, rel=0.03)
+
+
+def pinned_ddim(steps, spacing):
+    return DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing,
+                         prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("steps,spacing", [(50, "leading"), (10, "leading"), (20, "trailing"), (50, "trailing")])
+def test_ddim_timesteps_match_diffusers(steps, spacing):
+    ref = pinned_ddim(steps, spacing)
+    ref.set_timesteps(steps)
+    assert torch.equal(spaced_timesteps(T, steps, spacing), ref.timesteps.long())
+
+
+@pytest.mark.parametrize("steps,spacing,eta", [(50, "leading", 0.0), (20, "trailing", 0.0), (25, "leading", 0.5)])
+def test_ddim_trajectory_matches_diffusers(steps, spacing, eta):
+    """Same noise, same model: every intermediate x_t agrees with diffusers' DDIMScheduler."""
+    schedule = get_schedule("linear", T)
+    ours = DDIMSampler(schedule, steps=steps, eta=eta, timestep_spacing=spacing, progress=False)
+    ref = pinned_ddim(steps, spacing)
+    ref.set_timesteps(steps)
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    traj = ours.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(7), return_trajectory=True)
+    x, gen = x_T.clone(), torch.Generator().manual_seed(7)
+    for i, t in enumerate(ref.timesteps):
+        assert torch.allclose(traj.xs[i], x, atol=1e-5), f"step {i} (t={int(t)})"
+        out = toy_model(x, torch.full((4,), int(t)))
+        x = ref.step(out, t, x, eta=eta, generator=gen).prev_sample
+    assert torch.allclose(traj.sample, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_trajectory_matches_diffusers(variance_type):
+    schedule = get_schedule("linear", T)
+    ours = DDPMSampler(schedule, variance_type=variance_type, progress=False)
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                        clip_sample=False, variance_type=variance_type, prediction_type="epsilon")
+    ref.set_timesteps(T)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours_out = ours.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(3))
+    x, gen = x_T.clone(), torch.Generator().manual_seed(3)
+    for t in ref.timesteps:
+        x = ref.step(toy_model(x, torch.full((2,), int(t))), t, x, generator=gen).prev_sample
+    assert torch.allclose(ours_out, x, atol=1e-4)
+
+
+def test_linspace_uses_actual_previous_timestep():
+    """With uneven spacing the update must target the next timestep in the list, not t - T//steps."""
+    schedule = get_schedule("linear", T)
+    sampler = DDIMSampler(schedule, steps=7, timestep_spacing="linspace", progress=False)
+    ts = sampler.timesteps.tolist()
+    assert ts[0] == T - 1 and ts[-1] == 0 and len(ts) == 7
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn_like(x)
+    abar = schedule.alphas_cumprod
+    t, t_prev = ts[0], ts[1]
+    x_prev, x0 = sampler.step(eps, t, t_prev, x)
+    expected_x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+    assert torch.allclose(x0, expected_x0.float())
+    assert torch.allclose(x_prev, (abar[t_prev].sqrt() * expected_x0 + (1 - abar[t_prev]).sqrt() * eps).float(),
+                          atol=1e-6)
+
+
+def test_clip_sample_bounds_x0():
+    sampler = DDIMSampler(get_schedule("linear", T), steps=10, clip_sample=True, progress=False)
+    traj = sampler.sample(lambda x, t: -5 * x, shape=(2, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                          return_trajectory=True)
+    assert all(x0.abs().max() <= 1 for x0 in traj.x0s)
+
+
+def test_bad_settings():
+    s = get_schedule("linear", T)
+    with pytest.raises(ValueError, match="sampler.steps must be a positive integer"):
+        DDIMSampler(s, steps=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        DDIMSampler(s, steps=2000)
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(s, eta=1.5)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DDIMSampler(s, timestep_spacing="middle")
+    with pytest.raises(ValueError, match="variance_type"):
+        DDPMSampler(s, variance_type="learned")
+    with pytest.raises(ValueError, match="not a known sampler"):
+        get_sampler("euler", s)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        DDIMSampler(get_schedule("linear", T, rescale_zero_terminal_snr=True), prediction_type="epsilon")
