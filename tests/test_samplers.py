@@ -74,15 +74,47 @@ class TestEverySampler:
         assert torch.equal(final, traj.sample)
 
     @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-    def test_gaussian_oracle(self, name, kwargs, prediction_type):
-        """With the exact denoiser for N(mu, sigma^2) data, samples have that mean and std."""
+    def test_gaussian_oracle_mean(self, name, kwargs, prediction_type):
+        """With the exact denoiser for N(mu, sigma^2) data, every sampler lands on the data mean."""
         schedule = get_schedule("linear", T)
-        mu, sigma = 0.5, 0.3
         sampler = get_sampler(name, schedule=schedule, progress=False, prediction_type=prediction_type, **kwargs)
-        x = sampler.sample(gaussian_denoiser(schedule, mu, sigma, prediction_type), shape=(4000, 1, 2, 2),
+        x = sampler.sample(gaussian_denoiser(schedule, 0.5, 0.3, prediction_type), shape=(4000, 1, 2, 2),
                            generator=torch.Generator().manual_seed(0))
-        assert x.mean().item() == pytest.approx(mu, abs=0.01)
-        assert x.std().item() == pytest.approx(sigma, rel=0.03)
+        assert x.mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+GAUSSIAN_FULL_CASES = [
+    ("ddpm", {}), ("ddpm", {"variance_type": "fixed_large"}),
+    ("ddim", {"steps": T, "eta": 0.0}), ("ddim", {"steps": T, "eta": 1.0}),
+]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("name,kwargs", GAUSSIAN_FULL_CASES)
+def test_gaussian_oracle_full_chain(name, kwargs, prediction_type):
+    """Over all T steps the discretisation error vanishes: samples have the data's mean and std."""
+    schedule = get_schedule("linear", T)
+    mu, sigma = 0.5, 0.3
+    sampler = get_sampler(name, schedule=schedule, progress=False, prediction_type=prediction_type, **kwargs)
+    x = sampler.sample(gaussian_denoiser(schedule, mu, sigma, prediction_type), shape=(4000, 1, 2, 2),
+                       generator=torch.Generator().manual_seed(0))
+    assert x.mean().item() == pytest.approx(mu, abs=0.01)
+    assert x.std().item() == pytest.approx(sigma, rel=0.03)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_gaussian_error_shrinks_with_steps(eta):
+    """Few-step DDIM under-disperses (Euler error on the probability-flow ODE); more steps fix it."""
+    schedule = get_schedule("linear", T)
+    sigma = 0.3
+    model_fn = gaussian_denoiser(schedule, 0.5, sigma, "epsilon")
+    errors = []
+    for steps in (10, 50, 200):
+        x = get_sampler("ddim", schedule=schedule, steps=steps, eta=eta, progress=False).sample(
+            model_fn, shape=(4000, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+        errors.append(abs(x.std().item() / sigma - 1))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.05
 
 
 def pinned_ddim(steps, spacing):
@@ -122,11 +154,12 @@ def test_ddpm_trajectory_matches_diffusers(variance_type):
     ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                         clip_sample=False, variance_type=variance_type, prediction_type="epsilon")
     ref.set_timesteps(T)
+    model_fn = gaussian_denoiser(schedule, 0.5, 0.3, "epsilon")  # stays bounded over 1000 steps
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    ours_out = ours.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(3))
+    ours_out = ours.sample(model_fn, x_T=x_T, generator=torch.Generator().manual_seed(3))
     x, gen = x_T.clone(), torch.Generator().manual_seed(3)
     for t in ref.timesteps:
-        x = ref.step(toy_model(x, torch.full((2,), int(t))), t, x, generator=gen).prev_sample
+        x = ref.step(model_fn(x, torch.full((2,), int(t))), t, x, generator=gen).prev_sample
     assert torch.allclose(ours_out, x, atol=1e-4)
 
 

@@ -20,6 +20,8 @@ class UNet(nn.Module):
         channel_mult: one entry per resolution level.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attention_resolutions: resolutions (e.g. 16 for 16x16) that get self-attention.
+        attention_levels: alternatively, level indices into ``channel_mult`` that get
+            self-attention (-1 = the lowest resolution), independent of image size.
         num_heads: attention heads.
         dropout: dropout inside residual blocks.
         scale_shift: time injection as GroupNorm scale-shift (True) or addition (False, DDPM).
@@ -36,6 +38,7 @@ class UNet(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (16,),
+        attention_levels: Sequence[int] | None = None,
         num_heads: int = 1,
         dropout: float = 0.1,
         scale_shift: bool = True,
@@ -57,6 +60,12 @@ class UNet(nn.Module):
                 f"unet.attention_resolutions={list(attention_resolutions)} includes {bad}, which the U-Net never "
                 f"reaches at image_size={image_size}; allowed: {resolutions}"
             )
+        levels = list(attention_levels or [])
+        bad = [lv for lv in levels if not -len(resolutions) <= lv < len(resolutions)]
+        if bad:
+            raise ValueError(f"unet.attention_levels={levels} includes {bad}; allowed: "
+                             f"{-len(resolutions)}..{len(resolutions) - 1} (one per channel_mult entry)")
+        attention_resolutions = set(attention_resolutions) | {resolutions[lv] for lv in levels}
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
