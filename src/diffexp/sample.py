@@ -5,11 +5,11 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.config import instantiate
 from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.lit.pixel import CONFIG_KEY
 from diffexp.viz.images import save_grid, to_uint8_nhwc
@@ -33,7 +33,7 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     """
     checkpoint = load_checkpoint(path)
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
-    model = hydra.utils.instantiate(train_cfg.model)
+    model = instantiate(train_cfg.model)
     model.load_state_dict(checkpoint["state_dict"])
     ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
     if ema is not None:
@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else None
+    sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
     labels = None
     if model.class_conditional:
         labels = torch.arange(cfg.n) % model.net.num_classes

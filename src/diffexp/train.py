@@ -6,7 +6,6 @@ import os
 import traceback
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +13,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.config import instantiate
 from diffexp.runinfo import write_run_info
 
 
@@ -21,7 +21,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     """Instantiate every entry with a ``_target_`` of a name -> config mapping (callbacks, loggers)."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
@@ -36,13 +36,13 @@ def build(cfg: DictConfig):
     Everything a user can get wrong (sizes, sampler settings, paths) raises here, before training.
     """
     check_ckpt_path(cfg.get("ckpt_path"))
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
     model.make_sampler()  # validates sampler settings now rather than at the first sample grid
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, callbacks, loggers, trainer
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

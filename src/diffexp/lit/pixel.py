@@ -120,15 +120,22 @@ class PixelDiffusion(L.LightningModule):
         progress: bool | None = None,
         return_trajectory: bool = False,
     ) -> torch.Tensor | Trajectory:
-        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one)."""
+        """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
+
+        With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped.
+        """
         was_training = self.training
         self.eval()
         try:
             kwargs = {"class_labels": class_labels.to(self.device)} if class_labels is not None else {}
-            return self.make_sampler(sampler).sample(
+            result = self.make_sampler(sampler).sample(
                 self.net, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, model_kwargs=kwargs,
             )
+            if isinstance(result, Trajectory):
+                result.sample = result.sample.clamp(-1, 1)
+                return result
+            return result.clamp(-1, 1)
         finally:
             self.train(was_training)
 

@@ -1,0 +1,117 @@
+"""Sample-quality figures computed by torchmetrics / lpips from images or features."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from diffexp.metrics.features import PassThrough
+
+# Below this many samples FID's bias dominates differences between models (Chong & Forsyth 2020).
+MIN_RELIABLE_N = {"inception": 2048, "domain": 1000}
+
+
+def warn_if_small(n: int, kind: str, metric: str) -> bool:
+    """Warn (and return True) when ``n`` samples are too few for ``metric`` to be compared across runs."""
+    minimum = MIN_RELIABLE_N[kind]
+    if n < minimum:
+        warnings.warn(f"{metric} from N={n} samples is biased upward (recommended N >= {minimum}); "
+                      f"compare only figures computed at the same N", stacklevel=2)
+        return True
+    return False
+
+
+def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) (Heusel et al. 2017), via torchmetrics."""
+    metric = FrechetInceptionDistance(feature=PassThrough(real_features.shape[1]))
+    metric.update(real_features.double(), real=True)
+    metric.update(fake_features.double(), real=False)
+    return float(metric.compute())
+
+
+def kernel_distance(real_features: torch.Tensor, fake_features: torch.Tensor, subsets: int = 100,
+                    subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with a cubic polynomial kernel; mean and std over subsets."""
+    subset_size = min(subset_size, len(real_features), len(fake_features))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # torchmetrics draws subsets from the global generator
+    try:
+        metric = KernelInceptionDistance(feature=PassThrough(real_features.shape[1]), subsets=subsets,
+                                         subset_size=subset_size)
+        metric.update(real_features.double(), real=True)
+        metric.update(fake_features.double(), real=False)
+        mean, std = metric.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) over ``splits`` splits, from Inception logits."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # torchmetrics shuffles before splitting
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=splits)
+        metric.update(logits.double())
+        mean, std = metric.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+@torch.no_grad()
+def classifier_report(classifier, images: torch.Tensor, threshold: float = 0.9, batch_size: int = 512) -> dict:
+    """How a domain classifier sees generated images: confident fraction, mean confidence, classes present."""
+    probs = torch.cat([classifier(images[i:i + batch_size]).softmax(-1).cpu()
+                       for i in range(0, len(images), batch_size)])
+    confidence, predicted = probs.max(-1)
+    counts = torch.bincount(predicted, minlength=probs.shape[1])
+    return {
+        "confident_fraction": round(float((confidence >= threshold).float().mean()), 4),
+        "confidence_threshold": threshold,
+        "mean_confidence": round(float(confidence.mean()), 4),
+        "classes_present": int((counts > 0).sum()),
+        "num_classes": probs.shape[1],
+        "class_counts": counts.tolist(),
+    }
+
+
+def lpips_model(net: str = "alex", pretrained_backbone: bool = True):
+    """``lpips.LPIPS`` in eval mode. The backbone comes from torchvision's cache; without it, a clear error."""
+    import lpips
+
+    if pretrained_backbone:
+        files = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+        if net not in files:
+            raise ValueError(f"LPIPS net must be one of {sorted(files)}, got {net!r}")
+        path = Path(torch.hub.get_dir()) / "checkpoints" / files[net]
+        if not path.is_file():
+            raise FileNotFoundError(f"LPIPS needs torchvision's {net} weights at {path}; download them on a machine "
+                                    f"with internet (e.g. torchvision.models.{ {'alex': 'alexnet', 'vgg': 'vgg16', 'squeeze': 'squeezenet1_1'}[net]}"
+                                    f"(weights='DEFAULT')) and copy the file there")
+    return lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False).eval()
+
+
+@torch.no_grad()
+def lpips_distance(model, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Per-pair LPIPS (Zhang et al. 2018) between float images in [-1, 1]; grayscale is repeated to RGB."""
+    def rgb(x):
+        return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+    device = next(model.parameters()).device
+    return torch.cat([model(rgb(a[i:i + batch_size]).to(device), rgb(b[i:i + batch_size]).to(device)).flatten().cpu()
+                      for i in range(0, len(a), batch_size)])
+
+
+def lpips_diversity(model, images: torch.Tensor, pairs: int = 500, seed: int = 0) -> float:
+    """Mean LPIPS between random pairs of distinct samples: higher = more diverse."""
+    generator = torch.Generator().manual_seed(seed)
+    i = torch.randint(len(images), (pairs,), generator=generator)
+    j = (i + torch.randint(1, len(images), (pairs,), generator=generator)) % len(images)
+    return float(lpips_distance(model, images[i], images[j]).mean())
