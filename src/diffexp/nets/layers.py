@@ -58,7 +58,11 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual, via scaled_dot_product_attention."""
+    """Multi-head self-attention over the H*W positions, residual, via scaled_dot_product_attention.
+
+    The q/k/v and output projections act on the (N, H*W, C) token view as linear layers
+    (equivalent to 1x1 convolutions, cheaper on CPU).
+    """
 
     def __init__(self, channels: int, num_heads: int = 1):
         super().__init__()
@@ -66,16 +70,16 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"attention: channels={channels} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (n, heads, hw, d)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(n, c, h, w)
-        return x + self.proj(out)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (n, hw, c)
+        q, k, v = self.qkv(tokens).reshape(n, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (n, heads, hw, d)
+        out = self.proj(out.transpose(1, 2).reshape(n, h * w, c))
+        return x + out.transpose(1, 2).reshape(n, c, h, w)
 
 
 class Downsample(nn.Module):
