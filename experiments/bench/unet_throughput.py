@@ -6,12 +6,13 @@ groups) is built at the width whose parameter count is closest to ours. Each net
 (forward, MSE on epsilon, backward, AdamW step) on the same batch; we report images/s and the
 ratio ours / diffusers (>= 1.0 means we are at least as fast).
 
-    python experiments/bench/unet_throughput.py [--batch 64] [--steps 30] [--device cpu]
+    python experiments/bench/unet_throughput.py [--batch 64] [--steps 20] [--rounds 5] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -100,12 +102,15 @@ def main():
                                      args.device)
         ref_step = training_step_fn(ref, lambda m, x, t: m(x, t).sample, args.batch, args.image_size,
                                     args.channels, args.device)
-        # interleave two rounds so drift in machine load affects both alike
-        a1, b1 = throughput(ours_step, args.batch, args.steps), throughput(ref_step, args.batch, args.steps)
-        a2, b2 = throughput(ours_step, args.batch, args.steps), throughput(ref_step, args.batch, args.steps)
+        # interleaved rounds so drift in machine load affects both alike; the median round counts
+        ours_runs, ref_runs = [], []
+        for _ in range(args.rounds):
+            ours_runs.append(throughput(ours_step, args.batch, args.steps))
+            ref_runs.append(throughput(ref_step, args.batch, args.steps))
         row = {"preset": preset, "device": args.device, "batch": args.batch, "image_size": args.image_size,
                "params_ours": n_params(net), "params_diffusers": n_params(ref),
-               "ours_img_s": round((a1 + a2) / 2, 1), "diffusers_img_s": round((b1 + b2) / 2, 1)}
+               "ours_img_s": round(statistics.median(ours_runs), 1),
+               "diffusers_img_s": round(statistics.median(ref_runs), 1)}
         row["ratio"] = round(row["ours_img_s"] / row["diffusers_img_s"], 3)
         rows.append(row)
         print(f"{preset:6s} params {row['params_ours'] / 1e6:.2f}M vs {row['params_diffusers'] / 1e6:.2f}M | "
