@@ -60,6 +60,7 @@ def main() -> None:
             opt.step()
         sched.step()
     model.eval()
+    feature_scale = model.calibrate_feature_scale(x_train)
     with torch.no_grad():
         val_acc = (model(x_val).argmax(1) == y_val).float().mean().item()
         train_acc = (model(x_train).argmax(1) == y_train).float().mean().item()
@@ -68,7 +69,7 @@ def main() -> None:
     torch.save(model.state_dict(), path)
     report = {"dataset": args.dataset, "held_out_accuracy": round(val_acc, 4), "n_held_out": len(y_val),
               "train_accuracy": round(train_acc, 4), "n_train": len(y_train), "epochs": args.epochs,
-              "seed": args.seed, "weights": str(path.relative_to(ROOT))}
+              "feature_scale": round(feature_scale, 6), "seed": args.seed, "weights": str(path.relative_to(ROOT))}
     out = ROOT / "experiments" / "results" / f"{args.dataset}_classifier.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.config import instantiate
+from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
 from diffexp.runinfo import write_run_info
 
 
@@ -41,6 +42,8 @@ def build(cfg: DictConfig):
     model.make_sampler()  # validates sampler settings now rather than at the first sample grid
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    for message in prepare_logger_configs(cfg):
+        rank_zero_info(f"[diffexp] {message}")
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, callbacks, loggers, trainer
@@ -68,7 +71,11 @@ def run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg.seed)
         rank_zero_info(f"Run directory: {run_dir.resolve()}")
+    log_full_config(loggers, cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    hint = wandb_sync_hint(loggers) if trainer.is_global_zero else None
+    if hint:
+        rank_zero_info(f"[diffexp] offline W&B run; upload it with: {hint}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero and cfg.paths.get("latest_link"):
         update_latest_link(run_dir, Path(cfg.paths.latest_link))

@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from diffexp.diffusion import check_prediction_type, diffusion_loss, q_sample, training_target
+from diffexp.diffusion import (check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample,
+                               training_target)
 from diffexp.samplers import DDIMSampler, Sampler, Trajectory
 from diffexp.schedules import NoiseSchedule
 
@@ -97,6 +98,18 @@ class PixelDiffusion(L.LightningModule):
         warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoised estimate x0_hat(x_t, t) implied by the net's prediction (eval mode, no grad)."""
+        was_training = self.training
+        self.eval()
+        try:
+            cond = {"class_labels": class_labels} if class_labels is not None else {}
+            pred = self.net(x_t, t, **cond)
+            return prediction_to_x0_eps(pred, x_t, t, self.alphas_cumprod, self.prediction_type)[0]
+        finally:
+            self.train(was_training)
 
     # --- sampling -------------------------------------------------------------------------------
     def make_sampler(self, sampler: Callable[..., Sampler] | Sampler | None = None) -> Sampler:

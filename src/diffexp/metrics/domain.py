@@ -35,6 +35,17 @@ class DomainClassifier(nn.Module):
             nn.Linear(2 * width * (image_size // 4) ** 2, num_features), nn.ReLU(),
         )
         self.head = nn.Linear(num_features, num_classes)
+        # features are multiplied by this so that real data have mean |f|^2 / D = 1 (KID's
+        # polynomial kernel (x.y/D + 1)^3 assumes features of order one); set by calibrate_feature_scale
+        self.register_buffer("feature_scale", torch.tensor(1.0))
+
+    @torch.no_grad()
+    def calibrate_feature_scale(self, real_images: torch.Tensor) -> float:
+        """Set ``feature_scale`` = 1 / sqrt(mean |f|^2 / D) over ``real_images``; returns it."""
+        self.feature_scale.fill_(1.0)
+        f = self.features(real_images)
+        self.feature_scale.fill_(float((f.pow(2).sum(1).mean() / f.shape[1]).rsqrt()))
+        return float(self.feature_scale)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 0..255 or float [-1, 1] -> float [-1, 1] at ``image_size``."""
@@ -45,11 +56,12 @@ class DomainClassifier(nn.Module):
         return x.to(next(self.parameters()).device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(self.prepare(images))
+        """Penultimate activations times ``feature_scale``: the features FID/KID use."""
+        return self.body(self.prepare(images)) * self.feature_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits."""
-        return self.head(self.features(images))
+        return self.head(self.body(self.prepare(images)))
 
 
 class DomainFeatures(nn.Module):

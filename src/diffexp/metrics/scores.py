@@ -1,4 +1,8 @@
-"""Sample-quality figures computed by torchmetrics / lpips from images or features."""
+"""Sample-quality figures computed by torchmetrics / lpips from images or features.
+
+The torchmetrics objects here are fed complete feature sets (under DDP the callers gather
+them first), so their own cross-process sync is off: it would count every sample once per rank.
+"""
 from __future__ import annotations
 
 import warnings
@@ -27,7 +31,7 @@ def warn_if_small(n: int, kind: str, metric: str) -> bool:
 
 def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
     """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) (Heusel et al. 2017), via torchmetrics."""
-    metric = FrechetInceptionDistance(feature=PassThrough(real_features.shape[1]))
+    metric = FrechetInceptionDistance(feature=PassThrough(real_features.shape[1]), sync_on_compute=False)
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
     return float(metric.compute())
@@ -41,7 +45,7 @@ def kernel_distance(real_features: torch.Tensor, fake_features: torch.Tensor, su
     torch.manual_seed(seed)  # torchmetrics draws subsets from the global generator
     try:
         metric = KernelInceptionDistance(feature=PassThrough(real_features.shape[1]), subsets=subsets,
-                                         subset_size=subset_size)
+                                         subset_size=subset_size, sync_on_compute=False)
         metric.update(real_features.double(), real=True)
         metric.update(fake_features.double(), real=False)
         mean, std = metric.compute()
@@ -57,7 +61,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=splits)
+            metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=splits, sync_on_compute=False)
         metric.update(logits.double())
         mean, std = metric.compute()
     finally:
@@ -99,10 +103,18 @@ def lpips_model(net: str = "alex", pretrained_backbone: bool = True):
 
 
 @torch.no_grad()
-def lpips_distance(model, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Per-pair LPIPS (Zhang et al. 2018) between float images in [-1, 1]; grayscale is repeated to RGB."""
+def lpips_distance(model, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256, min_size: int = 64) -> torch.Tensor:
+    """Per-pair LPIPS (Zhang et al. 2018) between float images in [-1, 1].
+
+    Grayscale is repeated to RGB; images smaller than ``min_size`` are upsampled (bilinear) so
+    the backbone's deepest layers still see a spatial map.
+    """
     def rgb(x):
-        return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        if min(x.shape[-2:]) < min_size:
+            x = torch.nn.functional.interpolate(x.float(), size=(min_size, min_size), mode="bilinear",
+                                                align_corners=False)
+        return x
 
     device = next(model.parameters()).device
     return torch.cat([model(rgb(a[i:i + batch_size]).to(device), rgb(b[i:i + batch_size]).to(device)).flatten().cpu()

@@ -1,0 +1,60 @@
+"""Logger set-up that needs more than a YAML: W&B offline fallback, the full config logged everywhere."""
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B has credentials: WANDB_API_KEY or an api.wandb.ai entry in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and any("wandb" in host for host in netrc.netrc(path).hosts)
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def prepare_logger_configs(cfg: DictConfig) -> list[str]:
+    """Adjust logger configs in place before instantiation; return messages for the user.
+
+    W&B: offline unless logged in or WANDB_MODE says otherwise; the run is named after the run dir.
+    """
+    messages = []
+    loggers = cfg.get("logger") or {}
+    for key, logger_cfg in loggers.items():
+        if not isinstance(logger_cfg, DictConfig) or not str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+            continue
+        with open_dict(logger_cfg):
+            if logger_cfg.get("name") is None:
+                logger_cfg.name = Path(cfg.paths.output_dir).name
+            mode = os.environ.get("WANDB_MODE")
+            if mode in ("offline", "dryrun") or (mode is None and not logger_cfg.get("offline") and not wandb_logged_in()):
+                if not logger_cfg.get("offline"):
+                    messages.append("W&B: not logged in (or WANDB_MODE=offline): logging offline to "
+                                    f"{cfg.paths.output_dir}/wandb")
+                logger_cfg.offline = True
+    return messages
+
+
+def log_full_config(loggers, cfg: DictConfig) -> None:
+    """Send the whole composed config (resolved) to every logger as hyperparameters."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(container)
+
+
+def wandb_sync_hint(loggers) -> str | None:
+    """The `wandb sync` command for an offline W&B run, if one was made."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._offline:
+            run_dir = getattr(logger.experiment, "dir", None)
+            if run_dir:
+                return f"wandb sync {Path(run_dir).parent}"
+    return None
