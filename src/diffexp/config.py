@@ -16,3 +16,16 @@ def instantiate(cfg, **kwargs):
         if isinstance(cause, (ValueError, TypeError, FileNotFoundError, KeyError)):
             raise cause from None
         raise
+
+
+def build_model(cfg):
+    """The LightningModule of a train config, with its text encoder (if any) built first so that
+    ``unet.context_dim`` follows the encoder's width (written back into ``cfg``)."""
+    from omegaconf import open_dict
+
+    encoder = instantiate(cfg.text_encoder) if cfg.get("text_encoder") else None
+    if encoder is not None:
+        with open_dict(cfg):
+            cfg.unet.context_dim = encoder.dim  # model.net interpolates ${unet}
+        return instantiate(cfg.model, text_encoder=encoder)
+    return instantiate(cfg.model)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import instantiate
+from diffexp.config import build_model, instantiate
 from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.lit.pixel import CONFIG_KEY
 from diffexp.viz.images import save_grid, to_uint8_nhwc
@@ -33,7 +33,7 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     """
     checkpoint = load_checkpoint(path)
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
-    model = instantiate(train_cfg.model)
+    model = build_model(train_cfg)
     model.load_state_dict(checkpoint["state_dict"])
     ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
     if ema is not None:
@@ -60,8 +60,12 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, labels: torch.Tensor | None = None,
-                 progress: bool = True) -> torch.Tensor:
-    """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``."""
+                 progress: bool = True, captions: list[str] | None = None, guidance_scale: float | None = None,
+                 guidance_rescale: float | None = None) -> torch.Tensor:
+    """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
+
+    Conditional models take one label or caption per sample and use classifier-free guidance.
+    """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
     if batch_size <= 0:
@@ -71,10 +75,31 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, labels: tor
     chunks = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
-        batch_labels = labels[start:start + m] if labels is not None else None
-        chunks.append(model.sample(m, sampler=sampler, generator=generator, class_labels=batch_labels,
-                                   progress=progress).cpu())
+        cond = {}
+        if labels is not None:
+            cond["class_labels"] = labels[start:start + m]
+        if captions is not None:
+            cond["captions"] = captions[start:start + m]
+        chunks.append(model.sample(m, sampler=sampler, generator=generator, progress=progress,
+                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond).cpu())
     return torch.cat(chunks)
+
+
+def read_prompts(cfg, n: int) -> list[str] | None:
+    """``prompt=...`` (one caption for all n) or ``prompts_file=PATH`` (one per line, cycled to n)."""
+    if cfg.get("prompt") and cfg.get("prompts_file"):
+        raise ValueError("pass either prompt=... or prompts_file=..., not both")
+    if cfg.get("prompts_file"):
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file={str(path)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file={str(path)!r} holds no prompts")
+        return [prompts[i % len(prompts)] for i in range(n)]
+    if cfg.get("prompt") is not None:
+        return [str(cfg.prompt)] * n
+    return None
 
 
 def run(cfg: DictConfig) -> dict:
@@ -85,20 +110,29 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
-    labels = None
+    labels = captions = None
     if model.class_conditional:
         labels = torch.arange(cfg.n) % model.net.num_classes
+    if model.text_encoder is not None:
+        captions = read_prompts(cfg, cfg.n) or model.sampling_conditions(cfg.n)["captions"]
+    elif cfg.get("prompt") or cfg.get("prompts_file"):
+        raise ValueError("this checkpoint is not text-conditioned; prompt/prompts_file cannot be used")
     start = time.perf_counter()
-    images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, labels, cfg.progress)
+    images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, labels, cfg.progress, captions,
+                          cfg.get("guidance_scale"), cfg.get("guidance_rescale"))
     seconds = time.perf_counter() - start
     save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
     arrays = {"images": to_uint8_nhwc(images)}
     if labels is not None:
         arrays["labels"] = labels.numpy()
+    if captions is not None:
+        arrays["captions"] = np.array(captions)
     np.savez_compressed(out / "samples.npz", **arrays)
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None,
-               "ckpt": str(cfg.ckpt), "seed": cfg.seed}
+               "ckpt": str(cfg.ckpt), "seed": cfg.seed,
+               "guidance_scale": cfg.get("guidance_scale") if model.conditional else None,
+               "prompts": sorted(set(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):
         from diffexp.metrics import evaluate
 

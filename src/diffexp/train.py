@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import instantiate
+from diffexp.config import build_model, instantiate
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
 from diffexp.runinfo import write_run_info
 
@@ -38,7 +38,7 @@ def build(cfg: DictConfig):
     """
     check_ckpt_path(cfg.get("ckpt_path"))
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     model.make_sampler()  # validates sampler settings now rather than at the first sample grid
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))

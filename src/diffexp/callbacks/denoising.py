@@ -47,7 +47,8 @@ class DenoisingGrid(Callback):
         noise = torch.randn((self.num_trajectories, *pl_module.sample_shape),
                            generator=torch.Generator().manual_seed(self.seed + 1))
         traj = pl_module.sample(self.num_trajectories, sampler=self.sampler, x_T=noise.to(pl_module.device),
-                                progress=False, return_trajectory=True)
+                                progress=False, return_trajectory=True,
+                                **pl_module.sampling_conditions(self.num_trajectories))
         pick = torch.linspace(0, len(traj.xs) - 1, self.frames - 1).round().long().tolist()
         rows = []
         for i in range(self.num_trajectories):

@@ -28,7 +28,7 @@ class EMA(Callback):
 
     @staticmethod
     def _tracked(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pl_module.state_dict().items() if v.dtype.is_floating_point}
+        return {k: v for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}
 
     def current_decay(self) -> float:
         if not self.warmup:

@@ -76,14 +76,13 @@ class FIDCallback(Callback):
         """Features of the K samples, in sample order, from this rank's share (+ all_gather under DDP)."""
         noise = torch.randn((self.num_samples, *pl_module.sample_shape), generator=torch.Generator().manual_seed(self.seed))
         idx = rank_indices(self.num_samples, world_size, rank)
-        labels = None
-        if getattr(pl_module, "class_conditional", False):
-            labels = torch.arange(self.num_samples) % pl_module.net.num_classes
+        conditions = pl_module.sampling_conditions(self.num_samples)  # per sample index, so ranks agree
         images = []
         for chunk in idx.split(self.batch_size):
+            cond = {k: (v[chunk] if isinstance(v, torch.Tensor) else [v[i] for i in chunk.tolist()])
+                    for k, v in conditions.items()}
             images.append(pl_module.sample(len(chunk), sampler=self.sampler, x_T=noise[chunk].to(pl_module.device),
-                                           class_labels=labels[chunk] if labels is not None else None,
-                                           progress=False))
+                                           progress=False, **cond))
         images = torch.cat(images)
         features = {}
         for name, extractor in self.extractors.items():

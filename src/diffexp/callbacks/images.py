@@ -40,18 +40,13 @@ class SampleGrid(Callback):
         self.every_n_steps, self.n, self.seed, self.sampler, self.nrow = every_n_steps, n, seed, sampler, nrow
         self.last_path: Path | None = None
 
-    def _labels(self, pl_module):
-        if getattr(pl_module, "class_conditional", False):
-            return torch.arange(self.n) % pl_module.net.num_classes
-        return None
-
     def make(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
         noise = torch.randn((self.n, *pl_module.sample_shape), generator=torch.Generator().manual_seed(self.seed))
         with ema_weights(trainer, pl_module):
-            images = pl_module.sample(self.n, sampler=self.sampler, x_T=noise.to(pl_module.device),
-                                      class_labels=self._labels(pl_module), progress=False)
+            images = pl_module.sample(self.n, sampler=self.sampler, x_T=noise.to(pl_module.device), progress=False,
+                                      **pl_module.sampling_conditions(self.n))
         self.last_path = log_images(trainer, "samples", images, nrow=self.nrow)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -39,5 +39,6 @@ class DigitsDataModule(ImageDataModule):
             return
         images, labels = load_digits_tensor(self.image_size)
         train_idx, val_idx = split_indices(len(labels), self.val_fraction, self.seed)
-        self.train_set = TensorImageDataset(images[train_idx], labels[train_idx])
-        self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
+        captions = [f"a handwritten digit {DIGIT_NAMES[int(y)]}" for y in labels]
+        self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], [captions[i] for i in train_idx])
+        self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], [captions[i] for i in val_idx])

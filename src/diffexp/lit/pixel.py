@@ -10,6 +10,7 @@ from torch import nn
 
 from diffexp.diffusion import (check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample,
                                training_target)
+from diffexp.guidance import guided_model
 from diffexp.samplers import DDIMSampler, Sampler, Trajectory
 from diffexp.schedules import NoiseSchedule
 
@@ -28,6 +29,10 @@ class PixelDiffusion(L.LightningModule):
         warmup_steps: linear learning-rate warm-up over this many steps.
         sampler: a partial sampler, called with schedule and prediction_type (default DDIM-50).
         class_conditional: feed ``batch["label"]`` to the net, dropped with probability ``p_uncond``.
+        text_encoder: a :class:`diffexp.text.TextEncoder`; captions (``batch["caption"]``) are
+            encoded and fed to the net's cross-attention; each caption is replaced by "" with
+            probability ``p_uncond`` (conditioning dropout for classifier-free guidance).
+        guidance_scale, guidance_rescale: defaults for :meth:`sample` on conditional models.
     """
 
     def __init__(
@@ -41,6 +46,9 @@ class PixelDiffusion(L.LightningModule):
         sampler: Callable[..., Sampler] | None = None,
         class_conditional: bool = False,
         p_uncond: float = 0.1,
+        text_encoder: nn.Module | None = None,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
     ):
         super().__init__()
         self.net = net
@@ -55,7 +63,15 @@ class PixelDiffusion(L.LightningModule):
         if class_conditional and getattr(net, "class_emb", None) is None:
             raise ValueError("model.class_conditional=true needs a U-Net built with num_classes (unet.num_classes)")
         self.class_conditional = class_conditional
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"model.p_uncond must lie in [0, 1], got {p_uncond}")
         self.p_uncond = p_uncond
+        self.text_encoder = text_encoder
+        if text_encoder is not None and getattr(net, "context_dim", None) != text_encoder.dim:
+            raise ValueError(f"unet.context_dim={getattr(net, 'context_dim', None)} must equal the text encoder's "
+                             f"width {text_encoder.dim}")
+        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.example_captions: list[str] = []
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
         self.register_buffer("snr", schedule.snr.float(), persistent=False)
         self.run_config: dict | None = None  # the composed config, saved in every checkpoint
@@ -64,8 +80,51 @@ class PixelDiffusion(L.LightningModule):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.net(x_t, t, **cond)
 
+    @property
+    def conditional(self) -> bool:
+        return self.class_conditional or self.text_encoder is not None
+
+    def sampling_conditions(self, n: int) -> dict:
+        """Fixed conditioning for ``n`` monitoring samples (grids, FID): labels 0..C-1 cycling, or the
+        first validation captions cycling (remembered from setup and saved in checkpoints)."""
+        if self.text_encoder is not None:
+            captions = self.example_captions or [""]
+            return {"captions": [captions[i % len(captions)] for i in range(n)]}
+        if self.class_conditional:
+            return {"class_labels": torch.arange(n) % self.net.num_classes}
+        return {}
+
+    def setup(self, stage: str) -> None:
+        """Remember example captions; build a data-derived tokenizer (learned text encoder)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.text_encoder is not None and datamodule is not None and not self.example_captions:
+            datamodule.setup("fit")
+            captions = getattr(datamodule.val_set, "captions", None)
+            if not captions:
+                raise ValueError(f"a text encoder needs captions, but data={datamodule.name} has none")
+            self.example_captions = list(captions[:64])
+        encoder = self.text_encoder
+        if encoder is None or not getattr(encoder, "trainable", False) or len(getattr(encoder, "vocab", [])) > 3:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.setup("fit")
+            captions = getattr(datamodule.train_set, "captions", None)
+            if not captions:
+                raise ValueError(f"a text encoder needs captions, but data={datamodule.name} has none")
+            encoder.fit_vocabulary(captions)
+
+    def encode_text(self, captions: list[str]) -> dict:
+        return self.text_encoder(list(captions)).to(self.device).as_kwargs()
+
     def conditioning(self, batch: dict, drop: bool) -> dict:
-        """Keyword arguments for the net from a batch; labels dropped at rate p_uncond when ``drop``."""
+        """Keyword arguments for the net from a batch; labels/captions dropped at rate p_uncond when ``drop``."""
+        if self.text_encoder is not None:
+            captions = list(batch["caption"])
+            if drop and self.p_uncond > 0:
+                keep = torch.rand(len(captions)) >= self.p_uncond
+                captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+            return self.encode_text(captions)
         if not self.class_conditional:
             return {}
         labels = batch["label"].clone()
@@ -94,18 +153,24 @@ class PixelDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoised estimate x0_hat(x_t, t) implied by the net's prediction (eval mode, no grad)."""
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                   captions: list[str] | None = None) -> torch.Tensor:
+        """The denoised estimate x0_hat(x_t, t) implied by the net's prediction (eval mode, no grad).
+
+        Text models without ``captions`` use the empty caption (the unconditional prediction).
+        """
         was_training = self.training
         self.eval()
         try:
             cond = {"class_labels": class_labels} if class_labels is not None else {}
+            if self.text_encoder is not None:
+                cond = self.encode_text(captions if captions is not None else [""] * len(x_t))
             pred = self.net(x_t, t, **cond)
             return prediction_to_x0_eps(pred, x_t, t, self.alphas_cumprod, self.prediction_type)[0]
         finally:
@@ -132,17 +197,35 @@ class PixelDiffusion(L.LightningModule):
         class_labels: torch.Tensor | None = None,
         progress: bool | None = None,
         return_trajectory: bool = False,
+        captions: list[str] | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
 
+        Conditional models take ``class_labels`` or ``captions`` (one per image) and apply
+        classifier-free guidance with ``guidance_scale`` (default: the model's; 1 = none).
         With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped.
         """
         was_training = self.training
         self.eval()
         try:
-            kwargs = {"class_labels": class_labels.to(self.device)} if class_labels is not None else {}
+            model_fn, kwargs = self.net, {}
+            if self.text_encoder is not None:
+                if captions is None or len(captions) != n:
+                    raise ValueError(f"this model is text-conditioned: pass {n} captions (prompt=...)")
+                cond, uncond = self.encode_text(captions), self.encode_text([""] * n)
+            elif class_labels is not None:
+                cond = {"class_labels": class_labels.to(self.device)}
+                uncond = {"class_labels": torch.full_like(cond["class_labels"], self.net.num_classes)}
+            else:
+                cond = uncond = None
+            if cond is not None:
+                scale = self.guidance_scale if guidance_scale is None else guidance_scale
+                rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
+                model_fn = guided_model(self.net, cond, uncond, scale, rescale)
             result = self.make_sampler(sampler).sample(
-                self.net, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
+                model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, model_kwargs=kwargs,
             )
             if isinstance(result, Trajectory):
@@ -156,3 +239,7 @@ class PixelDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
+        checkpoint["diffexp_example_captions"] = self.example_captions
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.example_captions = list(checkpoint.get("diffexp_example_captions", []))

@@ -102,3 +102,55 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens (queries) to context tokens (keys/values), masked.
+
+    ``mask``: (N, L) bool, True = a real token. Padding tokens get no attention weight.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if query_dim % num_heads:
+            raise ValueError(f"cross-attention: channels={query_dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * query_dim, bias=False)
+        self.proj = nn.Linear(query_dim, query_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, lq, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+        q = self.to_q(x).reshape(n, lq, h, d).transpose(1, 2)
+        k, v = self.to_kv(context).reshape(n, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        attn_mask = mask[:, None, None, :].bool() if mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(n, lq, c))
+
+
+class TransformerBlock(nn.Module):
+    """Text-conditioned block (Rombach et al. 2022): x + SelfAttn, x + CrossAttn(text), x + FeedForward (GEGLU-free MLP).
+
+    Operates on the (N, H*W, C) token view of a feature map, with a residual around the whole block.
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, ff_mult: int = 4):
+        super().__init__()
+        self.norm_in = group_norm(channels)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(channels), nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.self_attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+        self.cross_attn = CrossAttention(channels, context_dim, num_heads)
+        self.ff = nn.Sequential(nn.Linear(channels, ff_mult * channels), nn.GELU(), nn.Linear(ff_mult * channels, channels))
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        tokens = self.norm_in(x).flatten(2).transpose(1, 2)
+        y = self.norm1(tokens)
+        tokens = tokens + self.self_attn(y, y, y, need_weights=False)[0]
+        tokens = tokens + self.cross_attn(self.norm2(tokens), context, mask)
+        tokens = tokens + self.ff(self.norm3(tokens))
+        return x + self.proj_out(tokens).transpose(1, 2).reshape(n, c, h, w)

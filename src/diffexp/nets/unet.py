@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffexp.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+from diffexp.nets.layers import (AttentionBlock, Downsample, ResBlock, TransformerBlock, Upsample, group_norm,
+                                 timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -27,6 +28,9 @@ class UNet(nn.Module):
         scale_shift: time injection as GroupNorm scale-shift (True) or addition (False, DDPM).
         num_classes: if set, a class-label embedding is added to the time embedding; index
             ``num_classes`` is the "no label" class used for classifier-free guidance.
+        context_dim: if set, the attention layers become transformer blocks with cross-attention
+            to text tokens of this width (forward's ``context``/``context_mask``), and a pooled
+            text vector (``pooled``) may be added to the time embedding.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         scale_shift: bool = True,
         num_classes: int | None = None,
+        context_dim: int | None = None,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -71,11 +76,18 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.num_classes = num_classes
+        self.context_dim = context_dim
         self.min_divisor = factor
         temb_dim = base_channels * 4
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        self.pooled_proj = nn.Linear(context_dim, temb_dim) if context_dim else None
+
+        def attention(channels):
+            if context_dim:
+                return TransformerBlock(channels, context_dim, num_heads)
+            return AttentionBlock(channels, num_heads)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(cin, cout):
@@ -89,14 +101,14 @@ class UNet(nn.Module):
                 layers = [block(ch, base_channels * mult)]
                 ch = base_channels * mult
                 if resolutions[level] in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads))
+                    layers.append(attention(ch))
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([block(ch, ch), AttentionBlock(ch, num_heads), block(ch, ch)])
+        self.mid = nn.ModuleList([block(ch, ch), attention(ch), block(ch, ch)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -104,7 +116,7 @@ class UNet(nn.Module):
                 layers = [block(ch + skip_channels.pop(), base_channels * mult)]
                 ch = base_channels * mult
                 if resolutions[level] in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads))
+                    layers.append(attention(ch))
                 self.up.append(nn.ModuleList(layers))
             if level > 0:
                 self.up.append(nn.ModuleList([Upsample(ch)]))
@@ -115,9 +127,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     @staticmethod
-    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor, context=None, mask=None) -> torch.Tensor:
         for layer in layers:
-            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, temb)
+            elif isinstance(layer, TransformerBlock):
+                h = layer(h, context, mask)
+            else:
+                h = layer(h)
         return h
 
     def forward(
@@ -127,11 +144,16 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.shape[-1] % self.min_divisor or x.shape[-2] % self.min_divisor:
             raise ValueError(f"input of size {tuple(x.shape[-2:])} must be divisible by {self.min_divisor}")
-        if context is not None:
-            raise ValueError("this U-Net has no cross-attention; build it with context conditioning to pass context")
+        if context is not None and not self.context_dim:
+            raise ValueError("this U-Net has no cross-attention; build it with unet.context_dim to pass context")
+        if self.context_dim and context is None:
+            raise ValueError("this U-Net conditions on text: pass context (N, L, context_dim) tokens")
+        if context is not None and context.shape[-1] != self.context_dim:
+            raise ValueError(f"context width {context.shape[-1]} != unet.context_dim={self.context_dim}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))
@@ -139,14 +161,16 @@ class UNet(nn.Module):
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             temb = temb + self.class_emb(class_labels)
+        if pooled is not None and self.pooled_proj is not None:
+            temb = temb + self.pooled_proj(pooled)
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, context, context_mask)
             skips.append(h)
-        h = self._run(self.mid, h, temb)
+        h = self._run(self.mid, h, temb, context, context_mask)
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,64 @@
+"""A small text encoder trained jointly with the U-Net; its word vocabulary is built from the data."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
+
+PAD, UNK, EMPTY = "<pad>", "<unk>", "<empty>"
+
+
+def words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+class LearnedTextEncoder(TextEncoder):
+    """Word embeddings + learned positions + a few transformer encoder layers.
+
+    The vocabulary (at most ``max_vocab`` words) is set by :meth:`fit_vocabulary` from the
+    training captions before training and saved with the weights (extra state), so a
+    checkpoint carries its tokenizer. The empty caption becomes one ``<empty>`` token.
+    """
+
+    trainable = True
+
+    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, max_length: int = 16, max_vocab: int = 512):
+        super().__init__()
+        self.dim, self.max_length, self.max_vocab = dim, max_length, max_vocab
+        self.vocab: list[str] = [PAD, UNK, EMPTY]
+        self.embed = nn.Embedding(max_vocab, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def fit_vocabulary(self, captions) -> None:
+        found = sorted({w for c in captions for w in words(c)})
+        if len(found) + 3 > self.max_vocab:
+            raise ValueError(f"text_encoder.max_vocab={self.max_vocab} is too small for {len(found)} distinct words")
+        self.vocab = [PAD, UNK, EMPTY, *found]
+
+    def get_extra_state(self):
+        return {"vocab": self.vocab}
+
+    def set_extra_state(self, state) -> None:
+        self.vocab = list(state["vocab"])
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = {w: i for i, w in enumerate(self.vocab)}
+        ids = torch.zeros(len(captions), self.max_length, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            tokens = [index.get(w, 1) for w in words(caption)][: self.max_length] or [2]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, ids != 0
+
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        ids, mask = self.tokenize(captions)
+        device = self.position.device
+        ids, mask = ids.to(device), mask.to(device)
+        h = self.embed(ids) + self.position[: ids.shape[1]]
+        h = self.norm(self.encoder(h, src_key_padding_mask=~mask))
+        return TextEmbedding(h, mask, mean_pool(h, mask))
