@@ -9,7 +9,7 @@ from diffexp.data.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataModule, de
 from diffexp.guidance import guided_model
 from diffexp.metrics.adherence import caption_adherence, parse_caption
 from diffexp.nets import UNet
-from diffexp.text import LearnedTextEncoder, PretrainedTextEncoder, TextEmbedding
+from diffexp.text import LearnedTextEncoder, PretrainedTextEncoder
 from tests.conftest import SHRINK, compose_config
 
 WORDS = ["a", "small", "large", "red", "blue", "circle", "square", "in", "the", "top", "left", "center"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from diffexp.data.base import split_indices
 from diffexp.data.digits import load_digits_tensor
+from diffexp.data.shapes import SHAPES, make_shapes
 from diffexp.metrics.domain import DOMAIN_CLASSIFIERS, DomainClassifier, weights_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,10 @@ def load(dataset: str):
         images, labels = load_digits_tensor(spec["image_size"])
         train_idx, val_idx = split_indices(len(labels), 0.1, 0)  # the DigitsDataModule default split
         return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+    if dataset == "shapes":  # class = colour * len(SHAPES) + shape; held-out pairs included (it judges all)
+        x_train, _, y_train = make_shapes(12000, seed=100, image_size=spec["image_size"])
+        x_val, _, y_val = make_shapes(2000, seed=101, image_size=spec["image_size"])
+        return x_train, y_train[:, 0] * len(SHAPES) + y_train[:, 1], x_val, y_val[:, 0] * len(SHAPES) + y_val[:, 1]
     raise ValueError(f"--dataset {dataset!r}: choose one of {sorted(DOMAIN_CLASSIFIERS)}")
 
 
@@ -42,11 +47,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", choices=sorted(DOMAIN_CLASSIFIERS))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train, x_val, y_val = load(args.dataset)
-    model = DomainClassifier(**DOMAIN_CLASSIFIERS[args.dataset])
+    model = DomainClassifier(**DOMAIN_CLASSIFIERS[args.dataset]).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
     for epoch in range(args.epochs):
@@ -54,12 +60,12 @@ def main() -> None:
         perm = torch.randperm(len(y_train), generator=gen)
         for i in range(0, len(perm), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(random_shift(x_train[idx], 1, gen)), y_train[idx])
+            loss = F.cross_entropy(model(random_shift(x_train[idx], 1, gen).to(args.device)), y_train[idx].to(args.device))
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
-    model.eval()
+    model = model.cpu().eval()
     feature_scale = model.calibrate_feature_scale(x_train)
     with torch.no_grad():
         val_acc = (model(x_val).argmax(1) == y_val).float().mean().item()

@@ -8,7 +8,6 @@ conditioning can be tested on combinations the model has not seen together.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DOMAIN_CLASSIFIERS = {"digits": {"image_size": 16, "channels": 1, "num_classes": 10}}
+DOMAIN_CLASSIFIERS = {"digits": {"image_size": 16, "channels": 1, "num_classes": 10},
+                      "shapes": {"image_size": 32, "channels": 3, "num_classes": 24}}  # colour x shape
 
 
 class DomainClassifier(nn.Module):
