@@ -42,11 +42,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:50", "ddim:20", "ddim:10"])
     parser.add_argument("--metrics", nargs="+", default=["fid_digits", "kid_digits", "digits_classifier"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
     args = parser.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
-    model, train_cfg = load_model(args.ckpt)
+    model, train_cfg = load_model(args.ckpt, device=args.device)
     rows = []
     for spec in args.samplers:
         label, sampler = parse_sampler(spec)
