@@ -102,13 +102,18 @@ def test_reference_features_cached(digits, tmp_path, monkeypatch):
     extractor = DomainFeatures(load_domain_classifier("digits"))
     first = reference_features(dm, extractor, "digits", "val", cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
-    assert [f.name for f in files] == ["digits-val-16px-1ch-digits.pt"]
+    assert len(files) == 1 and files[0].name.startswith("digits-val-16px-1ch-digits-")
 
     def fail(*args, **kwargs):
         raise AssertionError("features recomputed despite the cache")
 
     monkeypatch.setattr("diffexp.metrics.reference.extract_features", fail)
     assert torch.equal(reference_features(dm, extractor, "digits", "val", cache_dir=tmp_path), first)
+    monkeypatch.undo()
+    changed = DomainFeatures(load_domain_classifier("digits"))  # other weights: a new entry, not the stale one
+    changed.classifier.feature_scale.mul_(2)
+    assert torch.allclose(reference_features(dm, changed, "digits", "val", cache_dir=tmp_path), 2 * first)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
 
 
 def test_evaluate_reports_n_and_warns(digits, tmp_path):

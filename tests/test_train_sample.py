@@ -62,7 +62,7 @@ def test_sample_ddpm_and_metrics_in_process(tiny_checkpoint, tmp_path, monkeypat
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["metrics"]["fid_digits"]["n"] == 3 and saved["metrics"]["fid_digits"]["value"] > 0
     assert sum(saved["metrics"]["digits_classifier"]["class_counts"]) == 3
-    assert list((tmp_path / "cache").glob("digits-train-16px-1ch-digits.pt"))
+    assert len(list((tmp_path / "cache").glob("digits-train-16px-1ch-digits-*.pt"))) == 1
 
 
 def test_same_noise_gives_same_samples(tiny_checkpoint):

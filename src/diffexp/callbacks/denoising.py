@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from diffexp.callbacks.ema import ema_weights
-from diffexp.callbacks.images import log_images
+from diffexp.callbacks.images import PeriodicCallback, log_images
 from diffexp.diffusion import q_sample
 
 
-class DenoisingGrid(Callback):
+class DenoisingGrid(PeriodicCallback):
     """Every ``every_n_steps`` steps, log two grids (EMA weights, fixed noise):
 
     * ``denoising/forward``: for ``num_images`` validation images, a row of x_t at each of
@@ -66,11 +65,3 @@ class DenoisingGrid(Callback):
                 log_images(trainer, "denoising/forward", self.forward_grid(pl_module, images), nrow=len(self.timesteps))
             if self.num_trajectories:
                 log_images(trainer, "denoising/reverse", self.reverse_grid(pl_module), nrow=self.frames)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.make(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step % self.every_n_steps != 0:
-            self.make(trainer, pl_module)

@@ -27,7 +27,24 @@ def log_images(trainer, key: str, images: torch.Tensor, nrow: int | None = None,
     return path
 
 
-class SampleGrid(Callback):
+class PeriodicCallback(Callback):
+    """Calls ``make(trainer, pl_module)`` every ``every_n_steps`` optimizer steps and once more at the end."""
+
+    every_n_steps: int
+
+    def make(self, trainer, pl_module) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.make(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step % self.every_n_steps != 0:
+            self.make(trainer, pl_module)
+
+
+class SampleGrid(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample a grid from fixed noise.
 
     The noise comes from ``seed``, so the same cell shows the same starting point across time and runs.
@@ -48,11 +65,3 @@ class SampleGrid(Callback):
             images = pl_module.sample(self.n, sampler=self.sampler, x_T=noise.to(pl_module.device), progress=False,
                                       **pl_module.sampling_conditions(self.n))
         self.last_path = log_images(trainer, "samples", images, nrow=self.nrow)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.make(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step % self.every_n_steps != 0:
-            self.make(trainer, pl_module)
