@@ -188,3 +188,12 @@ def test_text_encoder_group_sets_context_dim(tmp_path):
                                              "text_encoder=minilm"], tmp_path)
     _, model, *_ = build(cfg)
     assert model.net.context_dim == 384 == cfg.unet.context_dim
+
+
+@pytest.mark.parametrize("experiment,encoder", [("shapes_text2img", "LearnedTextEncoder"),
+                                                ("shapes_text2img_minilm", "PretrainedTextEncoder"),
+                                                ("shapes_text2img_cpu", "LearnedTextEncoder")])
+def test_text_presets_compose(tmp_path, experiment, encoder):
+    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+    assert cfg.data._target_.endswith("ShapesDataModule") and cfg.text_encoder._target_.endswith(encoder)
+    assert cfg.model.prediction_type == "v_prediction" and cfg.model.p_uncond == 0.1
