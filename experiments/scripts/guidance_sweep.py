@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", type=float, default=[1, 1.5, 2, 3, 5, 7.5])
     parser.add_argument("--n", type=int, default=1000, help="samples per scale for seen and for held-out pairs each")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--diversity", type=int, nargs=2, default=[8, 8], metavar=("CAPTIONS", "SAMPLES"),
+                        help="diversity from SAMPLES samples of each of CAPTIONS captions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "guidance_sweep"))
     args = parser.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     _, held_captions, _ = make_shapes(args.n, seed=778, only=holdout) if holdout else (None, [], None)
     extractor = build_feature_extractor("shapes", args.device)
     real = reference_features(dm, extractor, "shapes", "train")
-    diversity_captions = [c for c in seen_captions[:8] for _ in range(8)]
+    n_div, per_div = args.diversity
+    diversity_captions = [c for c in seen_captions[:n_div] for _ in range(per_div)]
     sampler = DDIMSampler(model.schedule, steps=args.steps, prediction_type=model.prediction_type, clip_sample=True,
                           progress=False)
     out, rows = Path(args.out), []
@@ -61,7 +64,7 @@ def main() -> None:
                             guidance_scale=scale) if held_captions else None
         div = draw_samples(model, len(diversity_captions), sampler, 2, 500, progress=False,
                            captions=diversity_captions, guidance_scale=scale)
-        feats = extract_features(extractor, div).view(8, 8, -1)
+        feats = extract_features(extractor, div).view(n_div, per_div, -1)
         diversity = float(torch.stack([torch.pdist(f).mean() for f in feats]).mean())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -74,7 +77,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         save_grid(held[:32] if held is not None else seen[:32], out.parent / f"{out.name}_scale{scale:g}.png", nrow=8,
                   scale=3)
-    out.with_suffix(".json").write_text(json.dumps({"ckpt": str(args.ckpt), "steps": args.steps,
+    out.with_suffix(".json").write_text(json.dumps({"ckpt": str(args.ckpt), "steps": args.steps, "device": args.device,
                                                     "holdout": holdout, "rows": rows}, indent=2))
     keys = list(rows[0])
     table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
