@@ -192,8 +192,62 @@ def test_text_encoder_group_sets_context_dim(tmp_path):
 
 @pytest.mark.parametrize("experiment,encoder", [("shapes_text2img", "LearnedTextEncoder"),
                                                 ("shapes_text2img_minilm", "PretrainedTextEncoder"),
-                                                ("shapes_text2img_cpu", "LearnedTextEncoder")])
+                                                ("shapes_text2img_gpu", "LearnedTextEncoder")])
 def test_text_presets_compose(tmp_path, experiment, encoder):
     cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
     assert cfg.data._target_.endswith("ShapesDataModule") and cfg.text_encoder._target_.endswith(encoder)
     assert cfg.model.prediction_type == "v_prediction" and cfg.model.p_uncond == 0.1
+
+
+def test_guidance_scale_zero_is_unconditional():
+    def model_fn(x, t, context):
+        return x + context.view(-1, 1, 1, 1)
+
+    x, t = torch.randn(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
+    cond, uncond = {"context": torch.full((3,), 2.0)}, {"context": torch.full((3,), -1.0)}
+    assert torch.allclose(guided_model(model_fn, cond, uncond, 0.0)(x, t), model_fn(x, t, **uncond))
+    assert torch.allclose(guided_model(model_fn, cond, uncond, 1.0)(x, t), model_fn(x, t, **cond))
+
+
+def test_p_uncond_drops_captions_at_its_rate():
+    from diffexp.lit.pixel import PixelDiffusion
+    from diffexp.schedules import get_schedule
+
+    encoder = LearnedTextEncoder(dim=8, layers=1, heads=2, max_length=4)
+    encoder.fit_vocabulary(["a red circle"])
+    net = UNet(image_size=8, in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), attention_levels=(-1,), context_dim=8, dropout=0.0)
+    model = PixelDiffusion(net, get_schedule("linear", 100), text_encoder=encoder, p_uncond=0.3)
+    seen = []
+    model.encode_text = lambda captions: seen.extend(captions) or {}
+    torch.manual_seed(0)
+    for _ in range(20):
+        model.conditioning({"caption": ["a red circle"] * 100}, drop=True)
+    assert abs(seen.count("") / len(seen) - 0.3) < 0.02
+    seen.clear()
+    model.conditioning({"caption": ["a red circle"] * 100}, drop=False)
+    assert "" not in seen
+
+
+def test_bad_prompts_and_encoder_names(tmp_path):
+    from omegaconf import OmegaConf
+
+    from diffexp.sample import read_prompts
+
+    with pytest.raises(FileNotFoundError, match="prompts_file"):
+        read_prompts(OmegaConf.create({"prompts_file": str(tmp_path / "none.txt")}), 4)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompts(OmegaConf.create({"prompts_file": str(empty)}), 4)
+    both = OmegaConf.create({"prompt": "a red circle", "prompts_file": str(empty)})
+    with pytest.raises(ValueError, match="either prompt"):
+        read_prompts(both, 4)
+    listed = tmp_path / "p.txt"
+    listed.write_text("a red circle\na blue square\n")
+    assert read_prompts(OmegaConf.create({"prompts_file": str(listed)}), 3) == ["a red circle", "a blue square",
+                                                                                 "a red circle"]
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="text_encoder"):
+        compose_config("train", ["text_encoder=bert"], tmp_path)

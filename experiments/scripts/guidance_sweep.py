@@ -69,9 +69,11 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fid = frechet_distance(real, extract_features(extractor, seen))
+        seen_adh = caption_adherence(seen, seen_captions)
+        held_adh = caption_adherence(held, held_captions) if held is not None else {}
         row = {"guidance_scale": scale, "n": len(seen_captions),
-               "adherence_seen": caption_adherence(seen, seen_captions)["adherence"],
-               "adherence_held_out": caption_adherence(held, held_captions)["adherence"] if held is not None else None,
+               "adherence_seen": seen_adh["adherence"], "adherence_held_out": held_adh.get("adherence"),
+               **{f"held_out_{a}": held_adh.get(f"{a}_accuracy") for a in ("colour", "shape", "position")},
                "fid_shapes": round(fid, 4), "diversity": round(diversity, 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
