@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from diffexp.callbacks import DenoisingGrid, FIDCallback
 from diffexp.callbacks.fid import merge_rank_features, rank_indices
 from diffexp.loggers import prepare_logger_configs
+from diffexp.samplers import DDIMSampler
 from tests.conftest import ROOT, SHRINK, compose_config
 
 
@@ -46,7 +47,7 @@ def test_denoising_grids(tiny_checkpoint):
 
     model, _ = load_model(tiny_checkpoint)
     cb = DenoisingGrid(num_images=2, timesteps=(0, 500, 999), num_trajectories=1, frames=4,
-                       sampler=model.make_sampler().__class__(model.schedule, steps=5, progress=False))
+                       sampler=DDIMSampler(model.schedule, steps=5, progress=False))
     images = torch.rand(2, 1, 16, 16) * 2 - 1
     forward = cb.forward_grid(model, images)
     assert forward.shape == (2 * 2 * 3, 1, 16, 16)

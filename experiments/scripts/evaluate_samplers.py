@@ -14,8 +14,6 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from diffexp.metrics import evaluate
 from diffexp.samplers import SAMPLERS
 from diffexp.sample import draw_samples, load_model
@@ -46,7 +44,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
     args = parser.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
     model, train_cfg = load_model(args.ckpt, device=args.device)
     rows = []
     for spec in args.samplers:

@@ -6,13 +6,6 @@ from typing import Callable
 import torch
 
 
-def _cat(a, b):
-    """Concatenate two conditioning values along the batch (tensors; objects with a ``cat``)."""
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
-    return type(a).cat([a, b])
-
-
 def guided_model(model_fn: Callable, cond: dict, uncond: dict, guidance_scale: float,
                  guidance_rescale: float = 0.0) -> Callable:
     """model_fn(x, t, **kw) -> a function (x, t) -> guided prediction.
@@ -32,7 +25,7 @@ def guided_model(model_fn: Callable, cond: dict, uncond: dict, guidance_scale: f
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 1.0:
             return model_fn(x, t, **cond)
-        both = {k: _cat(cond[k], uncond[k]) for k in cond}
+        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
         out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         pred = out_uncond + guidance_scale * (out_cond - out_uncond)
         if guidance_rescale > 0:

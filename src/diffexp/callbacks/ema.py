@@ -37,6 +37,8 @@ class EMA(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         tracked = self._tracked(pl_module)
+        # state_dict tensors share storage with the live parameters: look them up once, not every step
+        self._live = tracked
         if self.ema_state is None:
             self.ema_state = {k: v.detach().clone() for k, v in tracked.items()}
         else:  # restored from a checkpoint
@@ -45,7 +47,7 @@ class EMA(Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         d = self.current_decay()
-        tracked = self._tracked(pl_module)
+        tracked = getattr(self, "_live", None) or self._tracked(pl_module)
         keys = list(self.ema_state)
         torch._foreach_lerp_([self.ema_state[k] for k in keys], [tracked[k] for k in keys], 1.0 - d)
         self.num_updates += 1

@@ -18,11 +18,11 @@ def log_images(trainer, key: str, images: torch.Tensor, nrow: int | None = None,
     step = trainer.global_step
     path = save_grid(images, Path(trainer.default_root_dir) / "images" / f"{key.replace('/', '_')}_step{step:06d}.png",
                      nrow=nrow, scale=scale)
-    grid = make_grid(images, nrow)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=step)
         elif isinstance(logger, TensorBoardLogger):
+            grid = make_grid(images, nrow)
             logger.experiment.add_image(key, grid, step, dataformats="HW" if grid.ndim == 2 else "HWC")
     return path
 

@@ -51,15 +51,15 @@ def evaluate(names, images: torch.Tensor, train_cfg=None, datamodule=None, devic
     extractors: dict[str, torch.nn.Module] = {}
     features: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def feats(extractor_name: str, need_real: bool = True):
+    def feats(extractor_name: str):
         if extractor_name not in features:
             if extractor_name != "inception" and datamodule is not None and datamodule.name != extractor_name:
                 raise ValueError(f"{extractor_name} features compare against data={extractor_name}, but this "
                                  f"model was trained on data={datamodule.name}")
             extractors[extractor_name] = build_feature_extractor(extractor_name, device, inception_weights)
             fake = extract_features(extractors[extractor_name], images)
-            real = (reference_features(datamodule, extractors[extractor_name], extractor_name, reference_split,
-                                       cache_dir=cache_dir) if need_real else None)
+            real = reference_features(datamodule, extractors[extractor_name], extractor_name, reference_split,
+                                      cache_dir=cache_dir)
             features[extractor_name] = (real, fake)
         return features[extractor_name]
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from diffexp.metrics.domain import DOMAIN_CLASSIFIERS, DomainFeatures, load_domain_classifier
+from diffexp.viz.images import to_uint8
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF Inception-v3
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -20,7 +21,7 @@ INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 or float [-1, 1] (N, 1 or 3, H, W) -> uint8 (N, 3, H, W); grayscale is repeated."""
     if images.dtype != torch.uint8:
-        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = to_uint8(images.float())
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     if images.shape[1] != 3:

@@ -21,22 +21,6 @@ class TextEmbedding:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    @staticmethod
-    def cat(parts: list["TextEmbedding"]) -> "TextEmbedding":
-        """Concatenate along the batch, padding token sequences to the longest."""
-        length = max(p.tokens.shape[1] for p in parts)
-
-        def pad(t, value):
-            return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]) if t.ndim == 3 else (0, length - t.shape[1]),
-                                           value=value)
-
-        return TextEmbedding(torch.cat([pad(p.tokens, 0.0) for p in parts]),
-                             torch.cat([pad(p.mask, False) for p in parts]),
-                             torch.cat([p.pooled for p in parts]))
-
-    def chunk_rows(self, index) -> "TextEmbedding":
-        return TextEmbedding(self.tokens[index], self.mask[index], self.pooled[index])
-
     def as_kwargs(self) -> dict:
         """Keyword arguments for :class:`diffexp.nets.UNet`."""
         return {"context": self.tokens, "context_mask": self.mask, "pooled": self.pooled}

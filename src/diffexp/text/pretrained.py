@@ -83,9 +83,9 @@ class PretrainedTextEncoder(TextEncoder):
         return tokens, mask, pooled
 
     def encode(self, captions: list[str]) -> TextEmbedding:
-        device = next(self.model.parameters()).device
         if not self.use_cache:
             return TextEmbedding(*self._encode_uncached(captions))
+        device = next(self.model.parameters()).device
         missing = sorted({c for c in captions if c not in self._cache})
         if missing:
             tokens, mask, pooled = self._encode_uncached(missing)
