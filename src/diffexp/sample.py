@@ -11,19 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.config import build_model, instantiate
 from diffexp.callbacks.ema import ema_state_from_checkpoint
-from diffexp.lit.pixel import CONFIG_KEY
+from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
 from diffexp.viz.images import save_grid, to_uint8_nhwc
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist; pass a checkpoint written by train.py, "
-                                f"e.g. ckpt=logs/train/latest/checkpoints/last.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if CONFIG_KEY not in checkpoint:
-        raise ValueError(f"ckpt={str(path)!r} carries no diffexp config (key {CONFIG_KEY!r}); was it written by train.py?")
-    return checkpoint
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -31,7 +20,7 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
 
     Returns (model in eval mode, training config as a DictConfig).
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = read_checkpoint(path, "ckpt")
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
     model = build_model(train_cfg)
     model.load_state_dict(checkpoint["state_dict"])

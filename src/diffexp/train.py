@@ -39,9 +39,15 @@ def build(cfg: DictConfig):
     check_ckpt_path(cfg.get("ckpt_path"))
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
-    model.make_sampler()  # validates sampler settings now rather than at the first sample grid
+    diffusion = hasattr(model, "sample")
+    if diffusion:
+        model.make_sampler()  # validates sampler settings now rather than at the first sample grid
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    sampling = [type(c).__name__ for c in callbacks if getattr(c, "needs_sampling", False)]
+    if sampling and not diffusion:
+        raise ValueError(f"callbacks {sampling} sample from a diffusion model, but model={cfg.model._target_} does not "
+                         f"sample; use callbacks=vae for model=vae")
     for message in prepare_logger_configs(cfg):
         rank_zero_info(f"[diffexp] {message}")
     loggers = instantiate_dict(cfg.get("logger"))

@@ -11,11 +11,15 @@ from diffexp.diffusion import q_sample
 class DenoisingGrid(PeriodicCallback):
     """Every ``every_n_steps`` steps, log two grids (EMA weights, fixed noise):
 
+    Latent models show decoded latents.
+
     * ``denoising/forward``: for ``num_images`` validation images, a row of x_t at each of
       ``timesteps`` followed by a row of the model's predicted x0 at the same t;
     * ``denoising/reverse``: for ``num_trajectories`` samples, a row of x_t along the reverse
       process (x_T ... x_0, ``frames`` columns) followed by a row of the predicted x0 there.
     """
+
+    needs_sampling = True
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 4,
                  timesteps: tuple[int, ...] = (0, 100, 250, 500, 750, 999), num_trajectories: int = 2,
@@ -34,12 +38,12 @@ class DenoisingGrid(PeriodicCallback):
             raise ValueError(f"callbacks.denoising_grid.timesteps {bad} outside [0, {T})")
         generator = torch.Generator().manual_seed(self.seed)
         rows = []
-        for x0 in images:
-            x0 = x0[None].expand(len(self.timesteps), *x0.shape).to(pl_module.device)
+        for x0 in pl_module.to_model_space(images.to(pl_module.device)):
+            x0 = x0[None].expand(len(self.timesteps), *x0.shape)
             t = torch.tensor(self.timesteps, device=pl_module.device)
             noise = torch.randn(x0.shape, generator=generator).to(pl_module.device)
             x_t = q_sample(x0, t, noise, pl_module.alphas_cumprod)
-            rows += [x_t.clamp(-1, 1), pl_module.predict_x0(x_t, t).clamp(-1, 1)]
+            rows += [pl_module.to_images(x_t).clamp(-1, 1), pl_module.to_images(pl_module.predict_x0(x_t, t)).clamp(-1, 1)]
         return torch.cat(rows)
 
     def reverse_grid(self, pl_module) -> torch.Tensor:

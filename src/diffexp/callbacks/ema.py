@@ -28,7 +28,8 @@ class EMA(Callback):
 
     @staticmethod
     def _tracked(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}
+        """The trainable parameters by state-dict name (buffers such as a latent scale are not averaged)."""
+        return {k: v for k, v in pl_module.named_parameters() if v.requires_grad}
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -37,7 +38,7 @@ class EMA(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         tracked = self._tracked(pl_module)
-        # state_dict tensors share storage with the live parameters: look them up once, not every step
+        # the live parameters: looked up once, not every step
         self._live = tracked
         if self.ema_state is None:
             self.ema_state = {k: v.detach().clone() for k, v in tracked.items()}

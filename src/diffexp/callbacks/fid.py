@@ -43,6 +43,8 @@ class FIDCallback(Callback):
     ``val/<metric>``, ``fid/num_samples`` and ``time/fid_seconds`` (this callback's wall time).
     """
 
+    needs_sampling = True
+
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000, metrics=("fid_digits", "kid_digits"),
                  sampler=None, batch_size: int = 250, seed: int = 1234, reference_split: str = "train",
                  inception_weights: str | None = None, cache_dir: str | None = None, at_end: bool = True):

@@ -51,6 +51,8 @@ class SampleGrid(PeriodicCallback):
     Sampling uses the EMA weights when the EMA callback is active.
     """
 
+    needs_sampling = True
+
     def __init__(self, every_n_steps: int = 500, n: int = 64, seed: int = 0, sampler=None, nrow: int | None = None):
         if every_n_steps <= 0 or n <= 0:
             raise ValueError("callbacks.sample_grid: every_n_steps and n must be positive")

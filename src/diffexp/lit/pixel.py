@@ -11,10 +11,13 @@ from torch import nn
 from diffexp.diffusion import (check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample,
                                training_target)
 from diffexp.guidance import guided_model
+from diffexp.lit.checkpoint import CONFIG_KEY
 from diffexp.samplers import DDIMSampler, Sampler, Trajectory
 from diffexp.schedules import NoiseSchedule
 
-CONFIG_KEY = "diffexp_config"
+
+def batch_size(batch: dict) -> int:
+    return len(batch["latent"] if "latent" in batch else batch["image"])
 
 
 class PixelDiffusion(L.LightningModule):
@@ -133,8 +136,21 @@ class PixelDiffusion(L.LightningModule):
             labels[mask] = self.net.num_classes
         return {"class_labels": labels}
 
+    # --- the space diffusion runs in (pixels here; latents in LatentDiffusion) ------------------------
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space the net denoises (identity for pixel diffusion)."""
+        return images
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_model_space` (identity for pixel diffusion)."""
+        return x
+
+    def diffusion_input(self, batch: dict) -> torch.Tensor:
+        """x_0 of a training batch, in model space."""
+        return self.to_model_space(batch["image"])
+
     def loss(self, batch: dict, drop_conditioning: bool = True) -> torch.Tensor:
-        x0 = batch["image"]
+        x0 = self.diffusion_input(batch)
         n = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -145,12 +161,12 @@ class PixelDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.loss(batch, drop_conditioning=False)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -205,7 +221,8 @@ class PixelDiffusion(L.LightningModule):
 
         Conditional models take ``class_labels`` or ``captions`` (one per image) and apply
         classifier-free guidance with ``guidance_scale`` (default: the model's; 1 = none).
-        With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped.
+        With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped
+        (as images: latent models decode them).
         """
         was_training = self.training
         self.eval()
@@ -229,9 +246,11 @@ class PixelDiffusion(L.LightningModule):
                 progress=progress, return_trajectory=return_trajectory, model_kwargs=kwargs,
             )
             if isinstance(result, Trajectory):
-                result.sample = result.sample.clamp(-1, 1)
+                result.xs = [self.to_images(x) for x in result.xs]
+                result.x0s = [self.to_images(x) for x in result.x0s]
+                result.sample = self.to_images(result.sample).clamp(-1, 1)
                 return result
-            return result.clamp(-1, 1)
+            return self.to_images(result).clamp(-1, 1)
         finally:
             self.train(was_training)
 

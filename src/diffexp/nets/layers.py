@@ -32,27 +32,30 @@ class ResBlock(nn.Module):
 
     ``scale_shift``: h = norm(h) * (1 + scale) + shift (Dhariwal & Nichol 2021);
     otherwise h = h + proj(temb) before the second norm (Ho et al. 2020).
+    With ``temb_dim=None`` there is no embedding (the autoencoder's blocks).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, scale_shift: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None, dropout: float = 0.0, scale_shift: bool = True):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_dim, out_ch * (2 if scale_shift else 1))
+        self.temb_proj = None if temb_dim is None else nn.Linear(temb_dim, out_ch * (2 if scale_shift else 1))
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        emb = self.temb_proj(F.silu(temb))[:, :, None, None]
-        if self.scale_shift:
+        if self.temb_proj is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            emb = self.temb_proj(F.silu(temb))[:, :, None, None]
             scale, shift = emb.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + emb)
+            h = self.norm2(h + self.temb_proj(F.silu(temb))[:, :, None, None])
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

