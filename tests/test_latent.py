@@ -133,7 +133,6 @@ def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_
 
     # the estimate is 1/std of the raw training latents (cached ones, in dataset order)
     model, cfg = load_model(ckpt)
-    from diffexp.data import ShapesDataModule  # noqa: F401 (datamodule built from the config below)
     from diffexp.config import instantiate
 
     datamodule = instantiate(cfg.data)

@@ -43,3 +43,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
     return path
+
+
+def load_image(path: str | Path, size: int | None = None, grayscale: bool = False) -> torch.Tensor:
+    """An image file as a float (C, H, W) tensor in [-1, 1], resized (bicubic) to ``size`` x ``size`` if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist; pass a PNG/JPEG file")
+    try:
+        img = Image.open(path).convert("L" if grayscale else "RGB")
+    except OSError as e:
+        raise ValueError(f"image {str(path)!r} could not be read as an image ({e})") from None
+    if size is not None:
+        img = img.resize((size, size), Image.BICUBIC)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())

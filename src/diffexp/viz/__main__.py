@@ -1,0 +1,182 @@
+"""``python -m diffexp.viz COMMAND ...``: the course's figures and animations from the command line.
+
+    python -m diffexp.viz forward --schedule cosine --image PATH --out forward.gif
+    python -m diffexp.viz forward --schedule linear --schedule cosine --out forward.png   (built-in digit)
+    python -m diffexp.viz histogram --schedule linear --out histogram.png
+    python -m diffexp.viz schedules --out schedules.png
+    python -m diffexp.viz unet --preset small --image-size 32 --channels 3 --out unet.png --table unet.md
+    python -m diffexp.viz trajectories --ckpt RUN/checkpoints/last.ckpt --out ddpm_vs_ddim.png
+    python -m diffexp.viz guidance --ckpt RUN/checkpoints/last.ckpt --prompt "a red circle" --out guidance.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from diffexp.schedules import SCHEDULES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def builtin_image(size: int | None):
+    """The first handwritten digit of scikit-learn's bundled set (offline), in [-1, 1]."""
+    from diffexp.data.digits import load_digits_tensor
+
+    images, _ = load_digits_tensor(size or 32)
+    return images[0]
+
+
+def check_schedules(names: list[str]) -> list[str]:
+    bad = [n for n in names if n not in SCHEDULES]
+    if bad:
+        raise SystemExit(f"error: --schedule {bad[0]!r} is not a known schedule; choose from {list(SCHEDULES)}")
+    return names
+
+
+def save_figure(fig, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+
+
+def cmd_forward(args) -> Path:
+    from diffexp.viz.animation import save_animation
+    from diffexp.viz.forward import forward_animation_frames, forward_grid_figure
+    from diffexp.viz.images import load_image
+
+    schedules = check_schedules(args.schedule or ["linear", "cosine"])
+    image = load_image(args.image, args.size) if args.image else builtin_image(args.size)
+    out = Path(args.out)
+    if out.suffix.lower() in (".gif", ".mp4"):
+        return save_animation(forward_animation_frames(image, schedules, args.frames, scale=args.scale), out, args.fps)
+    save_figure(forward_grid_figure(image, schedules), out)
+    return out
+
+
+def cmd_histogram(args) -> Path:
+    from diffexp.viz.forward import histogram_figure
+    from diffexp.viz.images import load_image
+
+    schedule = check_schedules([args.schedule])[0]
+    image = load_image(args.image, args.size) if args.image else builtin_image(args.size)
+    save_figure(histogram_figure(image, schedule), Path(args.out))
+    return Path(args.out)
+
+
+def cmd_schedules(args) -> Path:
+    from diffexp.viz.schedules import schedules_figure
+
+    names = check_schedules(args.schedule or list(SCHEDULES))
+    save_figure(schedules_figure(names, args.timesteps, zero_terminal_snr=args.zero_terminal_snr), Path(args.out))
+    return Path(args.out)
+
+
+def cmd_unet(args) -> Path:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from diffexp.viz.unet import layer_table_markdown, unet_diagram
+
+    preset = ROOT / "conf" / "unet" / f"{args.preset}.yaml"
+    if not preset.is_file():
+        choices = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+        raise SystemExit(f"error: --preset {args.preset!r} is not a unet preset; choose from {choices}")
+    cfg = OmegaConf.load(preset)
+    cfg.image_size, cfg.in_channels, cfg.context_dim = args.image_size, args.channels, args.context_dim
+    net = instantiate(cfg)
+    if args.table:
+        Path(args.table).write_text(layer_table_markdown(net) + "\n")
+    save_figure(unet_diagram(net), Path(args.out))
+    return Path(args.out)
+
+
+def load(args):
+    from diffexp.sample import load_model, resolve_device
+
+    model, _ = load_model(args.ckpt, device=resolve_device(args.device))
+    return model
+
+
+def cmd_trajectories(args) -> Path:
+    from diffexp.samplers import DDIMSampler, DDPMSampler
+    from diffexp.viz.reverse import trajectories, trajectory_figure
+
+    model = load(args)
+    kw = dict(prediction_type=model.prediction_type, progress=False)
+    samplers = {"DDPM-1000": DDPMSampler(model.schedule, **kw), f"DDIM-{args.steps}": DDIMSampler(model.schedule, steps=args.steps, **kw)}
+    cond = {"captions": [args.prompt]} if args.prompt else model.sampling_conditions(1)
+    save_figure(trajectory_figure(trajectories(model, samplers, n=1, seed=args.seed, **cond), args.frames), Path(args.out))
+    return Path(args.out)
+
+
+def cmd_guidance(args) -> Path:
+    from diffexp.viz.guidance import guidance_figure, guidance_samples
+
+    model = load(args)
+    samples = guidance_samples(model, args.prompt, args.scales, n=args.n, seed=args.seed)
+    save_figure(guidance_figure(samples, args.prompt), Path(args.out))
+    return Path(args.out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m diffexp.viz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("forward", help="x_t along t for one or more schedules: .png grid or .gif/.mp4 animation")
+    p.add_argument("--schedule", action="append", help=f"repeatable; one of {list(SCHEDULES)}")
+    p.add_argument("--image", help="an image file (default: a built-in digit)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--fps", type=float, default=10)
+    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of animation frames")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_forward)
+    p = sub.add_parser("histogram", help="pixel histogram of x_t drifting to N(0, 1)")
+    p.add_argument("--schedule", default="linear")
+    p.add_argument("--image")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_histogram)
+    p = sub.add_parser("schedules", help="alpha-bar, beta, log-SNR, signal left for several schedules")
+    p.add_argument("--schedule", action="append")
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--zero-terminal-snr", nargs="*", default=["linear"], help="schedules also drawn rescaled")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_schedules)
+    p = sub.add_parser("unet", help="U-Net diagram (and --table markdown) of a conf/unet preset")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--context-dim", type=int, default=None)
+    p.add_argument("--table")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_unet)
+    for name, fn, help_ in (("trajectories", cmd_trajectories, "DDPM vs DDIM from the same noise"),
+                            ("guidance", cmd_guidance, "one prompt at several guidance scales")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--ckpt", required=True)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", required=True)
+        p.add_argument("--prompt", required=name == "guidance")
+        if name == "trajectories":
+            p.add_argument("--steps", type=int, default=50)
+            p.add_argument("--frames", type=int, default=8)
+        else:
+            p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 7.5])
+            p.add_argument("--n", type=int, default=4)
+        p.set_defaults(run=fn)
+    args = parser.parse_args(argv)
+    try:
+        out = args.run(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

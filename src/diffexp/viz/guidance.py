@@ -1,0 +1,34 @@
+"""Classifier-free guidance made visible: the same prompt and noise at several guidance scales."""
+from __future__ import annotations
+
+import torch
+
+
+def guidance_samples(model, prompt: str, scales=(0.0, 1.0, 2.0, 4.0, 7.5), n: int = 4, seed: int = 0,
+                     sampler=None) -> dict[float, torch.Tensor]:
+    """{scale: n images} for a text-conditioned model, every scale starting from the same noise."""
+    if getattr(model, "text_encoder", None) is None:
+        raise ValueError("guidance needs a text-conditioned checkpoint (trained with text_encoder=learned|minilm|...)")
+    x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+    return {s: model.sample(n, sampler=sampler, x_T=x_T, captions=[prompt] * n, guidance_scale=s, progress=False)
+            for s in scales}
+
+
+def guidance_figure(samples: dict[float, torch.Tensor], prompt: str = ""):
+    """Columns = guidance scales, rows = samples (same noise across a row)."""
+    import matplotlib.pyplot as plt
+
+    from diffexp.viz.images import to_unit
+
+    scales = list(samples)
+    n = len(next(iter(samples.values())))
+    fig, axes = plt.subplots(n, len(scales), figsize=(1.5 * len(scales), 1.5 * n + 0.4), squeeze=False)
+    for c, s in enumerate(scales):
+        for r in range(n):
+            img = to_unit(samples[s][r].cpu()).permute(1, 2, 0).numpy()
+            axes[r, c].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[0, c].set_title(f"w = {s:g}", fontsize=9)
+    fig.suptitle(f'"{prompt}"' if prompt else "", fontsize=10)
+    fig.tight_layout()
+    return fig
