@@ -55,6 +55,18 @@ def build(cfg: DictConfig):
     return datamodule, model, callbacks, loggers, trainer
 
 
+def effective_batch(cfg: DictConfig, trainer) -> dict:
+    """Images per optimizer step: data.batch_size (per device) x world size x gradient accumulation.
+
+    The learning rate is not rescaled automatically; when changing the number of devices, scale
+    ``model.optimizer.lr`` yourself (linear rule: lr x new/old effective batch, with warm-up).
+    """
+    per_device = int(cfg.data.batch_size)
+    accumulate = int(trainer.accumulate_grad_batches)
+    return {"batch_size_per_device": per_device, "world_size": int(trainer.world_size),
+            "accumulate_grad_batches": accumulate, "effective_batch_size": per_device * trainer.world_size * accumulate}
+
+
 def update_latest_link(run_dir: Path, link: Path) -> None:
     """Point ``link`` (e.g. logs/train/latest) at the newest run directory, atomically."""
     try:
@@ -74,10 +86,13 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, model, callbacks, loggers, trainer = build(cfg)
+    scale = effective_batch(cfg, trainer)
     if trainer.is_global_zero:
-        write_run_info(run_dir, cfg.seed)
+        write_run_info(run_dir, cfg.seed, extra=scale)
         rank_zero_info(f"Run directory: {run_dir.resolve()}")
-    log_full_config(loggers, cfg)
+        rank_zero_info(f"[diffexp] effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']}"
+                       f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
+    log_full_config(loggers, cfg, extra=scale)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     hint = wandb_sync_hint(loggers) if trainer.is_global_zero else None
     if hint:

@@ -3,7 +3,29 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochSeededSampler(Sampler):
+    """A random permutation of range(n) that depends only on (seed, epoch).
+
+    Lightning calls :meth:`set_epoch` before each epoch (as for ``DistributedSampler``), so the data
+    order of a run is a function of its seed: a run resumed at an epoch boundary sees exactly the
+    batches an uninterrupted run sees.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 class TensorImageDataset(Dataset):
@@ -59,7 +81,7 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             drop_last=shuffle and len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -36,6 +36,7 @@ class PixelDiffusion(L.LightningModule):
             encoded and fed to the net's cross-attention; each caption is replaced by "" with
             probability ``p_uncond`` (conditioning dropout for classifier-free guidance).
         guidance_scale, guidance_rescale: defaults for :meth:`sample` on conditional models.
+        noise_seed: seeds the per-step timestep/noise streams (:meth:`step_generator`; train.py passes ``seed``).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class PixelDiffusion(L.LightningModule):
         text_encoder: nn.Module | None = None,
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
+        noise_seed: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -74,6 +76,7 @@ class PixelDiffusion(L.LightningModule):
             raise ValueError(f"unet.context_dim={getattr(net, 'context_dim', None)} must equal the text encoder's "
                              f"width {text_encoder.dim}")
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.noise_seed = noise_seed
         self.example_captions: list[str] = []
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
         self.register_buffer("snr", schedule.snr.float(), persistent=False)
@@ -120,19 +123,19 @@ class PixelDiffusion(L.LightningModule):
     def encode_text(self, captions: list[str]) -> dict:
         return self.text_encoder(list(captions)).to(self.device).as_kwargs()
 
-    def conditioning(self, batch: dict, drop: bool) -> dict:
+    def conditioning(self, batch: dict, drop: bool, generator: torch.Generator | None = None) -> dict:
         """Keyword arguments for the net from a batch; labels/captions dropped at rate p_uncond when ``drop``."""
         if self.text_encoder is not None:
             captions = list(batch["caption"])
             if drop and self.p_uncond > 0:
-                keep = torch.rand(len(captions)) >= self.p_uncond
+                keep = (torch.rand(len(captions), generator=generator, device=self.device) >= self.p_uncond).cpu()
                 captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
             return self.encode_text(captions)
         if not self.class_conditional:
             return {}
         labels = batch["label"].clone()
         if drop and self.p_uncond > 0:
-            mask = torch.rand(labels.shape, device=labels.device) < self.p_uncond
+            mask = torch.rand(labels.shape, device=labels.device, generator=generator) < self.p_uncond
             labels[mask] = self.net.num_classes
         return {"class_labels": labels}
 
@@ -149,23 +152,35 @@ class PixelDiffusion(L.LightningModule):
         """x_0 of a training batch, in model space."""
         return self.to_model_space(batch["image"])
 
-    def loss(self, batch: dict, drop_conditioning: bool = True) -> torch.Tensor:
+    def step_generator(self, stream: int = 0, index: int | None = None) -> torch.Generator | None:
+        """The generator for one training/validation step: seeded by (``noise_seed``, stream, step, rank),
+        so every rank draws its own timesteps and noise, and a resumed run draws what an uninterrupted
+        one would. None when the module is used outside a Trainer (global RNG)."""
+        if self._trainer is None:
+            return None
+        index = self.trainer.global_step if index is None else index
+        seed = (((self.noise_seed * 1_000_003 + stream) * 1_000_003 + index) * 1_009 + self.global_rank) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def loss(self, batch: dict, drop_conditioning: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion loss of a batch; t, noise and conditioning dropout come from ``generator``."""
         x0 = self.diffusion_input(batch)
         n = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device)
-        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = q_sample(x0, t, noise, self.alphas_cumprod)
         target = training_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
-        pred = self.net(x_t, t, **self.conditioning(batch, drop_conditioning))
+        pred = self.net(x_t, t, **self.conditioning(batch, drop_conditioning, generator))
         return diffusion_loss(pred, target, t, self.snr, self.prediction_type, self.min_snr_gamma)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss = self.loss(batch, generator=self.step_generator())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.loss(batch, drop_conditioning=False)
+        # the same t and noise for a batch at every validation: val/loss moves only with the weights
+        loss = self.loss(batch, drop_conditioning=False, generator=self.step_generator(stream=1, index=batch_idx))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
 
     def configure_optimizers(self):

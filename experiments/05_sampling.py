@@ -1,0 +1,111 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 5. Sampling: DDPM, DDIM and the score view
+#
+# A trained $\epsilon_\theta$ turns noise into images by running the process backwards.
+# **DDPM** (Ho et al. 2020) takes all T = 1000 stochastic steps. **DDIM** (Song et al. 2021) uses the
+# same network on a subsequence of 10-50 timesteps with a deterministic update (eta = 0). Both
+# live in `diffexp/samplers/` and work for any model function and any prediction type.
+#
+# We train a digits model here (the quickstart preset, shortened).
+
+# %%
+import os
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+from diffexp.course import load, train
+from diffexp.diffusion import prediction_to_x0_eps
+from diffexp.metrics.evaluate import evaluate
+from diffexp.sample import draw_samples
+from diffexp.samplers import DDIMSampler, DDPMSampler
+from diffexp.viz.reverse import quality_vs_steps_figure, trajectories, trajectory_figure
+
+MODE = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
+FAST = MODE == "ci"
+FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
+os.makedirs(FIGURES, exist_ok=True)
+RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
+steps = 30 if FAST else 600
+ckpt = train(["experiment=quickstart", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+              f"callbacks.sample_grid.every_n_steps={steps}", f"callbacks.denoising_grid.every_n_steps={steps}",
+              f"callbacks.model_checkpoint.every_n_train_steps={steps}"], os.path.join(RUNS, "digits"))
+model, cfg = load(ckpt)
+kw = dict(prediction_type=model.prediction_type, progress=False)
+
+# %% [markdown]
+# ## DDPM vs DDIM from the same noise
+# Top rows: $x_t$ along the way; bottom rows: the model's guess of $x_0$ at that step,
+# $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}$. The guess is blurry early
+# (the mean of all digits that fit) and sharpens as t falls.
+
+# %%
+ddpm_steps = 20 if FAST else 1000
+samplers = {f"DDPM-{ddpm_steps}": DDPMSampler(model.schedule, steps=ddpm_steps, **kw),
+            "DDIM-50": DDIMSampler(model.schedule, steps=50, **kw)}
+trajs = trajectories(model, samplers, n=2, seed=1)
+fig = trajectory_figure(trajs, frames=8)
+fig.savefig(os.path.join(FIGURES, "05_ddpm_vs_ddim.png"), dpi=70, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## The score-function view
+# Tweedie's formula links the noise prediction to the score of the noised data:
+# $\nabla_{x_t}\log p_t(x_t) = -\varepsilon(x_t, t)/\sqrt{1-\bar\alpha_t}$, i.e.
+# $\varepsilon = -\sqrt{1-\bar\alpha_t}\,\nabla\log p_t$. Where the score is known we can check it:
+# if the data are $x_0\sim\mathcal N(0, I)$ then $x_t\sim\mathcal N(0, I)$ for every t, the score is
+# $-x_t$, and the optimal noise prediction is $\sqrt{1-\bar\alpha_t}\,x_t$.
+
+# %%
+schedule = model.schedule
+abar = schedule.alphas_cumprod.float()
+t = torch.tensor([100, 500, 900])
+x_t = torch.randn(3, 1, 4, 4)
+score = -x_t                                     # grad log N(x; 0, I)
+eps_from_score = -(1 - abar[t]).sqrt().view(-1, 1, 1, 1) * score
+# check against the posterior mean E[eps | x_t] estimated by Monte Carlo over x0 ~ N(0, I)
+x0 = torch.randn(200_000, 3, 1, 1)
+eps = torch.randn(200_000, 3, 1, 1)
+samples = abar[t].sqrt().view(1, -1, 1, 1) * x0 + (1 - abar[t]).sqrt().view(1, -1, 1, 1) * eps
+# regression slope of eps on x_t per timestep = E[eps x_t] / E[x_t^2]
+slope = (eps * samples).mean(0) / (samples**2).mean(0)
+print("slope E[eps|x_t]/x_t, Monte Carlo:", slope.flatten().tolist())
+print("sqrt(1 - abar_t), from the score:  ", (1 - abar[t]).sqrt().tolist())
+x0_hat, eps_hat = prediction_to_x0_eps(eps_from_score, x_t, t, abar, "epsilon")
+print("x0_hat = E[x0|x_t] = sqrt(abar) x_t:", torch.allclose(x0_hat, abar[t].sqrt().view(-1, 1, 1, 1) * x_t, atol=1e-5))
+
+# %% [markdown]
+# ## Quality against the number of steps
+# Fewer DDIM steps are faster; quality degrades gracefully. `fid_digits` compares the samples'
+# features (from the committed digits classifier) with the training set's.
+
+# %%
+n = 32 if FAST else 500
+rows = []
+grid = (("ddim", [5, 10]), ("ddpm", [20])) if FAST else (("ddim", [5, 10, 20, 50]), ("ddpm", [1000]))
+for sampler_name, steps_list in grid:
+    for s in steps_list:
+        sampler = (DDIMSampler(model.schedule, steps=s, **kw) if sampler_name == "ddim"
+                   else DDPMSampler(model.schedule, steps=s, **kw))
+        start = time.perf_counter()
+        images = draw_samples(model, n, sampler, seed=0, batch_size=500, progress=False)
+        seconds = time.perf_counter() - start
+        fid = evaluate(["fid_digits"], images, train_cfg=cfg)["fid_digits"]["value"]
+        rows.append({"sampler": sampler_name, "steps": s, "fid_digits": fid, "seconds": seconds})
+        print(f"{sampler_name}-{s:4d}: fid_digits {fid:.3f}  {seconds:.1f} s for {n} images")
+fig = quality_vs_steps_figure(rows, "fid_digits")
+plt.show()

@@ -1,0 +1,59 @@
+"""Reconstruction quality of a trained autoencoder on held-out images: PSNR (and LPIPS if its weights exist).
+
+    python experiments/scripts/evaluate_vae.py --ckpt RUN/checkpoints/last.ckpt [--n 1000] [--out results.json]
+
+Uses the validation split of the checkpoint's own data config (for shapes: images generated from a
+different seed than the training set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from diffexp.config import instantiate
+from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
+from diffexp.lit.vae import load_autoencoder
+from diffexp.viz.images import save_grid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--out", default=None, help="JSON results (a reconstruction grid is written beside it)")
+    args = parser.parse_args()
+    cfg = OmegaConf.create(read_checkpoint(args.ckpt, "--ckpt")[CONFIG_KEY])
+    net = load_autoencoder(args.ckpt)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    n = min(args.n, len(datamodule.val_set))
+    images = torch.stack([datamodule.val_set[i]["image"] for i in range(n)])
+    with torch.no_grad():
+        recon = torch.cat([net(x, sample_posterior=False)[0].clamp(-1, 1) for x in images.split(args.batch)])
+    psnr = peak_signal_noise_ratio(recon, images, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    result = {"ckpt": str(args.ckpt), "n": n, "downsampling_factor": net.downsampling_factor,
+              "latent_shape": [net.latent_channels, net.latent_size, net.latent_size],
+              "psnr_mean_db": psnr.mean().item(), "psnr_median_db": psnr.median().item(),
+              "psnr_min_db": psnr.min().item()}
+    try:
+        from diffexp.metrics.scores import lpips_distance, lpips_model
+
+        result["lpips"] = lpips_distance(lpips_model(), recon, images).mean().item()
+    except FileNotFoundError as e:
+        result["lpips"] = f"not computed: {e}"
+    print(json.dumps(result, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        save_grid(torch.cat([images[:16], recon[:16]]), out.with_suffix(".png"), nrow=16, scale=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Helpers for notebooks and scripts: compose the real Hydra configs, train and load, without the CLI.
+
+    from diffexp.course import compose, train, load
+    ckpt = train(["experiment=quickstart", "trainer.max_steps=200"], "runs/nb")
+    model, cfg = load(ckpt)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# quiet, CPU-only, single-process settings for runs started from a notebook
+NOTEBOOK_TRAINER = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+                    "trainer.enable_model_summary=false", "paths.latest_link=null"]
+
+
+def compose(overrides: list[str], output_dir: str | Path, config_name: str = "train",
+            root_dir: str | Path | None = None) -> DictConfig:
+    """The config ``python train.py OVERRIDES`` would run with, its outputs in ``output_dir``
+    (``paths.root_dir``, where logs/ and the latest-run link live: ``root_dir`` or the working directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = Path(output_dir).resolve()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(root_dir or os.getcwd())
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
+def train(overrides: list[str], output_dir: str | Path, reuse: bool = True) -> Path:
+    """Train as ``python train.py OVERRIDES`` would (CPU, quiet) and return the last checkpoint.
+
+    With ``reuse`` an existing ``output_dir/checkpoints/last.ckpt`` is returned without training again.
+    """
+    from diffexp.train import run
+
+    ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if reuse and ckpt.is_file():
+        return ckpt
+    run(compose(NOTEBOOK_TRAINER + list(overrides), output_dir))
+    return ckpt
+
+
+def load(ckpt: str | Path, use_ema: bool = True):
+    """(model in eval mode, its training config) from a checkpoint."""
+    from diffexp.sample import load_model
+
+    return load_model(ckpt, use_ema=use_ema)
+
+
+def metrics_csv(output_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """The CSV logger's metrics of a run: column -> [(step, value), ...]."""
+    from diffexp.compare import read_metrics
+
+    return read_metrics(Path(output_dir))
