@@ -70,7 +70,7 @@ print(f"x_T of a blank image: mean {last.mean():.3f}, std {last.std():.3f} (N(0,
 # Left: linear, middle: quadratic, right: cosine; t runs from 0 to 999.
 
 # %%
-frames = forward_animation_frames(x0, ["linear", "quadratic", "cosine"], num_frames=12 if FAST else 40, scale=4)
+frames = forward_animation_frames(x0, ["linear", "quadratic", "cosine"], num_frames=12 if FAST else 30, scale=3)
 path = save_animation(frames, os.path.join(FIGURES, "01_forward_process.gif"), fps=8)
 display(Image(filename=str(path)))
 

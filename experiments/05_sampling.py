@@ -94,7 +94,7 @@ print("x0_hat = E[x0|x_t] = sqrt(abar) x_t:", torch.allclose(x0_hat, abar[t].sqr
 # features (from the committed digits classifier) with the training set's.
 
 # %%
-n = 32 if FAST else 500
+n = 32 if FAST else 256
 rows = []
 grid = (("ddim", [5, 10]), ("ddpm", [20])) if FAST else (("ddim", [5, 10, 20, 50]), ("ddpm", [1000]))
 for sampler_name, steps_list in grid:

@@ -41,7 +41,7 @@ FAST = MODE == "ci"
 FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
 os.makedirs(FIGURES, exist_ok=True)
 RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
-steps = 20 if FAST else 500
+steps = 20 if FAST else 300
 ckpt = train(["experiment=shapes_text2img", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
               f"callbacks.sample_grid.every_n_steps={steps}", f"callbacks.denoising_grid.every_n_steps={steps}",
               f"callbacks.model_checkpoint.every_n_train_steps={steps}"] + (["data.num_train=512"] if FAST else []),

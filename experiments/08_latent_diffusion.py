@@ -51,7 +51,7 @@ small_data = ["data.num_train=512", "data.num_val=64"] if FAST else ["data.num_t
 # bounded without blurring them. `python train.py experiment=shapes_vae` is the full version.
 
 # %%
-vae_steps = 20 if FAST else 600
+vae_steps = 20 if FAST else 400
 vae_ckpt = train(["experiment=shapes_vae", f"trainer.max_steps={vae_steps}",
                   f"trainer.val_check_interval={vae_steps}",
                   f"callbacks.model_checkpoint.every_n_train_steps={vae_steps}"] + small_data,

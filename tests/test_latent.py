@@ -255,3 +255,17 @@ def test_checkpoint_of_latent_run_records_the_vae(tmp_path, vae_ckpt, monkeypatc
     assert checkpoint[CONFIG_KEY]["vae"]["ckpt"] == str(vae_ckpt)
     assert not any(k.startswith("autoencoder.") for k in checkpoint["state_dict"])  # frozen: not copied
     assert json.dumps(checkpoint[CONFIG_KEY]["unet"]["in_channels"]) == "4"
+
+
+def test_latent_models_never_clip_latents_to_the_pixel_range():
+    from diffexp.lit.latent import LatentDiffusion
+    from diffexp.nets import UNet
+    from diffexp.samplers import DDIMSampler
+    from diffexp.schedules import get_schedule
+
+    ae = OwnAutoencoder(net=AutoencoderKL(base_channels=16, channel_mult=[1, 2]))
+    model = LatentDiffusion(UNet(16, 4, base_channels=32, channel_mult=[1], attention_resolutions=[]), ae, 32,
+                            scale_factor=1.0, schedule=get_schedule("linear"))
+    with pytest.warns(UserWarning, match="clip_sample"):
+        sampler = model.make_sampler(DDIMSampler(model.schedule, steps=2, clip_sample=True))
+    assert sampler.clip_sample is False

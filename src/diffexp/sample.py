@@ -24,6 +24,7 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
     model = build_model(train_cfg)
     model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)  # e.g. the example captions
     ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
     if ema is not None:
         model.load_state_dict(ema, strict=False)

@@ -3,6 +3,7 @@ run on the latents of a frozen autoencoder."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -78,6 +79,16 @@ class LatentDiffusion(PixelDiffusion):
         else:
             raw = self.autoencoder.encode(torch.stack([item["image"] for item in items]).to(self.device), 1.0)
         return float(1.0 / (raw - self.latent_shift).flatten().std())
+
+    def make_sampler(self, sampler=None):
+        """As :meth:`PixelDiffusion.make_sampler`, with ``clip_sample`` off: it clamps predicted x0 to the pixel
+        range [-1, 1], which would cut off latents (unit variance, unbounded)."""
+        sampler = super().make_sampler(sampler)
+        if sampler.clip_sample:
+            warnings.warn("sampler.clip_sample=true clamps x0 to [-1, 1]; latents are unbounded, so latent models "
+                          "sample with clip_sample=false", stacklevel=2)
+            sampler.clip_sample = False
+        return sampler
 
     # --- hooks --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
