@@ -83,3 +83,9 @@ for scale in (1.0, 2.0, 4.0):
                           generator=torch.Generator().manual_seed(0))
     report = caption_adherence(images, captions)
     print(f"guidance {scale}: " + ", ".join(f"{k} {v:.0%}" for k, v in report.items() if isinstance(v, float)))
+
+# %% [markdown]
+# With the notebook's short training, colour is learned first; shape and position need longer.
+# The full preset (`python train.py experiment=shapes_text2img`, 1,200 steps, 18.5 min on this
+# CPU) reaches 97 % adherence at guidance 1 and 100 % at guidance 2 on held-out colour-shape
+# pairs (README, "Text to image"); `experiments/scripts/guidance_sweep.py` measures it.
