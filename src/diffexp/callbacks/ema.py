@@ -43,7 +43,7 @@ class EMA(Callback):
         if self.ema_state is None:
             self.ema_state = {k: v.detach().clone() for k, v in tracked.items()}
         else:  # restored from a checkpoint
-            self.ema_state = {k: v.to(tracked[k].device) for k, v in self.ema_state.items()}
+            self.ema_state = {k: v.to(tracked[k].device) for k, v in self.ema_state.items() if k in tracked}
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
