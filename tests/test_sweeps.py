@@ -192,3 +192,17 @@ def test_each_rank_and_step_draws_its_own_noise():
     assert len({tuple(v.tolist()) for v in draws.values()}) == 4
     model._trainer = SimpleNamespace(global_step=1, global_rank=1)
     assert torch.equal(torch.randn(4, generator=model.step_generator()), draws[1, 1])
+
+
+def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
+    import yaml
+
+    sweep_dir = tmp_path / "optuna"
+    train_cli(["hparams_search=digits_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+               *SHRINK, "callbacks.fid.every_n_steps=4", "callbacks.fid.num_samples=16", "callbacks.fid.batch_size=16",
+               "callbacks.sample_grid.every_n_steps=4", "callbacks.denoising_grid.every_n_steps=4",
+               "paths.latest_link=null", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"model.optimizer.lr", "callbacks.ema.decay", "model.min_snr_gamma"}
+    assert results["best_value"] > 0  # the FID the best trial's train.py returned
+    assert (sweep_dir / "0" / "checkpoints" / "last.ckpt").is_file() and (sweep_dir / "1").is_dir()
