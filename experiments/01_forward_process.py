@@ -26,20 +26,17 @@
 # Set `DIFFEXP_NOTEBOOK_MODE=ci` for the quick settings CI uses.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Image, display
 
+from diffexp.course import notebook_settings
 from diffexp.data.digits import load_digits_tensor
 from diffexp.schedules import get_schedule
 from diffexp.viz.animation import save_animation
 from diffexp.viz.forward import forward_animation_frames, forward_grid_figure, histogram_figure, noised
 
-FAST = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course") == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
+FAST, _, FIGURES = notebook_settings()
 images, labels = load_digits_tensor(32)
 x0 = images[0]
 print("image", tuple(x0.shape), "label", int(labels[0]), "values in", (x0.min().item(), x0.max().item()))
@@ -71,7 +68,7 @@ print(f"x_T of a blank image: mean {last.mean():.3f}, std {last.std():.3f} (N(0,
 
 # %%
 frames = forward_animation_frames(x0, ["linear", "quadratic", "cosine"], num_frames=12 if FAST else 30, scale=3)
-path = save_animation(frames, os.path.join(FIGURES, "01_forward_process.gif"), fps=8)
+path = save_animation(frames, FIGURES / "01_forward_process.gif", fps=8)
 display(Image(filename=str(path)))
 
 # %% [markdown]

@@ -20,27 +20,22 @@
 # The code is `diffexp/schedules.py`; the config group is `schedule=linear|quadratic|cosine|sigmoid`.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
 
-from diffexp.course import load, metrics_csv, train
+from diffexp.compare import read_metrics
+from diffexp.course import load, notebook_settings, train
 from diffexp.metrics.evaluate import evaluate
 from diffexp.samplers import DDIMSampler
 from diffexp.sample import draw_samples
 from diffexp.viz.images import make_grid
 from diffexp.viz.schedules import schedules_figure
 
-MODE = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
-FAST = MODE == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
-RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
+FAST, RUNS, FIGURES = notebook_settings()
 
 # %%
 fig = schedules_figure(["linear", "quadratic", "cosine", "sigmoid"], zero_terminal_snr=["linear"])
-fig.savefig(os.path.join(FIGURES, "02_schedules.png"), dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "02_schedules.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
@@ -58,17 +53,14 @@ plt.show()
 steps = 30 if FAST else 300
 results = {}
 for name in ["linear", "quadratic", "cosine"]:
-    run_dir = os.path.join(RUNS, f"schedule_{name}")
-    ckpt = train(["experiment=quickstart", f"schedule={name}", f"trainer.max_steps={steps}",
-                  f"trainer.val_check_interval={steps}", f"callbacks.sample_grid.every_n_steps={steps}",
-                  f"callbacks.denoising_grid.every_n_steps={steps}",
-                  f"callbacks.model_checkpoint.every_n_train_steps={steps}"], run_dir)
+    run_dir = RUNS / f"schedule_{name}"
+    ckpt = train(["experiment=quickstart", f"schedule={name}"], run_dir, steps=steps)
     model, cfg = load(ckpt)
     n = 64 if FAST else 256
     images = draw_samples(model, n, DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type,
                                                 progress=False), seed=0, batch_size=256, progress=False)
     scores = evaluate(["fid_digits", "digits_classifier"], images, train_cfg=cfg)
-    results[name] = {"run": run_dir, "images": images, "losses": metrics_csv(run_dir)["train/loss"],
+    results[name] = {"run": run_dir, "images": images, "losses": read_metrics(run_dir)["train/loss"],
                      "fid_digits": scores["fid_digits"]["value"],
                      "recognised": scores["digits_classifier"]["confident_fraction"]}
 

@@ -24,22 +24,19 @@
 # the same number, and finally hand the loop to Lightning.
 
 # %%
-import os
-
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F
 
+from diffexp.course import notebook_settings
 from diffexp.data import DigitsDataModule
 from diffexp.diffusion import q_sample
 from diffexp.lit.pixel import PixelDiffusion
 from diffexp.nets import UNet
 from diffexp.schedules import get_schedule
 
-FAST = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course") == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
+FAST, _, FIGURES = notebook_settings()
 torch.manual_seed(0)
 data = DigitsDataModule(image_size=16, batch_size=64)
 data.setup("fit")
@@ -95,7 +92,7 @@ for step in range(steps):
 plt.figure(figsize=(5, 3))
 plt.plot(losses)
 plt.xlabel("step"), plt.ylabel("MSE on epsilon")
-plt.savefig(os.path.join(FIGURES, "03_training_loss.png"), dpi=80, bbox_inches="tight")
+plt.savefig(FIGURES / "03_training_loss.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]

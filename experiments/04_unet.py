@@ -22,26 +22,15 @@
 # cross-attention. Code: `diffexp/nets/unet.py` and `layers.py`; sizes: `conf/unet/{tiny,small,base}.yaml`.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
-from hydra.utils import instantiate
 from IPython.display import Markdown, display
-from omegaconf import OmegaConf
 
-from diffexp.course import CONF_DIR
+from diffexp.course import notebook_settings, unet_preset
 from diffexp.nets.layers import timestep_embedding
 from diffexp.viz.unet import layer_table_markdown, unet_diagram
 
-
-def preset(name, image_size=16, channels=1, context_dim=None):
-    cfg = OmegaConf.load(CONF_DIR / "unet" / f"{name}.yaml")
-    cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, channels, context_dim
-    return instantiate(cfg)
-
-
-net = preset("tiny")
+net = unet_preset("tiny", image_size=16, in_channels=1)
 display(Markdown(layer_table_markdown(net)))
 
 # %% [markdown]
@@ -49,10 +38,9 @@ display(Markdown(layer_table_markdown(net)))
 # outputs saved for the up path, "pop" the blocks that concatenate one. The diagram draws the U:
 
 # %%
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
+_, _, FIGURES = notebook_settings()
 fig = unet_diagram(net)
-fig.savefig(os.path.join(FIGURES, "04_unet.png"), dpi=70, bbox_inches="tight")
+fig.savefig(FIGURES / "04_unet.png", dpi=70, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
@@ -77,7 +65,7 @@ plt.show()
 # %%
 for name in ["tiny", "small", "base"]:
     for ctx in (None, 64):
-        n = sum(p.numel() for p in preset(name, 32, 3, ctx).parameters())
+        n = sum(p.numel() for p in unet_preset(name, 32, 3, ctx).parameters())
         print(f"{name:5s} context_dim={str(ctx):4s} {n / 1e6:6.2f} M parameters")
 
 # %% [markdown]
@@ -85,4 +73,4 @@ for name in ["tiny", "small", "base"]:
 # cross-attention to the caption tokens, feed-forward); the table shows where text enters:
 
 # %%
-display(Markdown(layer_table_markdown(preset("tiny", 16, 1, context_dim=64))))
+display(Markdown(layer_table_markdown(unet_preset("tiny", 16, 1, context_dim=64))))

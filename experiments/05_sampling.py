@@ -22,28 +22,21 @@
 # We train a digits model here (the quickstart preset, shortened).
 
 # %%
-import os
 import time
 
 import matplotlib.pyplot as plt
 import torch
 
-from diffexp.course import load, train
+from diffexp.course import load, notebook_settings, train
 from diffexp.diffusion import prediction_to_x0_eps
 from diffexp.metrics.evaluate import evaluate
 from diffexp.sample import draw_samples
 from diffexp.samplers import DDIMSampler, DDPMSampler
 from diffexp.viz.reverse import quality_vs_steps_figure, trajectories, trajectory_figure
 
-MODE = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
-FAST = MODE == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
-RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
+FAST, RUNS, FIGURES = notebook_settings()
 steps = 30 if FAST else 600
-ckpt = train(["experiment=quickstart", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-              f"callbacks.sample_grid.every_n_steps={steps}", f"callbacks.denoising_grid.every_n_steps={steps}",
-              f"callbacks.model_checkpoint.every_n_train_steps={steps}"], os.path.join(RUNS, "digits"))
+ckpt = train(["experiment=quickstart"], RUNS / "digits", steps=steps)
 model, cfg = load(ckpt)
 kw = dict(prediction_type=model.prediction_type, progress=False)
 
@@ -59,7 +52,7 @@ samplers = {f"DDPM-{ddpm_steps}": DDPMSampler(model.schedule, steps=ddpm_steps, 
             "DDIM-50": DDIMSampler(model.schedule, steps=50, **kw)}
 trajs = trajectories(model, samplers, n=2, seed=1)
 fig = trajectory_figure(trajs, frames=8)
-fig.savefig(os.path.join(FIGURES, "05_ddpm_vs_ddim.png"), dpi=70, bbox_inches="tight")
+fig.savefig(FIGURES / "05_ddpm_vs_ddim.png", dpi=70, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]

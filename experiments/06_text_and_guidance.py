@@ -26,26 +26,18 @@
 # colour-shape pairs never appear in training, to test composition.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
 
-from diffexp.course import load, train
+from diffexp.course import load, notebook_settings, train
 from diffexp.metrics.adherence import caption_adherence
 from diffexp.samplers import DDIMSampler
 from diffexp.viz.guidance import guidance_figure, guidance_samples
 
-MODE = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
-FAST = MODE == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
-RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
+FAST, RUNS, FIGURES = notebook_settings()
 steps = 20 if FAST else 300
-ckpt = train(["experiment=shapes_text2img", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-              f"callbacks.sample_grid.every_n_steps={steps}", f"callbacks.denoising_grid.every_n_steps={steps}",
-              f"callbacks.model_checkpoint.every_n_train_steps={steps}"] + (["data.num_train=512"] if FAST else []),
-             os.path.join(RUNS, "shapes_text"))
+ckpt = train(["experiment=shapes_text2img"] + (["data.num_train=512"] if FAST else []), RUNS / "shapes_text",
+             steps=steps)
 model, cfg = load(ckpt)
 sampler = DDIMSampler(model.schedule, steps=10 if FAST else 20, prediction_type=model.prediction_type, progress=False)
 print("text encoder:", type(model.text_encoder).__name__, "width", model.text_encoder.dim)
@@ -65,7 +57,7 @@ print("tokens", tuple(embedding.tokens.shape), "mask", embedding.mask.int().toli
 prompt = "a large blue square in the center"
 samples = guidance_samples(model, prompt, scales=(0.0, 1.0, 2.0, 4.0, 7.5), n=3, seed=0, sampler=sampler)
 fig = guidance_figure(samples, prompt)
-fig.savefig(os.path.join(FIGURES, "06_guidance.png"), dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "06_guidance.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]

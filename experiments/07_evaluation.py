@@ -26,19 +26,16 @@
 # the dataset itself (`fid_digits`, `kid_digits`): comparable within this project, not with papers.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
 
+from diffexp.course import notebook_settings
 from diffexp.data import DigitsDataModule
 from diffexp.metrics.domain import load_domain_classifier
 from diffexp.metrics.features import extract_features
 from diffexp.metrics.scores import classifier_report, frechet_distance, inception_score, kernel_distance
 
-FAST = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course") == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
+FAST, _, FIGURES = notebook_settings()
 data = DigitsDataModule(image_size=16)
 data.setup("fit")
 real = torch.stack([data.train_set[i]["image"] for i in range(len(data.train_set))])
@@ -85,7 +82,7 @@ ax.plot(sizes, fid_by_n, marker="o", label="FID (real subset vs all real)")
 ax.plot(sizes, [k * 100 for k in kid_by_n], marker="s", label="KID x 100")
 ax.axhline(0, color="gray", lw=0.5)
 ax.set_xscale("log"), ax.set_xlabel("N samples"), ax.legend()
-fig.savefig(os.path.join(FIGURES, "07_fid_bias.png"), dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "07_fid_bias.png", dpi=80, bbox_inches="tight")
 plt.show()
 for n, f in zip(sizes, fid_by_n):
     print(f"N={n:4d}: FID of real vs real = {f:.3f}")

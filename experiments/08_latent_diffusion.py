@@ -23,25 +23,19 @@
 # trained in this notebook; then a diffusion model on its latents.
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import torch
 from omegaconf import OmegaConf
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffexp.config import instantiate
-from diffexp.course import load, train
+from diffexp.course import load, notebook_settings, train
 from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
 from diffexp.lit.vae import load_autoencoder
 from diffexp.samplers import DDIMSampler
 from diffexp.viz.images import make_grid
 
-MODE = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
-FAST = MODE == "ci"
-FIGURES = os.environ.get("DIFFEXP_FIGURES", "figures")
-os.makedirs(FIGURES, exist_ok=True)
-RUNS = os.path.join(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs"), MODE)
+FAST, RUNS, FIGURES = notebook_settings()
 small_data = ["data.num_train=512", "data.num_val=64"] if FAST else ["data.num_train=4000"]
 
 # %% [markdown]
@@ -52,10 +46,7 @@ small_data = ["data.num_train=512", "data.num_val=64"] if FAST else ["data.num_t
 
 # %%
 vae_steps = 20 if FAST else 400
-vae_ckpt = train(["experiment=shapes_vae", f"trainer.max_steps={vae_steps}",
-                  f"trainer.val_check_interval={vae_steps}",
-                  f"callbacks.model_checkpoint.every_n_train_steps={vae_steps}"] + small_data,
-                 os.path.join(RUNS, "vae"))
+vae_ckpt = train(["experiment=shapes_vae"] + small_data, RUNS / "vae", steps=vae_steps)
 vae = load_autoencoder(vae_ckpt)
 data = instantiate(OmegaConf.create(read_checkpoint(vae_ckpt)[CONFIG_KEY]).data)
 data.setup("fit")
@@ -69,7 +60,7 @@ plt.figure(figsize=(12, 2))
 plt.imshow(make_grid(torch.cat([x, recon]), nrow=16))
 plt.title("top: held-out images, bottom: reconstructions")
 plt.axis("off")
-plt.savefig(os.path.join(FIGURES, "08_reconstructions.png"), dpi=80, bbox_inches="tight")
+plt.savefig(FIGURES / "08_reconstructions.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
@@ -96,11 +87,8 @@ print(f"scale factor 1/std = {scale:.4f}")
 
 # %%
 ldm_steps = 20 if FAST else 600
-ldm_ckpt = train(["experiment=shapes_latent", f"vae.ckpt={vae_ckpt}", f"trainer.max_steps={ldm_steps}",
-                  f"trainer.val_check_interval={ldm_steps}", f"callbacks.sample_grid.every_n_steps={ldm_steps}",
-                  f"callbacks.denoising_grid.every_n_steps={ldm_steps}",
-                  f"callbacks.model_checkpoint.every_n_train_steps={ldm_steps}"] + small_data,
-                 os.path.join(RUNS, "latent"))
+ldm_ckpt = train(["experiment=shapes_latent", f"vae.ckpt={vae_ckpt}"] + small_data, RUNS / "latent",
+                 steps=ldm_steps)
 model, cfg = load(ldm_ckpt)
 print("U-Net input", model.sample_shape, "stored scale", round(model.latent_scale.item(), 4))
 sampler = DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type, progress=False)

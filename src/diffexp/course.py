@@ -41,8 +41,30 @@ def compose(overrides: list[str], output_dir: str | Path, config_name: str = "tr
     return cfg
 
 
-def train(overrides: list[str], output_dir: str | Path, reuse: bool = True) -> Path:
-    """Train as ``python train.py OVERRIDES`` would (CPU, quiet) and return the last checkpoint.
+def notebook_settings() -> tuple[bool, Path, Path]:
+    """(fast, runs_dir, figures_dir) for a course notebook: ``DIFFEXP_NOTEBOOK_MODE=ci`` selects the quick
+    settings; runs go to ``$DIFFEXP_NOTEBOOK_RUNS/<mode>`` (default runs/), figures to ``$DIFFEXP_FIGURES``
+    (default figures/, created)."""
+    mode = os.environ.get("DIFFEXP_NOTEBOOK_MODE", "course")
+    figures = Path(os.environ.get("DIFFEXP_FIGURES", "figures"))
+    figures.mkdir(parents=True, exist_ok=True)
+    return mode == "ci", Path(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs")) / mode, figures
+
+
+def shorten(cfg: DictConfig, steps: int) -> None:
+    """Make ``cfg`` a ``steps``-step run: training length, validation, checkpoints and every periodic
+    callback (``every_n_steps``) fire at ``steps``."""
+    with open_dict(cfg):
+        cfg.trainer.max_steps = cfg.trainer.val_check_interval = steps
+        for callback in (cfg.get("callbacks") or {}).values():
+            for key in ("every_n_steps", "every_n_train_steps"):
+                if isinstance(callback, DictConfig) and key in callback:
+                    callback[key] = steps
+
+
+def train(overrides: list[str], output_dir: str | Path, steps: int | None = None, reuse: bool = True) -> Path:
+    """Train as ``python train.py OVERRIDES`` would (CPU, quiet) and return the last checkpoint;
+    ``steps`` shortens the run (:func:`shorten`).
 
     With ``reuse`` an existing ``output_dir/checkpoints/last.ckpt`` is returned without training again.
     """
@@ -51,8 +73,24 @@ def train(overrides: list[str], output_dir: str | Path, reuse: bool = True) -> P
     ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
     if reuse and ckpt.is_file():
         return ckpt
-    run(compose(NOTEBOOK_TRAINER + list(overrides), output_dir))
+    cfg = compose(NOTEBOOK_TRAINER + list(overrides), output_dir)
+    if steps is not None:
+        shorten(cfg, steps)
+    run(cfg)
     return ckpt
+
+
+def unet_preset(name: str, image_size: int, in_channels: int, context_dim: int | None = None):
+    """The U-Net of ``conf/unet/<name>.yaml`` at the given size (a clear error for unknown presets)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "unet" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unet preset {name!r} does not exist; choose from {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
+    cfg = OmegaConf.load(path)
+    cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, in_channels, context_dim
+    return instantiate(cfg)
 
 
 def load(ckpt: str | Path, use_ema: bool = True):
@@ -60,10 +98,3 @@ def load(ckpt: str | Path, use_ema: bool = True):
     from diffexp.sample import load_model
 
     return load_model(ckpt, use_ema=use_ema)
-
-
-def metrics_csv(output_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """The CSV logger's metrics of a run: column -> [(step, value), ...]."""
-    from diffexp.compare import read_metrics
-
-    return read_metrics(Path(output_dir))

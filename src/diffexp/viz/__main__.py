@@ -20,9 +20,6 @@ matplotlib.use("Agg")
 
 from diffexp.schedules import SCHEDULES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
 def builtin_image(size: int | None):
     """The first handwritten digit of scikit-learn's bundled set (offline), in [-1, 1]."""
     from diffexp.data.digits import load_digits_tensor
@@ -76,18 +73,10 @@ def cmd_schedules(args) -> Path:
 
 
 def cmd_unet(args) -> Path:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+    from diffexp.course import unet_preset
     from diffexp.viz.unet import layer_table_markdown, unet_diagram
 
-    preset = ROOT / "conf" / "unet" / f"{args.preset}.yaml"
-    if not preset.is_file():
-        choices = sorted(p.stem for p in preset.parent.glob("*.yaml"))
-        raise SystemExit(f"error: --preset {args.preset!r} is not a unet preset; choose from {choices}")
-    cfg = OmegaConf.load(preset)
-    cfg.image_size, cfg.in_channels, cfg.context_dim = args.image_size, args.channels, args.context_dim
-    net = instantiate(cfg)
+    net = unet_preset(args.preset, args.image_size, args.channels, args.context_dim)
     if args.table:
         Path(args.table).write_text(layer_table_markdown(net) + "\n")
     save_figure(unet_diagram(net), Path(args.out))
