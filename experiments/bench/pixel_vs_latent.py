@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def prepare(args):
     batches = []
     for batch in datamodule.train_dataloader():
         batch = {"image": batch["image"].to(device)}
-        batch["latent"] = latent.autoencoder.encode(batch["image"], 1.0)  # what the latent cache holds
+        with torch.no_grad():
+            batch["latent"] = latent.autoencoder.encode_raw(batch["image"])  # what the latent cache holds
         batches.append(batch)
     phases = {
         "pixel_train": lambda: train_rate(pixel, batches, args.train_steps, device, False),
@@ -145,7 +147,6 @@ def prepare(args):
 
 def peak_in_fresh_process(phase: str, argv: list[str]) -> float:
     import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, __file__, *argv, "--phase", phase], check=True, capture_output=True,
                          text=True).stdout
@@ -153,8 +154,6 @@ def peak_in_fresh_process(phase: str, argv: list[str]) -> float:
 
 
 def main() -> None:
-    import sys
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-ckpt", default=None, help="a shapes_vae checkpoint (default: random weights)")
     parser.add_argument("--batch", type=int, default=64)
@@ -176,8 +175,7 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved, so drifts in machine load hit every phase alike
         for key, phase in phases.items():
             speed[key].append(phase())
-    argv = [a for a in sys.argv[1:]]
-    result = {k: {"images_per_s": statistics.median(v), "peak_mib": peak_in_fresh_process(k, argv)}
+    result = {k: {"images_per_s": statistics.median(v), "peak_mib": peak_in_fresh_process(k, sys.argv[1:])}
               for k, v in speed.items()}
 
     def ratio(a, b, field):

@@ -34,12 +34,16 @@ class FrozenAutoencoder(Frozen):
     def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def to_diffusion(raw: torch.Tensor, scale, shift=0.0) -> torch.Tensor:
+        """z = (latent - shift) * scale: raw latents to the space diffusion runs in."""
+        return (raw - shift) * scale
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, scale: float | torch.Tensor, shift: float | torch.Tensor = 0.0,
                batch_size: int = 256) -> torch.Tensor:
-        """Diffusion latents z = (encode_raw(x) - shift) * scale, in batches of ``batch_size``."""
-        raw = torch.cat([self.encode_raw(chunk) for chunk in images.split(batch_size)])
-        return (raw - shift) * scale
+        """Diffusion latents :meth:`to_diffusion` (encode_raw(x)), in batches of ``batch_size``."""
+        return self.to_diffusion(torch.cat([self.encode_raw(chunk) for chunk in images.split(batch_size)]), scale, shift)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, scale: float | torch.Tensor, shift: float | torch.Tensor = 0.0,

@@ -52,5 +52,5 @@ def build_model(cfg):
         if "unexpected keyword argument" not in str(e):
             raise
         raise TypeError(f"model={cfg.model._target_}: {e}. The composed model config holds an option this model does "
-                        f"not take, often set by the experiment preset (experiment={cfg.get('experiment_name', '...')}); "
-                        f"model=vae goes with experiment=shapes_vae") from None
+                        f"not take, often set by the experiment preset (the default, quickstart, configures pixel "
+                        f"diffusion); model=vae goes with experiment=shapes_vae") from None

@@ -65,9 +65,10 @@ class LatentDiffusion(PixelDiffusion):
         return self.autoencoder.decode(z, self._scale(), self.latent_shift)
 
     def diffusion_input(self, batch: dict) -> torch.Tensor:
+        # training only: on_fit_start has set the scale, so no NaN check (a host sync) per step
         if "latent" in batch:  # pre-encoded (raw) latents
-            return (batch["latent"] - self.latent_shift) * self._scale()
-        return self.to_model_space(batch["image"])
+            return self.autoencoder.to_diffusion(batch["latent"], self.latent_scale, self.latent_shift)
+        return self.autoencoder.encode(batch["image"], self.latent_scale, self.latent_shift)
 
     @torch.no_grad()
     def estimate_scale(self, dataset) -> float:
@@ -98,7 +99,6 @@ class LatentDiffusion(PixelDiffusion):
             return
         from diffexp.data.latents import LatentDataset, encode_dataset
 
-        datamodule.setup("fit")
         device = self.trainer.strategy.root_device
         self.autoencoder.to(device)
         for split in ("train_set", "val_set"):
@@ -108,8 +108,7 @@ class LatentDiffusion(PixelDiffusion):
 
     def on_fit_start(self) -> None:
         """Estimate the latent scale once: a value restored from a checkpoint is kept."""
-        if torch.isnan(self.latent_scale):
-            self.trainer.datamodule.setup("fit")
+        if torch.isnan(self.latent_scale):  # the datamodule is set up by now (Lightning runs its setup first)
             self.latent_scale.fill_(self.estimate_scale(self.trainer.datamodule.train_set))
             self.print(f"[diffexp] latent scale factor 1/std = {self.latent_scale.item():.5f} "
                        f"(from {min(self.scale_estimate_images, len(self.trainer.datamodule.train_set))} images)")

@@ -31,18 +31,16 @@ def forward_grid_figure(image: torch.Tensor, schedules=("linear", "cosine"), tim
     """A figure: one row per schedule, x_t at each of ``timesteps`` (shown clamped to [-1, 1])."""
     import matplotlib.pyplot as plt
 
-    from diffexp.viz.images import to_unit
+    from diffexp.viz.images import show_image
 
     schedules = [as_schedule(s) for s in schedules]
     fig, axes = plt.subplots(len(schedules), len(timesteps), figsize=(1.6 * len(timesteps), 1.8 * len(schedules)),
                              squeeze=False)
     for row, schedule in enumerate(schedules):
-        frames = to_unit(noised(image, schedule, timesteps, seed))
+        frames = noised(image, schedule, timesteps, seed)
         for col, t in enumerate(timesteps):
             ax = axes[row, col]
-            frame = frames[col].permute(1, 2, 0).numpy()
-            ax.imshow(frame[..., 0] if frame.shape[-1] == 1 else frame, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
+            show_image(ax, frames[col])
             if row == 0:
                 ax.set_title(f"t = {t}", fontsize=9)
             if col == 0:

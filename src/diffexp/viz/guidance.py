@@ -18,16 +18,14 @@ def guidance_figure(samples: dict[float, torch.Tensor], prompt: str = ""):
     """Columns = guidance scales, rows = samples (same noise across a row)."""
     import matplotlib.pyplot as plt
 
-    from diffexp.viz.images import to_unit
+    from diffexp.viz.images import show_image
 
     scales = list(samples)
     n = len(next(iter(samples.values())))
     fig, axes = plt.subplots(n, len(scales), figsize=(1.5 * len(scales), 1.5 * n + 0.4), squeeze=False)
     for c, s in enumerate(scales):
         for r in range(n):
-            img = to_unit(samples[s][r].cpu()).permute(1, 2, 0).numpy()
-            axes[r, c].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            show_image(axes[r, c], samples[s][r])
         axes[0, c].set_title(f"w = {s:g}", fontsize=9)
     fig.suptitle(f'"{prompt}"' if prompt else "", fontsize=10)
     fig.tight_layout()

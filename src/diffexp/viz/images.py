@@ -24,6 +24,14 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def show_image(ax, image: torch.Tensor) -> None:
+    """Draw one [-1, 1] image (C, H, W) on a matplotlib axis, grayscale or RGB, without ticks."""
+    array = to_unit(image.cpu()).permute(1, 2, 0).numpy()
+    ax.imshow(array[..., 0] if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> np.ndarray:
     """Tile [-1, 1] images into one uint8 H x W (x 3) array, ``nrow`` images per row (default: square)."""
     from torchvision.utils import make_grid as tv_make_grid

@@ -27,7 +27,7 @@ def trajectory_figure(trajs: dict[str, Trajectory], frames: int = 8, index: int 
     for sample ``index`` of each trajectory; the last column is the final sample."""
     import matplotlib.pyplot as plt
 
-    from diffexp.viz.images import to_unit
+    from diffexp.viz.images import show_image
 
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
@@ -42,9 +42,7 @@ def trajectory_figure(trajs: dict[str, Trajectory], frames: int = 8, index: int 
         final = list(trajs.values())[r // (2 if show_x0 else 1)].sample[index]
         for c, (image, t) in enumerate(zip(images + [final], ts + [None])):
             ax = axes[r, c]
-            img = to_unit(image.cpu()).permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
+            show_image(ax, image)
             ax.set_title("sample" if t is None else f"t={t}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
