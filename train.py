@@ -1,6 +1,10 @@
 """Train a diffusion model: `python train.py [experiment=quickstart] [group=option ...] [key=value ...]`."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from diffexp.distributed import secondary_process_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -11,4 +15,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    sys.argv += secondary_process_overrides(sys.argv[1:])  # only rank 0 of a multi-node job makes a run dir
     main()

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# settings that make any training config finish in seconds on a CPU
+# settings that make any training config finish in seconds on a CPU: the one list a test of a README
+# command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)
 SHRINK = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
@@ -35,7 +41,67 @@ SHRINK = [
     "callbacks.model_checkpoint.every_n_train_steps=2",
     "sampler.steps=3",
     "sampler.progress=false",
+    "++callbacks.fid.every_n_steps=4",
+    "++callbacks.fid.num_samples=16",
+    "++callbacks.fid.batch_size=16",
 ]
+
+README = ROOT / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """Every shell command in the README's ```bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        pending = ""
+        for line in block.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).rstrip() if not line.lstrip().startswith("#") else ""
+            if line.endswith("\\"):
+                pending += line[:-1].strip() + " "
+                continue
+            line = (pending + line.strip()).strip()
+            pending = ""
+            if line:
+                commands.append(line)
+    return commands
+
+
+def readme_command(command: str) -> str:
+    """``command``, checked to stand in the README exactly so: a test copies a README command verbatim and
+    fails when the README changes it, so tests cannot drift from what users read."""
+    assert command in readme_commands(), f"the README no longer has the command {command!r}"
+    return command
+
+
+def user_env(workdir: Path, **extra: str) -> dict:
+    """The environment of a user's shell: offline W&B and hub, a private cache under ``workdir``."""
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DIFFEXP_CACHE": str(workdir / ".cache"),
+            **extra}
+
+
+def run_as_typed(command: str, workdir: Path, shrink: bool = True, timeout: float = 900,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a README command as a user types it, from ``workdir``, with only SHRINK appended (``shrink``).
+    ``python`` is this interpreter; the installed diffexp package is the one under test."""
+    args = shlex.split(command)
+    assert args[0] == "python", command
+    args = [sys.executable, *args[1:], *(SHRINK if shrink else [])]
+    result = subprocess.run(args, cwd=workdir, env=env or user_env(workdir), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture
+def fresh_workdir(tmp_path) -> Path:
+    """A new directory laid out like a checkout's top level (train.py, sample.py, conf/), to run README
+    commands from as a user would, with nothing from earlier runs."""
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    for name in ("train.py", "sample.py"):
+        shutil.copy(ROOT / name, workdir / name)
+    shutil.copytree(ROOT / "conf", workdir / "conf")
+    return workdir
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:

@@ -58,6 +58,7 @@ def test_denoising_grids(tiny_checkpoint):
         DenoisingGrid(timesteps=(1000,)).forward_grid(model, images)
 
 
+@pytest.mark.slow
 def test_training_with_wandb_offline_fid_and_images(tmp_path):
     """A tiny run with W&B (offline, not logged in), CSV and TensorBoard at once, and the FID callback."""
     run_dir = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_training_with_wandb_offline_fid_and_images(tmp_path):
     assert len(list((tmp_path / "cache").glob("digits-train-16px-1ch-digits-*.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_fid_equals_single_process(tmp_path):
     """2 CPU processes (gloo): one checkpoint, synced metrics, FID equal to one process on the same samples."""
     from diffexp.callbacks.ema import ema_state_from_checkpoint

@@ -32,6 +32,7 @@ def test_there_are_eight_notebooks_each_committed_with_outputs():
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+@pytest.mark.slow
 def test_notebook_executes_in_ci_mode(source, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFEXP_NOTEBOOK_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("DIFFEXP_FIGURES", str(tmp_path / "figures"))

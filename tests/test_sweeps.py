@@ -44,6 +44,7 @@ def schedule_multirun(tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_multirun_writes_three_run_dirs_and_the_comparison_table(schedule_multirun, tmp_path):
     from diffexp.compare import compare
 
@@ -81,6 +82,7 @@ def test_compare_reports_a_missing_directory(tmp_path):
     assert result.returncode != 0 and "is not a directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_rerun_from_the_run_directory_reproduces_the_weights(schedule_multirun, tmp_path):
     job = schedule_multirun / "1"
     train_cli(["--config-dir", str(job / ".hydra"), "--config-name", "config", f"hydra.run.dir={tmp_path / 'rerun'}"],
@@ -92,17 +94,6 @@ def test_rerun_from_the_run_directory_reproduces_the_weights(schedule_multirun, 
     assert_same_tensors(original_ema, rerun_ema)
 
 
-def test_joblib_launcher_runs_two_jobs(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = train_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", *SHRINK,
-                        "trainer.max_steps=2", "paths.latest_link=null", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
-    assert "Joblib" in result.stdout + result.stderr
-    for job in ("0", "1"):
-        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
-    seeds = [json.loads((sweep_dir / j / "run_info.json").read_text())["seed"] for j in ("0", "1")]
-    assert sorted(seeds) == [1, 2]
-
-
 def test_slurm_launcher_and_optuna_sweeper_configs_compose(tmp_path):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -112,7 +103,8 @@ def test_slurm_launcher_and_optuna_sweeper_configs_compose(tmp_path):
         slurm = hydra_compose("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"],
                               return_hydra_config=True)
         optuna = hydra_compose("train", ["hparams_search=digits_optuna"], return_hydra_config=True)
-    assert "SlurmLauncher" in slurm.hydra.launcher._target_ and slurm.hydra.launcher.nodes == 2
+    assert slurm.hydra.launcher._target_ == "hydra_plugins.diffexp_slurm.launcher.SlurmLauncher"
+    assert slurm.hydra.launcher.nodes is None  # null: follows trainer.num_nodes when the sweep is launched
     assert slurm.trainer.strategy == "ddp" and slurm.trainer.num_nodes == 2
     assert "Optuna" in optuna.hydra.sweeper._target_ and optuna.hydra.sweeper.direction == "minimize"
     assert set(optuna.hydra.sweeper.params) == {"model.optimizer.lr", "callbacks.ema.decay", "model.min_snr_gamma"}
@@ -187,17 +179,3 @@ def test_each_rank_and_step_draws_its_own_noise():
     assert len({tuple(v.tolist()) for v in draws.values()}) == 4
     model._trainer = SimpleNamespace(global_step=1, global_rank=1)
     assert torch.equal(torch.randn(4, generator=model.step_generator()), draws[1, 1])
-
-
-def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
-    import yaml
-
-    sweep_dir = tmp_path / "optuna"
-    train_cli(["hparams_search=digits_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
-               *SHRINK, "callbacks.fid.every_n_steps=4", "callbacks.fid.num_samples=16", "callbacks.fid.batch_size=16",
-               "callbacks.sample_grid.every_n_steps=4", "callbacks.denoising_grid.every_n_steps=4",
-               "paths.latest_link=null", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
-    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert set(results["best_params"]) == {"model.optimizer.lr", "callbacks.ema.decay", "model.min_snr_gamma"}
-    assert results["best_value"] > 0  # the FID the best trial's train.py returned
-    assert (sweep_dir / "0" / "checkpoints" / "last.ckpt").is_file() and (sweep_dir / "1").is_dir()

@@ -35,6 +35,7 @@ def test_training_run_writes_everything(tiny_checkpoint):
     assert info["seed"] == 42 and "torch" in info["packages"]
 
 
+@pytest.mark.slow
 def test_sample_script_from_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "samples"
     args = [f"ckpt={tiny_checkpoint}", "n=6", "sampler.steps=3", f"out={out}", "progress=false", "seed=0",
@@ -50,6 +51,7 @@ def test_sample_script_from_checkpoint(tiny_checkpoint, tmp_path):
     assert np.array_equal(np.load(out / "samples.npz")["images"], images)
 
 
+@pytest.mark.slow
 def test_sample_ddpm_and_metrics_in_process(tiny_checkpoint, tmp_path, monkeypatch):
     from diffexp.sample import run
 
@@ -75,19 +77,6 @@ def test_same_noise_gives_same_samples(tiny_checkpoint):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_multirun_over_two_schedules(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_script("train.py", "-m", "schedule=linear,cosine", *SHRINK, "trainer.max_steps=2",
-                        f"hydra.sweep.dir={sweep}", f"paths.root_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    names = []
-    for job in ("0", "1"):
-        ckpt = sweep / job / "checkpoints" / "last.ckpt"
-        assert ckpt.is_file()
-        names.append(torch.load(ckpt, map_location="cpu", weights_only=False)[CONFIG_KEY]["schedule"]["name"])
-    assert names == ["linear", "cosine"]
-
-
 def test_unknown_schedule_is_rejected(tmp_path):
     with pytest.raises(ConfigCompositionException, match="schedule"):
         compose_config("train", ["schedule=exponential"], tmp_path)
@@ -110,6 +99,7 @@ def test_bad_train_overrides_fail_before_training(train_cfg, override, error, ma
         build(train_cfg(override))
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_for_sampling(tmp_path):
     result = run_script("sample.py", "ckpt=/no/such/model.ckpt", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "ckpt='/no/such/model.ckpt' does not exist" in result.stderr

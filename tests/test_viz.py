@@ -121,6 +121,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "diffexp.viz", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_files_and_rejects_bad_input(tmp_path):
     image_path = tmp_path / "in.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image_path)

@@ -32,11 +32,12 @@ def compose(overrides: list[str], output_dir: str | Path, config_name: str = "tr
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(root_dir or os.getcwd())
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
+        if root_dir is not None:
+            cfg.paths.root_dir = str(root_dir)
         del cfg.hydra
     return cfg
 

@@ -50,3 +50,11 @@ def write_run_info(run_dir: str | Path, seed: int | None, extra: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2))
     return path
+
+
+def update_run_info(run_dir: str | Path, fields: dict) -> Path:
+    """Add ``fields`` to RUN/run_info.json (written by :func:`write_run_info` when the run started)."""
+    path = Path(run_dir) / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**info, **fields}, indent=2))
+    return path

@@ -1,6 +1,7 @@
 """train.py's run(cfg): build data, model, callbacks, loggers, trainer; fit; return the swept metric."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import traceback
@@ -10,12 +11,13 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.config import build_model, instantiate
+from diffexp.distributed import launch_environment_restored, pin_ddp_children_to_this_job, set_rank_for_logging
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
-from diffexp.runinfo import write_run_info
+from diffexp.runinfo import update_run_info, write_run_info
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -67,6 +69,34 @@ def effective_batch(cfg: DictConfig, trainer) -> dict:
             "accumulate_grad_batches": accumulate, "effective_batch_size": per_device * trainer.world_size * accumulate}
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every state-dict entry's name and bytes (``repr`` for extra state such as a tokenizer's
+    vocabulary): equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        if torch.is_tensor(value):
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def check_replicas(module: torch.nn.Module) -> list[str]:
+    """The weights digest of every rank (one entry without a process group); raises if DDP replicas differ.
+
+    DDP keeps replicas identical by construction (same initial weights, all-reduced gradients, same optimizer
+    steps); a difference means something rank-dependent leaked into the update."""
+    digest = weights_digest(module)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [digest]
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas diverged: weight digests per rank {digests}")
+    return digests
+
+
 def update_latest_link(run_dir: Path, link: Path) -> None:
     """Point ``link`` (e.g. logs/train/latest) at the newest run directory, atomically."""
     try:
@@ -83,7 +113,9 @@ def update_latest_link(run_dir: Path, link: Path) -> None:
 def run(cfg: DictConfig) -> float | None:
     """Train as configured and return ``cfg.optimized_metric`` (for sweeps), or None if absent."""
     run_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    set_rank_for_logging(cfg.trainer.get("devices"))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    rank_zero_info(f"[diffexp] seed {cfg.seed}")
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, model, callbacks, loggers, trainer = build(cfg)
     scale = effective_batch(cfg, trainer)
@@ -93,7 +125,11 @@ def run(cfg: DictConfig) -> float | None:
         rank_zero_info(f"[diffexp] effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']}"
                        f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
     log_full_config(loggers, cfg, extra=scale)
+    pin_ddp_children_to_this_job()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    replicas = check_replicas(model)
+    if trainer.is_global_zero:
+        update_run_info(run_dir, {"replica_weight_digests": replicas})
     hint = wandb_sync_hint(loggers) if trainer.is_global_zero else None
     if hint:
         rank_zero_info(f"[diffexp] offline W&B run; upload it with: {hint}")
@@ -111,7 +147,8 @@ def run_safely(cfg: DictConfig) -> float | None:
     """
     run_dir = Path(cfg.paths.output_dir)
     try:
-        return run(cfg)
+        with launch_environment_restored():
+            return run(cfg)
     except Exception:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         if not multirun:
@@ -121,7 +158,10 @@ def run_safely(cfg: DictConfig) -> float | None:
         print(f"[diffexp] job failed; traceback in {run_dir / 'error.txt'}")
         return math.nan
     finally:
-        print(f"[diffexp] output dir: {run_dir.resolve()}")
+        if rank_zero_only.rank == 0:
+            print(f"[diffexp] output dir: {run_dir.resolve()}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next job of a sweep forms its own group
         try:
             import wandb
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# A single-node SLURM cluster on this machine, for trying and testing hydra/launcher=slurm.
+#
+#   sudo experiments/cluster/slurm_local.sh install   # Debian/Ubuntu: slurmctld slurmd slurm-client munge
+#   sudo experiments/cluster/slurm_local.sh start     # prints the `export SLURM_CONF=...` to use
+#   sudo experiments/cluster/slurm_local.sh status
+#   sudo experiments/cluster/slurm_local.sh stop      # stops the daemons by PID, keeps the logs
+#
+# Everything lives under $SLURM_LOCAL_DIR (default /tmp/diffexp-slurm): slurm.conf (sized from nproc and
+# free), a fresh munge key and socket, state, spool, logs and PID files. Nothing under /etc is changed.
+# The cluster has no accounting database (like many small clusters): `sacct` does not work on it.
+# Needs root: slurmd starts jobs as their user. `start` installs missing packages only when CI=true.
+set -euo pipefail
+
+DIR="${SLURM_LOCAL_DIR:-/tmp/diffexp-slurm}"
+CONF="$DIR/slurm.conf"
+PARTITION="${SLURM_LOCAL_PARTITION:-debug}"
+CTLD_PORT="${SLURM_LOCAL_CTLD_PORT:-6817}"
+SLURMD_PORT="${SLURM_LOCAL_SLURMD_PORT:-6818}"
+PACKAGES=(slurmctld slurmd slurm-client munge)
+
+die() { echo "slurm_local: $*" >&2; exit 1; }
+have_slurm() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+               && command -v munged >/dev/null; }
+
+install() {
+  [ "$(id -u)" = 0 ] || die "installing needs root (apt-get); run it with sudo"
+  command -v apt-get >/dev/null || die "no apt-get: install SLURM (slurmctld, slurmd, client) and munge yourself"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  have_slurm || die "apt-get installed ${PACKAGES[*]} but slurmctld/slurmd/sbatch/munged are still not on PATH"
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+write_conf() {
+  local host cpus mem_mb
+  host="$(hostname -s)"
+  cpus="$(nproc)"
+  mem_mb="$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')"
+  cat > "$CONF" <<EOF
+# written by experiments/cluster/slurm_local.sh: one node ($cpus CPUs, $mem_mb MB), partition $PARTITION
+ClusterName=diffexp-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$DIR/munge/munge.socket
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+EnforcePartLimits=ALL
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start() {
+  [ "$(id -u)" = 0 ] || die "starting the daemons needs root; run it with sudo"
+  if ! have_slurm; then
+    if [ "${CI:-}" = "true" ]; then install; else die "SLURM is not installed: run '$0 install' (apt-get, as root)"; fi
+  fi
+  if pid_alive "$DIR/slurmctld.pid"; then
+    echo "slurm_local: already running (SLURM_CONF=$CONF)"; return 0
+  fi
+  mkdir -p "$DIR"/{munge,state,spool,log}
+  chmod 700 "$DIR/munge"
+  dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+  chmod 400 "$DIR/munge/munge.key"
+  write_conf
+  munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
+         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
+  slurmctld -f "$CONF"
+  slurmd -f "$CONF"
+  export SLURM_CONF="$CONF"
+  for _ in $(seq 1 60); do   # the node reports idle about a second after slurmd starts
+    if sinfo -h -N -o "%t" 2>/dev/null | grep -qx "idle"; then
+      echo "slurm_local: up: $(sinfo -h -o '%P %D node(s), %c CPUs, %m MB')"
+      echo "export SLURM_CONF=$CONF"
+      return 0
+    fi
+    sleep 0.5
+  done
+  tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+  die "the node did not become idle within 30 s (logs above, in $DIR/log)"
+}
+
+stop() {
+  local pidfile
+  for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+    if pid_alive "$pidfile"; then
+      kill "$(cat "$pidfile")"
+      for _ in $(seq 1 50); do pid_alive "$pidfile" || break; sleep 0.2; done
+      pid_alive "$pidfile" && kill -9 "$(cat "$pidfile")"
+    fi
+    rm -f "$pidfile"
+  done
+  echo "slurm_local: stopped (logs kept in $DIR/log)"
+}
+
+status() {
+  pid_alive "$DIR/slurmctld.pid" || die "not running"
+  SLURM_CONF="$CONF" sinfo
+  echo "export SLURM_CONF=$CONF"
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 install|start|stop|status   (state in \$SLURM_LOCAL_DIR, default /tmp/diffexp-slurm)" >&2; exit 2 ;;
+esac

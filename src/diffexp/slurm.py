@@ -1,0 +1,201 @@
+"""SLURM sweeps: hydra-submitit-launcher's launcher, made safe to use on a real cluster.
+
+``conf/hydra/launcher/slurm.yaml`` targets ``hydra_plugins.diffexp_slurm.launcher.SlurmLauncher`` (Hydra
+loads launchers only from the ``hydra_plugins`` namespace), which adds, with the helpers below:
+
+- **resources that follow the job config**: ``nodes`` = ``trainer.num_nodes``; ``tasks_per_node`` =
+  ``trainer.devices`` (one process per device; with ``devices: -1`` the GPUs per node);
+  ``gpus_per_node`` = ``tasks_per_node`` on a GPU trainer; ``cpus_per_task`` = ``data.num_workers`` + 1.
+  Any of them set explicitly (``hydra.launcher.X=...``) wins.
+- **a pre-flight check** against the partition (``sinfo``): a request no node can ever satisfy (CPUs,
+  memory, GPUs, nodes, time) fails before submitting, naming the option, instead of pending forever;
+- **a job watcher that needs no accounting database**: submitit polls ``sacct``, which fails on clusters
+  without accounting, so a job that SLURM kills (time limit, ``scancel``, node failure) left the sweep
+  waiting forever. :class:`SqueueWatcher` reads ``squeue`` (and ``sacct`` only where it works), fails a job
+  with its state, and cancels a job pending for a reason that cannot clear (e.g. ``PartitionTimeLimit``).
+- **one run directory per job**: only task 0 of a multi-task job writes the job's ``.hydra/`` files.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+from omegaconf import DictConfig
+from submitit.core import logger as submitit_logging
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+# pending reasons that no amount of waiting clears (squeue's %r); the job is cancelled with the reason
+HOPELESS_PENDING = ("PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "BadConstraints",
+                    "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob",
+                    "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AssocMaxWallDurationPerJobLimit")
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def run_command(args: list[str]) -> str:
+    """stdout of a SLURM client command; a clear error if SLURM's commands are not installed."""
+    try:
+        return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+    except FileNotFoundError:
+        raise RuntimeError(f"`{args[0]}` not found: hydra/launcher=slurm submits from a machine with SLURM's client "
+                           f"commands (sbatch, squeue, sinfo) on PATH") from None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"`{' '.join(args)}` failed: {e.stderr.strip()}") from None
+
+
+def parse_minutes(limit: str) -> float:
+    """A SLURM time limit (``infinite``, ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in minutes."""
+    if limit in ("infinite", "UNLIMITED", "n/a", ""):
+        return float("inf")
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # HH:MM:SS
+        hours, minutes, seconds = parts
+    else:  # MM, MM:SS
+        hours, minutes, seconds = 0, parts[0], (parts + [0])[1]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def parse_gpus(gres: str) -> int:
+    """GPUs per node in a ``sinfo %G`` field, e.g. ``gpu:4``, ``gpu:a100:8(S:0-1)``, ``(null)`` -> 0."""
+    return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[\w.-]+)?:(\d+)", gres))
+
+
+def partition_nodes(partition: str | None) -> tuple[str, list[dict]]:
+    """(partition name, one dict per node: cpus, memory_mb, gpus, time_min, state) from ``sinfo``.
+    ``partition=None`` is the cluster's default partition."""
+    lines = run_command(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G|%l|%t"]).strip().splitlines()
+    rows = [line.split("|") for line in lines if line.count("|") == 6]
+    names = sorted({r[0].rstrip("*") for r in rows})
+    if partition is None:
+        defaults = [r[0].rstrip("*") for r in rows if r[0].endswith("*")]
+        if not defaults:
+            raise ValueError(f"this cluster has no default partition; set hydra.launcher.partition to one of {names}")
+        partition = defaults[0]
+    nodes = [{"name": r[1], "cpus": int(r[2].rstrip("+")), "memory_mb": int(r[3].rstrip("+")),
+              "gpus": parse_gpus(r[4]), "time_min": parse_minutes(r[5]), "state": r[6]}
+             for r in rows if r[0].rstrip("*") == partition]
+    if not nodes:
+        raise ValueError(f"hydra.launcher.partition={partition!r} does not exist on this cluster; partitions: {names}")
+    return partition, nodes
+
+
+def check_request(params: dict, partition: str, nodes: list[dict]) -> None:
+    """Raise ValueError if no ``params["nodes"]`` nodes of ``partition`` can hold one job of this request."""
+    tasks, cpus = int(params["tasks_per_node"]), int(params.get("cpus_per_task") or 1)
+    needs = {"CPUs": (tasks * cpus, "cpus",
+                      f"hydra.launcher.cpus_per_task={cpus} x hydra.launcher.tasks_per_node={tasks}"),
+             "MB of memory": ((params.get("mem_gb") or 0) * 1024, "memory_mb",
+                              f"hydra.launcher.mem_gb={params.get('mem_gb')}"),
+             "GPUs": (params.get("gpus_per_node") or 0, "gpus",
+                      f"hydra.launcher.gpus_per_node={params.get('gpus_per_node')}")}
+    fits = [n for n in nodes if all(n[key] >= need for need, key, _ in needs.values())]
+    if len(fits) < int(params["nodes"]):
+        largest = {label: max(n[key] for n in nodes) for label, (_, key, _) in needs.items()}
+        for label, (need, key, option) in needs.items():
+            if need > largest[label]:
+                raise ValueError(f"{option} asks for {need} {label} per node, but the nodes of partition "
+                                 f"{partition!r} have at most {largest[label]}; lower it (or pick another "
+                                 f"hydra.launcher.partition). SLURM would reject the job or leave it pending forever.")
+        raise ValueError(f"hydra.launcher.nodes={params['nodes']} (trainer.num_nodes) nodes are needed but partition "
+                         f"{partition!r} has only {len(fits)} that fit the request ({len(nodes)} in all)")
+    limit = min(n["time_min"] for n in fits)
+    if params.get("timeout_min") and params["timeout_min"] > limit:
+        raise ValueError(f"hydra.launcher.timeout_min={params['timeout_min']} exceeds the time limit of partition {partition!r} "
+                         f"({limit:g} min); lower it")
+
+
+def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
+    """nodes, tasks_per_node, gpus_per_node and cpus_per_task for one job: explicit ``params`` win, null ones
+    follow the job's trainer and data config (see the module docstring)."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto"))
+    gpu = accelerator in GPU_ACCELERATORS
+    out = {"nodes": params.get("nodes") or int(trainer.get("num_nodes") or 1)}
+    tasks = params.get("tasks_per_node")
+    if tasks is None:
+        devices = trainer.get("devices", 1)
+        if isinstance(devices, int) and devices > 0:
+            tasks = devices
+        elif str(devices) in ("-1", "auto") and gpu:
+            tasks = params.get("gpus_per_node") or partition_gpus
+            if not tasks:
+                raise ValueError(f"trainer.devices={devices} means all GPUs of a node, but partition nodes report no "
+                                 f"GPUs; set hydra.launcher.gpus_per_node (and trainer.devices) explicitly")
+        else:
+            raise ValueError(f"cannot derive hydra.launcher.tasks_per_node from trainer.devices={devices!r}; set "
+                             f"trainer.devices to a number of devices per node or hydra.launcher.tasks_per_node")
+    out["tasks_per_node"] = int(tasks)
+    out["gpus_per_node"] = params.get("gpus_per_node")
+    if out["gpus_per_node"] is None and gpu:
+        out["gpus_per_node"] = out["tasks_per_node"]
+    cpus = params.get("cpus_per_task")
+    if cpus is None:
+        data = cfg.get("data") or {}
+        cpus = int(data.get("num_workers") or 0) + 1
+    out["cpus_per_task"] = int(cpus)
+    return out
+
+
+class SqueueWatcher(SlurmInfoWatcher):
+    """submitit's job-state watcher, reading ``squeue`` (works without accounting) and ``sacct`` only for jobs
+    squeue no longer lists, where accounting exists. A job gone from both counts as finished: submitit
+    then finds its result file or raises with the job's log. A job pending for a reason in
+    ``HOPELESS_PENDING`` is cancelled, its state reported as ``CANCELLED (pending: REASON)``."""
+
+    def __init__(self, delay_s: int = 30) -> None:
+        super().__init__(delay_s=delay_s)
+        self._registered_at: dict[str, float] = {}
+        self._cancelled: dict[str, str] = {}
+
+    def register_job(self, job_id: str) -> None:
+        super().register_job(job_id)
+        self._registered_at.setdefault(job_id, time.time())
+
+    def _squeue(self) -> dict[str, dict[str, str]]:
+        out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%N|%r"], capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip())
+        info = {}
+        for line in out.stdout.splitlines():
+            job_id, state, nodes, reason = (line.split("|") + ["", "", ""])[:4]
+            info[job_id.strip()] = {"JobID": job_id.strip(), "State": state, "NodeList": nodes, "Reason": reason}
+        return info
+
+    def _sacct(self, job_ids: set[str]) -> dict[str, dict[str, str]]:
+        command = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
+        for job_id in {j.split("_")[0] for j in job_ids}:
+            command += ["-j", job_id]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return self.read_info(out.stdout) if out.returncode == 0 else {}
+
+    def update(self) -> None:
+        active = self._registered - self._finished
+        if not active:
+            return
+        self._num_calls += 1
+        try:
+            queue = self._squeue()
+        except Exception as e:  # a transient controller hiccup: keep the last known states
+            submitit_logging.get_logger().warning(f"squeue failed ({e}); job states may be stale")
+            self._last_status_check = time.time()
+            return
+        missing = {j for j in active if j not in queue}
+        accounted = self._sacct(missing) if missing else {}
+        for job_id in active:
+            info = queue.get(job_id) or accounted.get(job_id)
+            if info is None:  # neither squeue nor sacct knows it: finished and purged (or not yet listed)
+                age = time.time() - self._registered_at.get(job_id, 0.0)
+                info = {"JobID": job_id, "State": "FINISHED_AND_PURGED" if age > 10 else "PENDING"}
+            elif info.get("State") == "PENDING" and info.get("Reason", "").startswith(HOPELESS_PENDING):
+                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                self._cancelled[job_id] = info["Reason"]
+            if job_id in self._cancelled:
+                info = {**info, "State": f"CANCELLED (pending: {self._cancelled[job_id]})"}
+            self._info_dict[job_id] = info
+            if self.is_done(job_id, mode="cache"):
+                self._finished.add(job_id)
+        self._last_status_check = time.time()

@@ -1,0 +1,1 @@
+"""diffexp's Hydra plugins: the SLURM launcher (launcher.py)."""

@@ -1,0 +1,107 @@
+"""The README's sweep commands, copied verbatim, run from a fresh working directory.
+
+Each test adds only the suite's shared SHRINK list (steps, sizes, callback intervals): no hydra.* or
+paths.* override a user would not type. Outputs must land under logs/train/ of that directory.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import readme_command, run_as_typed, user_env
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_dir(workdir):
+    """The one sweep directory a multirun made under WORKDIR/logs/train/multiruns/."""
+    sweeps = sorted((workdir / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
+
+
+def job_dirs(sweep):
+    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def compare_rows(sweep, workdir):
+    """Rows of `python -m diffexp.compare SWEEP` (header, then one dict per job)."""
+    result = subprocess.run([sys.executable, "-m", "diffexp.compare", str(sweep)], cwd=workdir,
+                            env=user_env(workdir), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (sweep / "compare" / "compare.md").read_text().strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_multirun_over_three_schedules(fresh_workdir):
+    command = readme_command("python train.py -m schedule=linear,quadratic,cosine")
+    run_as_typed(command, fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
+    jobs = job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0", "1", "2"]
+    assert all((j / "checkpoints" / "last.ckpt").is_file() and (j / ".hydra" / "config.yaml").is_file() for j in jobs)
+    rows = compare_rows(sweep, fresh_workdir)
+    assert [r["schedule"] for r in rows] == ["linear", "quadratic", "cosine"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert not (fresh_workdir / "logs" / "train" / "runs").exists()  # a sweep makes no single-run dirs
+
+
+def test_schedule_sweep_preset_runs_six_jobs_each_with_fid(fresh_workdir):
+    run_as_typed(readme_command("python train.py experiment=schedule_sweep"), fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
+    assert len(job_dirs(sweep)) == 6
+    rows = compare_rows(sweep, fresh_workdir)
+    assert {(r["schedule"], r["sampler"]) for r in rows} == {(s, p) for s in ("linear", "quadratic", "cosine")
+                                                             for p in ("ddim", "ddpm")}
+    assert all(float(r["val/fid_digits"]) > 0 for r in rows)
+
+
+def test_schedule_sweep_with_two_joblib_workers(fresh_workdir):
+    command = readme_command("python train.py experiment=schedule_sweep hydra/launcher=joblib hydra.launcher.n_jobs=2")
+    result = run_as_typed(command, fresh_workdir)
+    assert "Joblib" in result.stdout + result.stderr
+    jobs = job_dirs(sweep_dir(fresh_workdir))
+    assert len(jobs) == 6 and all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
+
+
+def test_a_sweep_of_ddp_jobs_runs_each_job_once_in_its_own_directory(fresh_workdir):
+    """Lightning starts each DDP worker with the parent's command line: without care every worker would run
+    the whole sweep again in a new directory."""
+    run_as_typed(readme_command("python train.py -m trainer=ddp_cpu seed=1,2"), fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)  # asserts exactly one sweep directory
+    jobs = job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, seed in zip(jobs, (1, 2)):
+        info = json.loads((job / "run_info.json").read_text())
+        assert info["seed"] == seed and info["world_size"] == 2
+        digests = info["replica_weight_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+    assert not (fresh_workdir / "logs" / "train" / "runs").exists()
+
+
+def test_optuna_search_as_written(fresh_workdir):
+    run_as_typed(readme_command("python train.py hparams_search=digits_optuna"), fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"model.optimizer.lr", "callbacks.ema.decay", "model.min_snr_gamma"}
+    assert results["best_value"] > 0  # the FID that the best trial's train.py returned
+    assert len(job_dirs(sweep)) == 12  # n_trials of the preset
+
+
+def test_quickstart_then_sampling_from_the_latest_link(fresh_workdir):
+    """README command 1 after its install step: train (shrunk), then sample from logs/train/latest as written."""
+    command = readme_command("pip install torch==2.14.1 torchvision==0.29.1 && pip install -e . && python train.py && "
+                             "python sample.py ckpt=logs/train/latest/checkpoints/last.ckpt n=256 "
+                             "metrics=[digits_classifier,fid_digits,kid_digits]")
+    train, sample = command.split(" && ")[2:]
+    run_as_typed(train, fresh_workdir)
+    run_as_typed(sample, fresh_workdir, shrink=False)
+    outputs = list((fresh_workdir / "logs" / "sample" / "runs").glob("*/metrics.json"))
+    assert len(outputs) == 1
+    metrics = json.loads(outputs[0].read_text())["metrics"]
+    assert metrics["fid_digits"]["n"] == 256 and sum(metrics["digits_classifier"]["class_counts"]) == 256
