@@ -92,6 +92,27 @@ def run_as_typed(command: str, workdir: Path, shrink: bool = True, timeout: floa
     return result
 
 
+def sweep_dir(workdir):
+    """The one sweep directory a multirun made under WORKDIR/logs/train/multiruns/."""
+    sweeps = sorted((workdir / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
+
+
+def job_dirs(sweep):
+    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def compare_rows(sweep, workdir):
+    """Rows of `python -m diffexp.compare SWEEP` (header, then one dict per job)."""
+    result = subprocess.run([sys.executable, "-m", "diffexp.compare", str(sweep)], cwd=workdir,
+                            env=user_env(workdir), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (sweep / "compare" / "compare.md").read_text().strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
 @pytest.fixture
 def fresh_workdir(tmp_path) -> Path:
     """A new directory laid out like a checkout's top level (train.py, sample.py, conf/), to run README

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHRINK, readme_command, run_as_typed, user_env
+from tests.conftest import ROOT, SHRINK, compare_rows, readme_command, run_as_typed, sweep_dir, user_env
 
 SCRIPT = ROOT / "experiments" / "cluster" / "slurm_local.sh"
 IN_CI = os.environ.get("CI") == "true"
@@ -73,28 +73,19 @@ def job_ids(slurm: dict) -> set[str]:
     return {line.split()[0] for line in squeue(slurm)}
 
 
-def only_sweep(workdir: Path) -> Path:
-    sweeps = list((workdir / "logs" / "train" / "multiruns").iterdir())
-    assert len(sweeps) == 1, sweeps
-    return sweeps[0]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_slurm_sweep_of_two_schedules(slurm, fresh_workdir):
     command = readme_command("python train.py -m hydra/launcher=slurm schedule=linear,cosine")
     run_as_typed(command, fresh_workdir, env=slurm_env(fresh_workdir, slurm))
-    sweep = only_sweep(fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
     for job, schedule in (("0", "linear"), ("1", "cosine")):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
         assert f"schedule={schedule}" in overrides
     assert list((sweep / ".submitit").glob("*/*_log.out"))  # each SLURM job's log
-    result = subprocess.run([sys.executable, "-m", "diffexp.compare", str(sweep)], cwd=fresh_workdir,
-                            capture_output=True, text=True, env=user_env(fresh_workdir))
-    assert result.returncode == 0, result.stderr
-    table = (sweep / "compare" / "compare.md").read_text().strip().splitlines()
-    assert len(table) == 4 and "linear" in table[2] and "cosine" in table[3]
+    rows = compare_rows(sweep, fresh_workdir)
+    assert [r["schedule"] for r in rows] == ["linear", "cosine"] and all(r["status"] == "ok" for r in rows)
 
 
 @pytest.mark.slow
@@ -102,7 +93,7 @@ def test_slurm_sweep_of_two_schedules(slurm, fresh_workdir):
 def test_slurm_ddp_job_of_two_tasks(slurm, fresh_workdir):
     command = readme_command("python train.py -m hydra/launcher=slurm trainer=ddp_cpu")
     run_as_typed(command, fresh_workdir, env=slurm_env(fresh_workdir, slurm))
-    sweep = only_sweep(fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
     info = json.loads((sweep / "0" / "run_info.json").read_text())
     assert info["world_size"] == 2

@@ -6,36 +6,13 @@ paths.* override a user would not type. Outputs must land under logs/train/ of t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import readme_command, run_as_typed, user_env
+from tests.conftest import compare_rows, job_dirs, readme_command, run_as_typed, sweep_dir
 
 pytestmark = pytest.mark.slow
-
-
-def sweep_dir(workdir):
-    """The one sweep directory a multirun made under WORKDIR/logs/train/multiruns/."""
-    sweeps = sorted((workdir / "logs" / "train" / "multiruns").iterdir())
-    assert len(sweeps) == 1, sweeps
-    return sweeps[0]
-
-
-def job_dirs(sweep):
-    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def compare_rows(sweep, workdir):
-    """Rows of `python -m diffexp.compare SWEEP` (header, then one dict per job)."""
-    result = subprocess.run([sys.executable, "-m", "diffexp.compare", str(sweep)], cwd=workdir,
-                            env=user_env(workdir), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    lines = (sweep / "compare" / "compare.md").read_text().strip().splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
 
 def test_multirun_over_three_schedules(fresh_workdir):

@@ -12,7 +12,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from diffexp.lit.pixel import CONFIG_KEY
-from tests.conftest import ROOT, SHRINK, compose_config
+from tests.conftest import ROOT, compose_config
 
 
 def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -103,8 +103,8 @@ def check_request(params: dict, partition: str, nodes: list[dict]) -> None:
                          f"{partition!r} has only {len(fits)} that fit the request ({len(nodes)} in all)")
     limit = min(n["time_min"] for n in fits)
     if params.get("timeout_min") and params["timeout_min"] > limit:
-        raise ValueError(f"hydra.launcher.timeout_min={params['timeout_min']} exceeds the time limit of partition {partition!r} "
-                         f"({limit:g} min); lower it")
+        raise ValueError(f"hydra.launcher.timeout_min={params['timeout_min']} exceeds the time limit of partition "
+                         f"{partition!r} ({limit:g} min); lower it")
 
 
 def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
