@@ -113,38 +113,68 @@ def test_a_request_the_cluster_cannot_satisfy_fails_before_submitting(slurm, fre
     result = subprocess.run(args, cwd=fresh_workdir, env=slurm_env(fresh_workdir, slurm), capture_output=True,
                             text=True, timeout=240)
     assert result.returncode != 0
-    assert "hydra.launcher.cpus_per_task=512" in result.stderr and "partition 'debug'" in result.stderr
+    assert "hydra.launcher.cpus_per_task=512 x hydra.launcher.tasks_per_node=1 asks for 512 CPUs" in result.stderr
+    assert "partition 'debug'" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
     assert job_ids(slurm) <= before  # nothing was submitted
+    assert not (fresh_workdir / "logs" / "train" / "multiruns").exists() or not any(
+        (fresh_workdir / "logs" / "train" / "multiruns").iterdir())  # and no empty sweep directory is left
+
+
+LONG_RUN = ["trainer.max_steps=1000000", "trainer.val_check_interval=1000000",
+            "callbacks.model_checkpoint.every_n_train_steps=1000000", "callbacks.sample_grid.every_n_steps=1000000",
+            "callbacks.denoising_grid.every_n_steps=1000000"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_job_killed_by_slurm_ends_the_sweep_with_its_state(slurm, fresh_workdir):
-    """No accounting on this cluster (sacct fails), as on many small clusters: submitit alone would wait forever."""
-    args = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", *SHRINK, "trainer.max_steps=1000000",
-            "trainer.val_check_interval=1000000", "callbacks.model_checkpoint.every_n_train_steps=1000000",
-            "callbacks.sample_grid.every_n_steps=1000000", "callbacks.denoising_grid.every_n_steps=1000000"]
+def test_a_job_killed_by_slurm_ends_the_sweep_and_cancels_the_rest(slurm, fresh_workdir):
+    """No accounting on this cluster (sacct fails), as on many small clusters: submitit alone would wait forever,
+    and the sweep's other job would run on with nobody waiting for it."""
+    args = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "schedule=linear,cosine", *SHRINK, *LONG_RUN]
     before = job_ids(slurm)
     sweep = subprocess.Popen(args, cwd=fresh_workdir, env=slurm_env(fresh_workdir, slurm), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
-        while not (running := [line.split()[0] for line in squeue(slurm)
-                               if line.endswith("RUNNING") and line.split()[0] not in before]):
-            assert time.monotonic() < deadline and sweep.poll() is None, "the job never started"
+        while len(running := sorted(line.split()[0] for line in squeue(slurm)
+                                    if line.endswith("RUNNING") and line.split()[0] not in before)) < 2:
+            assert time.monotonic() < deadline and sweep.poll() is None, "the jobs never started"
             time.sleep(1)
         subprocess.run(["scancel", running[0]], env={**os.environ, **slurm}, check=True)
         cancelled = time.monotonic()
         _, stderr = sweep.communicate(timeout=240)
+        waited = time.monotonic() - cancelled
+        time.sleep(2)
+        left = job_ids(slurm) - before
     finally:
         sweep.kill()
-        new = job_ids(slurm) - before
-        if new:
-            subprocess.run(["scancel", *new], env={**os.environ, **slurm})
-    assert sweep.returncode != 0
-    assert "CANCELLED" in stderr and "ended without a result" in stderr, stderr[-3000:]
-    assert time.monotonic() - cancelled < 120
+        leftovers = job_ids(slurm) - before
+        if leftovers:
+            subprocess.run(["scancel", *leftovers], env={**os.environ, **slurm})
+    assert sweep.returncode != 0 and waited < 120
+    assert "a SLURM job of this sweep ended without a result" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert "CANCELLED" in stderr and f"Cancelled the sweep's other unfinished jobs: {running[1]}" in stderr
+    assert all(line.split()[1] in ("CANCELLED", "COMPLETING") for line in squeue(slurm) if line.split()[0] in left)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_job_past_its_time_limit_ends_the_sweep_with_a_clear_error(slurm, fresh_workdir):
+    """submitit's warning signal comes signal_delay_s before the limit; it must reach submitit (not be taken for
+    an ordinary failed job worth a NaN) and the sweep must say the job ran out of time."""
+    args = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1", *SHRINK,
+            *LONG_RUN]
+    before = job_ids(slurm)
+    try:
+        result = subprocess.run(args, cwd=fresh_workdir, env=slurm_env(fresh_workdir, slurm), capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        leftovers = job_ids(slurm) - before
+        if leftovers:
+            subprocess.run(["scancel", *leftovers], env={**os.environ, **slurm})
+    assert result.returncode != 0
+    assert "it reached its time limit (hydra.launcher.timeout_min=1)" in result.stderr, result.stderr[-3000:]
 
 
 def multinode_command(kind: str, node: int, port: int) -> tuple[list[str], dict]:

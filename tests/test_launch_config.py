@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -100,7 +101,7 @@ def test_partition_lookup_reads_sinfo_and_names_the_choices(monkeypatch):
 
 def test_missing_slurm_commands_are_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(RuntimeError, match="`sinfo` not found: hydra/launcher=slurm"):
+    with pytest.raises(slurm.SlurmRequestError, match="`sinfo` not found: hydra/launcher=slurm"):
         slurm.partition_nodes(None)
 
 
@@ -114,15 +115,22 @@ def test_squeue_watcher_reports_killed_purged_and_hopeless_jobs(monkeypatch):
     monkeypatch.setattr(watcher, "_squeue", lambda: queue)
     monkeypatch.setattr(watcher, "_sacct", lambda ids: {})  # no accounting database
     monkeypatch.setattr(slurm.subprocess, "run", lambda args, **kw: cancelled.append(args))
-    for job_id in ("7_0", "7_1", "8", "9"):
+    for job_id in ("7_0", "7_1", "8", "9", "10"):
         watcher.register_job(job_id)
     watcher._registered_at["9"] -= 60  # submitted a minute ago, no longer listed anywhere
     watcher.update()
+    assert watcher.get_state("10", mode="cache") == "PENDING"  # just submitted, not listed yet: keep waiting
     assert watcher.get_state("7_0", mode="cache") == "TIMEOUT" and watcher.is_done("7_0", mode="cache")
     assert not watcher.is_done("7_1", mode="cache")
     assert watcher.get_state("8", mode="cache") == "CANCELLED (pending: PartitionTimeLimit)"
     assert cancelled == [["scancel", "8"]] and watcher.is_done("8", mode="cache")
     assert watcher.is_done("9", mode="cache")  # gone: finished, so submitit looks for its result file
+    # where accounting exists, a job gone from squeue gets its final state from sacct
+    monkeypatch.setattr(watcher, "_sacct", lambda ids: {"10": {"JobID": "10", "State": "OUT_OF_MEMORY"}})
+    queue.clear()
+    watcher.update()
+    assert watcher.get_state("10", mode="cache") == "OUT_OF_MEMORY" and watcher.is_done("10", mode="cache")
+    assert watcher.get_state("7_1", mode="cache") == "FINISHED_AND_PURGED"
 
 
 @pytest.mark.parametrize("env,secondary", [
@@ -146,17 +154,20 @@ def test_only_rank_zero_keeps_its_hydra_run_directory(monkeypatch, env, secondar
     if secondary:
         scratch = overrides[0].split("=", 1)[1]
         assert os.path.isdir(scratch) and "hydra.output_subdir=null" in overrides
-    # Lightning's own DDP workers come with the parent's run dir: left alone
-    assert secondary_process_overrides(["hydra.run.dir=/some/run"]) == []
+        # Lightning's own DDP workers come with their parent's run dir: left alone
+        assert secondary_process_overrides(["hydra.run.dir=/some/run"]) == []
 
 
-def test_launch_variables_set_by_a_job_are_undone(monkeypatch):
+def test_launch_variables_and_argv_set_by_a_job_are_undone(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("MASTER_PORT", "1234")
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "schedule=linear,cosine"])
     with launch_environment_restored():
         os.environ["LOCAL_RANK"] = "0"
         os.environ["MASTER_PORT"] = "999"
+        sys.argv = ["train.py", "schedule=linear", "hydra.mode=RUN"]
     assert "LOCAL_RANK" not in os.environ and os.environ["MASTER_PORT"] == "1234"
+    assert sys.argv == ["train.py", "-m", "schedule=linear,cosine"]
 
 
 def test_the_slurm_cluster_script_explains_itself():
@@ -171,6 +182,49 @@ def test_sweep_and_run_directories_resolve_without_a_running_hydra():
     from hydra.core.hydra_config import HydraConfig
 
     cfg = compose_with_hydra([])
-    HydraConfig.instance().cfg = None
-    assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith("./logs/train/multiruns/")
-    assert OmegaConf.select(cfg, "hydra.run.dir").startswith("./logs/train/runs/")
+    saved, HydraConfig.instance().cfg = HydraConfig.instance().cfg, None
+    try:
+        assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith("./logs/train/multiruns/")
+        assert OmegaConf.select(cfg, "hydra.run.dir").startswith("./logs/train/runs/")
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def test_relative_paths_are_anchored_where_train_py_started(tmp_path, monkeypatch):
+    """With hydra.job.chdir=true the job runs inside its run dir; logs/, data/ and the latest link must not
+    follow it there, and the saved config says where they are."""
+    from diffexp.course import compose
+    from diffexp.train import anchor_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["hydra.job.chdir=true"], tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")  # what Hydra does before the job starts
+    anchor_paths(cfg)
+    assert cfg.paths.root_dir == str(tmp_path)
+    assert cfg.paths.latest_link == f"{tmp_path}/logs/train/latest" and cfg.paths.data_dir == f"{tmp_path}/data"
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"timeout_min": 0}, r"hydra.launcher.timeout_min=0: must be a whole number >= 1"),
+    ({"timeout_min": -5}, r"hydra.launcher.timeout_min=-5"),
+    ({"cpus_per_task": 0}, r"hydra.launcher.cpus_per_task=0"),
+    ({"mem_gb": 0}, r"hydra.launcher.mem_gb=0: must be a whole number >= 1 \(null: the partition's default\)"),
+    ({"tasks_per_node": "two"}, r"hydra.launcher.tasks_per_node='two'"),
+])
+def test_malformed_requests_are_refused_before_anything_is_submitted(change, match):
+    ok = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": None, "gpus_per_node": None,
+          "timeout_min": 60}
+    with pytest.raises(slurm.SlurmRequestError, match=match):
+        slurm.check_request({**ok, **change}, "p", [NODE])
+
+
+def test_the_warning_signal_comes_within_the_time_limit():
+    """submitit asks SLURM for a signal signal_delay_s before the limit (default 120 s); with a 1-minute limit
+    that signal came at once and the job stopped at its start."""
+    cfg = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.timeout_min=1"])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["signal_delay_s"] == 120
+    assert slurm.plan_request(params, [cfg], "p", [NODE])["signal_delay_s"] == 30
+    params["timeout_min"] = 600
+    assert slurm.plan_request(params, [cfg], "p", [NODE])["signal_delay_s"] == 120

@@ -22,6 +22,8 @@ def test_multirun_over_three_schedules(fresh_workdir):
     jobs = job_dirs(sweep)
     assert [j.name for j in jobs] == ["0", "1", "2"]
     assert all((j / "checkpoints" / "last.ckpt").is_file() and (j / ".hydra" / "config.yaml").is_file() for j in jobs)
+    argvs = [json.loads((j / "run_info.json").read_text())["argv"][1:] for j in jobs]
+    assert argvs[0][:2] == ["-m", "schedule=linear,quadratic,cosine"] and argvs[1] == argvs[0] == argvs[2]
     rows = compare_rows(sweep, fresh_workdir)
     assert [r["schedule"] for r in rows] == ["linear", "quadratic", "cosine"]
     assert all(r["status"] == "ok" for r in rows)

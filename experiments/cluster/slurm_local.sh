@@ -31,7 +31,8 @@ install() {
   have_slurm || die "apt-get installed ${PACKAGES[*]} but slurmctld/slurmd/sbatch/munged are still not on PATH"
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+read_pid() { cat "$1" 2>/dev/null || true; }
+pid_alive() { local pid; pid="$(read_pid "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
 write_conf() {
   local host cpus mem_mb
@@ -79,8 +80,9 @@ start() {
     if [ "${CI:-}" = "true" ]; then install; else die "SLURM is not installed: run '$0 install' (apt-get, as root)"; fi
   fi
   if pid_alive "$DIR/slurmctld.pid"; then
-    echo "slurm_local: already running (SLURM_CONF=$CONF)"; return 0
+    echo "slurm_local: already running"; echo "export SLURM_CONF=$CONF"; return 0
   fi
+  rm -rf "$DIR/state" "$DIR/spool"  # a fresh cluster each start: no jobs recovered from an earlier one
   mkdir -p "$DIR"/{munge,state,spool,log}
   chmod 700 "$DIR/munge"
   dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
@@ -88,7 +90,7 @@ start() {
   write_conf
   munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
          --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
-  slurmctld -f "$CONF"
+  slurmctld -c -f "$CONF"
   slurmd -f "$CONF"
   export SLURM_CONF="$CONF"
   for _ in $(seq 1 60); do   # the node reports idle about a second after slurmd starts
@@ -104,12 +106,18 @@ start() {
 }
 
 stop() {
-  local pidfile
+  local pidfile pid
+  if pid_alive "$DIR/slurmctld.pid" && [ -n "$(SLURM_CONF="$CONF" squeue -h -o %i 2>/dev/null)" ]; then
+    SLURM_CONF="$CONF" scancel --full $(SLURM_CONF="$CONF" squeue -h -o %i) 2>/dev/null || true
+    for _ in $(seq 1 50); do   # let slurmd end the jobs' processes before it goes
+      [ -z "$(SLURM_CONF="$CONF" squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2
+    done
+  fi
   for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
-    if pid_alive "$pidfile"; then
-      kill "$(cat "$pidfile")"
-      for _ in $(seq 1 50); do pid_alive "$pidfile" || break; sleep 0.2; done
-      pid_alive "$pidfile" && kill -9 "$(cat "$pidfile")"
+    pid="$(read_pid "$pidfile")"
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
   done

@@ -68,19 +68,29 @@ def set_rank_for_logging(devices_per_node=None) -> None:
     rank_zero_only.rank = exact if exact is not None else max(rank_zero_only.rank, 1)
 
 
-def pin_ddp_children_to_this_job() -> None:
-    """In a multirun job, make Lightning's DDP child processes run this job, in this job's directory.
+def prepare_ddp_children(trainer) -> None:
+    """Make the DDP worker processes Lightning is about to start run this job, in this job's directory.
 
-    Lightning starts each child as ``python train.py <this process's argv> hydra.run.dir=<HydraConfig run.dir>``.
-    In a sweep that argv is the whole sweep (``-m schedule=linear,cosine``) and ``run.dir`` a fresh timestamp,
-    so every child would start the sweep again in a new directory. Here the argv becomes this job's own
-    overrides in RUN mode and ``run.dir`` this job's output directory."""
+    Lightning starts each worker as ``python train.py <this process's argv> hydra.run.dir=<HydraConfig
+    run.dir>``. In a sweep that argv is the whole sweep (``-m schedule=linear,cosine``) and ``run.dir`` a fresh
+    timestamp, so every worker would start the sweep again in a new directory. Here the argv becomes this
+    job's own overrides in RUN mode and ``run.dir`` this job's output directory (both restored after the job
+    by :func:`launch_environment_restored`). A joblib worker cannot be re-run that way: refused."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
     from omegaconf import read_write
 
-    if not HydraConfig.initialized():
+    launcher = getattr(trainer.strategy, "launcher", None)
+    spawns = (isinstance(launcher, _SubprocessScriptLauncher)
+              and not launcher.cluster_environment.creates_processes_externally)
+    if not spawns or not HydraConfig.initialized():
         return
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if main_spec is not None and main_spec.name.startswith(("loky", "joblib")):
+        raise ValueError(f"trainer.strategy={type(trainer.strategy).__name__} starts its worker processes by "
+                         f"re-running the command line, which a joblib worker does not have: run DDP jobs with the "
+                         f"default launcher (one job after another) or hydra/launcher=slurm")
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
@@ -89,21 +99,34 @@ def pin_ddp_children_to_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def threads_for_this_task() -> None:
+    """Use the CPUs SLURM gave this task (``SLURM_CPUS_PER_TASK``) for torch's intra-op threads, unless
+    ``OMP_NUM_THREADS`` says otherwise: torch would otherwise start a thread per core of the node and
+    tasks sharing a node would slow each other down."""
+    cpus = env_int("SLURM_CPUS_PER_TASK")
+    if cpus and cpus > 0 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(cpus)
+
+
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK", "GROUP_RANK",
                     "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 @contextlib.contextmanager
 def launch_environment_restored():
-    """Undo the launch variables a job sets in this process's environment.
+    """Undo what a job changes in this process's launch state: the launch variables and ``sys.argv``.
 
     Lightning's DDP launcher sets ``LOCAL_RANK`` and friends in the parent; the next job of a sweep in the
     same process would then believe its processes were started externally and wait forever for the ranks it
-    never launched."""
+    never launched. :func:`prepare_ddp_children` rewrites ``sys.argv`` for one job only."""
     saved = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    argv = list(sys.argv)
     try:
         yield
     finally:
+        sys.argv[:] = argv
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

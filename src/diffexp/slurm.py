@@ -17,13 +17,28 @@ loads launchers only from the ``hydra_plugins`` namespace), which adds, with the
 """
 from __future__ import annotations
 
+import getpass
 import re
 import subprocess
 import time
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 from submitit.core import logger as submitit_logging
 from submitit.slurm.slurm import SlurmInfoWatcher
+
+class LaunchError(CompactHydraException):
+    """A sweep that cannot be launched or whose jobs ended without a result: Hydra prints just the message
+    (no traceback) and exits 1."""
+
+
+class SlurmRequestError(LaunchError, ValueError):
+    """A SLURM request that is invalid or that the cluster can never satisfy; nothing was submitted."""
+
+
+class SlurmJobError(LaunchError, RuntimeError):
+    """A submitted SLURM job ended without a result (killed, cancelled, timed out, refused by sbatch)."""
+
 
 # pending reasons that no amount of waiting clears (squeue's %r); the job is cancelled with the reason
 HOPELESS_PENDING = ("PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "BadConstraints",
@@ -37,10 +52,10 @@ def run_command(args: list[str]) -> str:
     try:
         return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
     except FileNotFoundError:
-        raise RuntimeError(f"`{args[0]}` not found: hydra/launcher=slurm submits from a machine with SLURM's client "
-                           f"commands (sbatch, squeue, sinfo) on PATH") from None
+        raise SlurmRequestError(f"`{args[0]}` not found: hydra/launcher=slurm submits from a machine with SLURM's "
+                                f"client commands (sbatch, squeue, sinfo) on PATH") from None
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"`{' '.join(args)}` failed: {e.stderr.strip()}") from None
+        raise SlurmRequestError(f"`{' '.join(args)}` failed: {e.stderr.strip()}") from None
 
 
 def parse_minutes(limit: str) -> float:
@@ -72,18 +87,28 @@ def partition_nodes(partition: str | None) -> tuple[str, list[dict]]:
     if partition is None:
         defaults = [r[0].rstrip("*") for r in rows if r[0].endswith("*")]
         if not defaults:
-            raise ValueError(f"this cluster has no default partition; set hydra.launcher.partition to one of {names}")
+            raise SlurmRequestError(f"this cluster has no default partition; set hydra.launcher.partition to one of "
+                                    f"{names}")
         partition = defaults[0]
     nodes = [{"name": r[1], "cpus": int(r[2].rstrip("+")), "memory_mb": int(r[3].rstrip("+")),
               "gpus": parse_gpus(r[4]), "time_min": parse_minutes(r[5]), "state": r[6]}
              for r in rows if r[0].rstrip("*") == partition]
     if not nodes:
-        raise ValueError(f"hydra.launcher.partition={partition!r} does not exist on this cluster; partitions: {names}")
+        raise SlurmRequestError(f"hydra.launcher.partition={partition!r} does not exist on this cluster; "
+                                f"partitions: {names}")
     return partition, nodes
 
 
 def check_request(params: dict, partition: str, nodes: list[dict]) -> None:
-    """Raise ValueError if no ``params["nodes"]`` nodes of ``partition`` can hold one job of this request."""
+    """Raise SlurmRequestError (a ValueError) if the request is malformed or no ``params["nodes"]`` nodes of
+    ``partition`` can hold one job of it."""
+    for key, least in (("timeout_min", 1), ("nodes", 1), ("tasks_per_node", 1), ("cpus_per_task", 1),
+                       ("gpus_per_node", 0), ("mem_gb", 1)):
+        value = params.get(key)
+        if (value is not None or key in ("timeout_min", "nodes", "tasks_per_node")) and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise SlurmRequestError(f"hydra.launcher.{key}={value!r}: must be a whole number >= {least}"
+                                    + (" (null: the partition's default)" if key == "mem_gb" else ""))
     tasks, cpus = int(params["tasks_per_node"]), int(params.get("cpus_per_task") or 1)
     needs = {"CPUs": (tasks * cpus, "cpus",
                       f"hydra.launcher.cpus_per_task={cpus} x hydra.launcher.tasks_per_node={tasks}"),
@@ -96,15 +121,17 @@ def check_request(params: dict, partition: str, nodes: list[dict]) -> None:
         largest = {label: max(n[key] for n in nodes) for label, (_, key, _) in needs.items()}
         for label, (need, key, option) in needs.items():
             if need > largest[label]:
-                raise ValueError(f"{option} asks for {need} {label} per node, but the nodes of partition "
-                                 f"{partition!r} have at most {largest[label]}; lower it (or pick another "
-                                 f"hydra.launcher.partition). SLURM would reject the job or leave it pending forever.")
-        raise ValueError(f"hydra.launcher.nodes={params['nodes']} (trainer.num_nodes) nodes are needed but partition "
-                         f"{partition!r} has only {len(fits)} that fit the request ({len(nodes)} in all)")
+                raise SlurmRequestError(f"{option} asks for {need} {label} per node, but the nodes of partition "
+                                        f"{partition!r} have at most {largest[label]}; lower it (or pick another "
+                                        f"hydra.launcher.partition). SLURM would reject the job or leave it pending "
+                                        f"forever.")
+        raise SlurmRequestError(f"hydra.launcher.nodes={params['nodes']} (trainer.num_nodes) nodes are needed but "
+                                f"partition {partition!r} has only {len(fits)} that fit the request "
+                                f"({len(nodes)} in all)")
     limit = min(n["time_min"] for n in fits)
-    if params.get("timeout_min") and params["timeout_min"] > limit:
-        raise ValueError(f"hydra.launcher.timeout_min={params['timeout_min']} exceeds the time limit of partition "
-                         f"{partition!r} ({limit:g} min); lower it")
+    if params["timeout_min"] > limit:
+        raise SlurmRequestError(f"hydra.launcher.timeout_min={params['timeout_min']} exceeds the time limit of "
+                                f"partition {partition!r} ({limit:g} min); lower it")
 
 
 def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
@@ -122,11 +149,12 @@ def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
         elif str(devices) in ("-1", "auto") and gpu:
             tasks = params.get("gpus_per_node") or partition_gpus
             if not tasks:
-                raise ValueError(f"trainer.devices={devices} means all GPUs of a node, but partition nodes report no "
-                                 f"GPUs; set hydra.launcher.gpus_per_node (and trainer.devices) explicitly")
+                raise SlurmRequestError(f"trainer.devices={devices} means all GPUs of a node, but partition nodes "
+                                        f"report no GPUs; set hydra.launcher.gpus_per_node (and trainer.devices)")
         else:
-            raise ValueError(f"cannot derive hydra.launcher.tasks_per_node from trainer.devices={devices!r}; set "
-                             f"trainer.devices to a number of devices per node or hydra.launcher.tasks_per_node")
+            raise SlurmRequestError(f"cannot derive hydra.launcher.tasks_per_node from trainer.devices={devices!r}; "
+                                    f"set trainer.devices to a number of devices per node or "
+                                    f"hydra.launcher.tasks_per_node")
     out["tasks_per_node"] = int(tasks)
     out["gpus_per_node"] = params.get("gpus_per_node")
     if out["gpus_per_node"] is None and gpu:
@@ -139,6 +167,41 @@ def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
     return out
 
 
+def job_error(error: BaseException, params: dict, sweep_dir, cancelled: list[str]) -> SlurmJobError:
+    """The error that ends a sweep whose SLURM job ended without a result: what happened, what was cancelled,
+    where the logs are, then submitit's own account."""
+    timed_out = "timed-out" in str(error) or "TIMEOUT" in str(error)
+    return SlurmJobError(
+        "a SLURM job of this sweep ended without a result"
+        + (f": it reached its time limit (hydra.launcher.timeout_min={params['timeout_min']})" if timed_out else "")
+        + (f". Cancelled the sweep's other unfinished jobs: {', '.join(cancelled)}" if cancelled else "")
+        + f". Job logs: {sweep_dir}/.submitit/\n{type(error).__name__}: {error}")
+
+
+def plan_request(params: dict, job_configs: list[DictConfig], partition: str, nodes: list[dict]) -> dict:
+    """The launcher parameters for these jobs: resources derived per job (all jobs must agree, since they are
+    submitted as one array), checked against the partition; ``signal_delay_s`` (the warning signal before
+    the time limit) kept within half the time limit."""
+    partition_gpus = max(n["gpus"] for n in nodes)
+    resources = None
+    for cfg in job_configs:
+        job = job_resources(cfg, params, partition_gpus)
+        if resources not in (None, job):
+            raise SlurmRequestError(f"the jobs of this sweep need different SLURM resources ({resources} vs {job}); "
+                                    f"sweep trainer.devices/num_nodes in separate runs or set hydra.launcher."
+                                    f"tasks_per_node/nodes/gpus_per_node/cpus_per_task explicitly")
+        resources = job
+    planned = {**params, **resources}
+    check_request(planned, partition, nodes)
+    planned["signal_delay_s"] = min(int(params.get("signal_delay_s") or 0), planned["timeout_min"] * 30)
+    accelerator = str((job_configs[0].get("trainer") or {}).get("accelerator", "auto"))
+    if partition_gpus and planned.get("gpus_per_node") is None and accelerator not in GPU_ACCELERATORS:
+        submitit_logging.get_logger().warning(
+            f"partition {partition!r} has GPUs but trainer.accelerator={accelerator} requests none: the jobs train on "
+            f"CPUs; use trainer=gpu or trainer=ddp (or set hydra.launcher.gpus_per_node)")
+    return planned
+
+
 class SqueueWatcher(SlurmInfoWatcher):
     """submitit's job-state watcher, reading ``squeue`` (works without accounting) and ``sacct`` only for jobs
     squeue no longer lists, where accounting exists. A job gone from both counts as finished: submitit
@@ -148,6 +211,7 @@ class SqueueWatcher(SlurmInfoWatcher):
     def __init__(self, delay_s: int = 30) -> None:
         super().__init__(delay_s=delay_s)
         self._registered_at: dict[str, float] = {}
+        self._seen: set[str] = set()
         self._cancelled: dict[str, str] = {}
 
     def register_job(self, job_id: str) -> None:
@@ -155,8 +219,8 @@ class SqueueWatcher(SlurmInfoWatcher):
         self._registered_at.setdefault(job_id, time.time())
 
     def _squeue(self) -> dict[str, dict[str, str]]:
-        out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%N|%r"], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-u", getpass.getuser(), "-o", "%i|%T|%N|%r"],
+                             capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise RuntimeError(out.stderr.strip())
         info = {}
@@ -169,8 +233,19 @@ class SqueueWatcher(SlurmInfoWatcher):
         command = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
         for job_id in {j.split("_")[0] for j in job_ids}:
             command += ["-j", job_id]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):  # no sacct on this machine, or a slow database
+            return {}
         return self.read_info(out.stdout) if out.returncode == 0 else {}
+
+    def cancel_unfinished(self) -> list[str]:
+        """``scancel`` every job of this process still queued or running; returns their ids."""
+        self.update()
+        unfinished = sorted(self._registered - self._finished)
+        if unfinished:
+            subprocess.run(["scancel", *unfinished], capture_output=True, timeout=60)
+        return unfinished
 
     def update(self) -> None:
         active = self._registered - self._finished
@@ -189,10 +264,13 @@ class SqueueWatcher(SlurmInfoWatcher):
             info = queue.get(job_id) or accounted.get(job_id)
             if info is None:  # neither squeue nor sacct knows it: finished and purged (or not yet listed)
                 age = time.time() - self._registered_at.get(job_id, 0.0)
-                info = {"JobID": job_id, "State": "FINISHED_AND_PURGED" if age > 10 else "PENDING"}
-            elif info.get("State") == "PENDING" and info.get("Reason", "").startswith(HOPELESS_PENDING):
-                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
-                self._cancelled[job_id] = info["Reason"]
+                gone = job_id in self._seen or age > 10
+                info = {"JobID": job_id, "State": "FINISHED_AND_PURGED" if gone else "PENDING"}
+            else:
+                self._seen.add(job_id)
+                if info.get("State") == "PENDING" and info.get("Reason", "").startswith(HOPELESS_PENDING):
+                    subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                    self._cancelled[job_id] = info["Reason"]
             if job_id in self._cancelled:
                 info = {**info, "State": f"CANCELLED (pending: {self._cancelled[job_id]})"}
             self._info_dict[job_id] = info

@@ -12,10 +12,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.config import build_model, instantiate
-from diffexp.distributed import launch_environment_restored, pin_ddp_children_to_this_job, set_rank_for_logging
+from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
+                                 threads_for_this_task)
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
 from diffexp.runinfo import update_run_info, write_run_info
 
@@ -114,6 +115,7 @@ def run(cfg: DictConfig) -> float | None:
     """Train as configured and return ``cfg.optimized_metric`` (for sweeps), or None if absent."""
     run_dir = Path(cfg.paths.output_dir)
     set_rank_for_logging(cfg.trainer.get("devices"))
+    threads_for_this_task()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rank_zero_info(f"[diffexp] seed {cfg.seed}")
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
@@ -125,7 +127,7 @@ def run(cfg: DictConfig) -> float | None:
         rank_zero_info(f"[diffexp] effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']}"
                        f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
     log_full_config(loggers, cfg, extra=scale)
-    pin_ddp_children_to_this_job()
+    prepare_ddp_children(trainer)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     replicas = check_replicas(model)
     if trainer.is_global_zero:
@@ -140,19 +142,30 @@ def run(cfg: DictConfig) -> float | None:
     return metrics.get(metric_name) if metric_name else None
 
 
+def anchor_paths(cfg: DictConfig) -> None:
+    """Make a relative ``paths.root_dir`` absolute from the directory train.py was started in, so logs/, data/
+    and the latest-run link stay put with ``hydra.job.chdir=true`` and the saved config says where they are.
+    (It is relative in the config so that a sweep's parent can resolve ``hydra.sweep.dir``.)"""
+    root = cfg.paths.get("root_dir")
+    if HydraConfig.initialized() and root is not None and not Path(str(root)).is_absolute():
+        with open_dict(cfg):
+            cfg.paths.root_dir = os.path.normpath(os.path.join(HydraConfig.get().runtime.cwd, str(root)))
+
+
 def run_safely(cfg: DictConfig) -> float | None:
     """run(cfg), always printing the run directory and closing W&B.
 
     In a multirun a failing job is logged (RUN/error.txt) and returns NaN, so the sweep goes on.
     """
     run_dir = Path(cfg.paths.output_dir)
+    anchor_paths(cfg)
     try:
         with launch_environment_restored():
             return run(cfg)
-    except Exception:
+    except Exception as error:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        if not multirun:
-            raise
+        if not multirun or type(error).__module__.startswith("submitit"):
+            raise  # submitit's time-limit signal must reach submitit: the job did not finish
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
         print(f"[diffexp] job failed; traceback in {run_dir / 'error.txt'}")
