@@ -161,11 +161,12 @@ def test_a_job_killed_by_slurm_ends_the_sweep_and_cancels_the_rest(slurm, fresh_
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_job_past_its_time_limit_ends_the_sweep_with_a_clear_error(slurm, fresh_workdir):
-    """submitit's warning signal comes signal_delay_s before the limit; it must reach submitit (not be taken for
-    an ordinary failed job worth a NaN) and the sweep must say the job ran out of time."""
+    """The job runs to its limit (submitit's early warning signal only serves requeues), SLURM kills it, and the
+    sweep says it ran out of time instead of waiting forever (no accounting here) or taking it for a NaN job."""
     args = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1", *SHRINK,
             *LONG_RUN]
     before = job_ids(slurm)
+    started = time.monotonic()
     try:
         result = subprocess.run(args, cwd=fresh_workdir, env=slurm_env(fresh_workdir, slurm), capture_output=True,
                                 text=True, timeout=300)
@@ -175,6 +176,7 @@ def test_a_job_past_its_time_limit_ends_the_sweep_with_a_clear_error(slurm, fres
             subprocess.run(["scancel", *leftovers], env={**os.environ, **slurm})
     assert result.returncode != 0
     assert "it reached its time limit (hydra.launcher.timeout_min=1)" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started > 55  # it ran to its limit: no early warning signal ended it at the start
 
 
 def multinode_command(kind: str, node: int, port: int) -> tuple[list[str], dict]:

@@ -133,6 +133,24 @@ def test_squeue_watcher_reports_killed_purged_and_hopeless_jobs(monkeypatch):
     assert watcher.get_state("7_1", mode="cache") == "FINISHED_AND_PURGED"
 
 
+def test_a_failed_job_cancels_only_the_sweeps_other_unfinished_jobs(monkeypatch):
+    watcher = slurm.SqueueWatcher()
+    queue = {"3_0": {"JobID": "3_0", "State": "RUNNING", "Reason": "None"},  # the job that failed, still exiting
+             "3_1": {"JobID": "3_1", "State": "RUNNING", "Reason": "None"},
+             "3_2": {"JobID": "3_2", "State": "COMPLETED", "Reason": "None"}}
+    cancelled = []
+    monkeypatch.setattr(watcher, "_squeue", lambda: queue)
+    monkeypatch.setattr(watcher, "_sacct", lambda ids: {})
+    monkeypatch.setattr(slurm.subprocess, "run", lambda args, **kw: cancelled.append(args))
+    for job_id in ("3", "3_0", "3_1", "3_2"):  # submitit registers the array too
+        watcher.register_job(job_id)
+    assert watcher.cancel_unfinished(failed="3_0") == ["3_1"] and cancelled == [["scancel", "3_1"]]
+    error = slurm.job_error(RuntimeError("Job 3_0 (task: 0) ... timed-out too many times"), {"timeout_min": 1},
+                            "logs/sweep", watcher)
+    assert "it reached its time limit (hydra.launcher.timeout_min=1)" in str(error)
+    assert "Cancelled the sweep's other unfinished jobs: 3_1" in str(error)
+
+
 @pytest.mark.parametrize("env,secondary", [
     ({}, False),
     ({"RANK": "0", "LOCAL_RANK": "0"}, False),
@@ -220,11 +238,14 @@ def test_malformed_requests_are_refused_before_anything_is_submitted(change, mat
 
 
 def test_the_warning_signal_comes_within_the_time_limit():
-    """submitit asks SLURM for a signal signal_delay_s before the limit (default 120 s); with a 1-minute limit
-    that signal came at once and the job stopped at its start."""
+    """submitit asks SLURM for a signal signal_delay_s before the limit (default 120 s; SLURM may send it up to
+    60 s earlier). With a 1-minute limit it came at once and ended the job at its start; it only serves a
+    requeue, so without one (max_num_timeout=0) it is asked for at the limit."""
     cfg = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.timeout_min=1"])
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert params["signal_delay_s"] == 120
+    assert params["signal_delay_s"] == 120 and params["max_num_timeout"] == 0
+    assert slurm.plan_request(params, [cfg], "p", [NODE])["signal_delay_s"] == 0
+    params["max_num_timeout"] = 3
     assert slurm.plan_request(params, [cfg], "p", [NODE])["signal_delay_s"] == 30
     params["timeout_min"] = 600
     assert slurm.plan_request(params, [cfg], "p", [NODE])["signal_delay_s"] == 120

@@ -35,14 +35,23 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def hydra_overrides() -> list[str] | None:
+    """This job's command-line overrides (what distinguishes it within a sweep; under SLURM ``argv`` is
+    submitit's), or None outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
 def write_run_info(run_dir: str | Path, seed: int | None, extra: dict | None = None) -> Path:
-    """Write RUN/run_info.json: git commit and dirty flag, package versions, python, argv, seed."""
+    """Write RUN/run_info.json: git commit and dirty flag, package versions, python, argv, Hydra overrides, seed."""
     info = {
         "git": git_state(),
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "argv": sys.argv,
+        "overrides": hydra_overrides(),
         "seed": seed,
         **(extra or {}),
     }

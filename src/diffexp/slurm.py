@@ -167,9 +167,13 @@ def job_resources(cfg: DictConfig, params: dict, partition_gpus: int) -> dict:
     return out
 
 
-def job_error(error: BaseException, params: dict, sweep_dir, cancelled: list[str]) -> SlurmJobError:
-    """The error that ends a sweep whose SLURM job ended without a result: what happened, what was cancelled,
-    where the logs are, then submitit's own account."""
+def job_error(error: BaseException, params: dict, sweep_dir, watcher: SqueueWatcher,
+              failed: str | None = None) -> SlurmJobError:
+    """The error that ends a sweep whose SLURM job (``failed``, else read from submitit's message) ended without
+    a result: what happened, which of the sweep's other jobs were cancelled, where the logs are, then submitit's
+    own account."""
+    match = re.search(r"Job (\S+) \(task", str(error))
+    cancelled = watcher.cancel_unfinished(failed or (match.group(1) if match else None))
     timed_out = "timed-out" in str(error) or "TIMEOUT" in str(error)
     return SlurmJobError(
         "a SLURM job of this sweep ended without a result"
@@ -193,7 +197,11 @@ def plan_request(params: dict, job_configs: list[DictConfig], partition: str, no
         resources = job
     planned = {**params, **resources}
     check_request(planned, partition, nodes)
-    planned["signal_delay_s"] = min(int(params.get("signal_delay_s") or 0), planned["timeout_min"] * 30)
+    # submitit's warning signal (signal_delay_s before the limit, and SLURM may send it up to 60 s earlier) only
+    # serves a requeue; without one (max_num_timeout=0) it would end a short job early: ask for it at the limit
+    requeues = int(params.get("max_num_timeout") or 0) > 0
+    delay = min(int(params.get("signal_delay_s") or 0), planned["timeout_min"] * 30)
+    planned["signal_delay_s"] = delay if requeues else 0
     accelerator = str((job_configs[0].get("trainer") or {}).get("accelerator", "auto"))
     if partition_gpus and planned.get("gpus_per_node") is None and accelerator not in GPU_ACCELERATORS:
         submitit_logging.get_logger().warning(
@@ -239,10 +247,12 @@ class SqueueWatcher(SlurmInfoWatcher):
             return {}
         return self.read_info(out.stdout) if out.returncode == 0 else {}
 
-    def cancel_unfinished(self) -> list[str]:
-        """``scancel`` every job of this process still queued or running; returns their ids."""
+    def cancel_unfinished(self, failed: str | None = None) -> list[str]:
+        """``scancel`` every job of this process still queued or running but ``failed`` (and array parents,
+        whose tasks are listed themselves); returns their ids."""
         self.update()
-        unfinished = sorted(self._registered - self._finished)
+        active = self._registered - self._finished - {failed}
+        unfinished = sorted(j for j in active if not any(k.startswith(f"{j}_") for k in self._registered))
         if unfinished:
             subprocess.run(["scancel", *unfinished], capture_output=True, timeout=60)
         return unfinished

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import submitit
 from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from submitit.slurm.slurm import SlurmJob
 
@@ -36,12 +37,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         except submitit.core.utils.FailedSubmissionError as e:
             raise SlurmJobError(f"sbatch refused the job: {e}") from None
         except submitit.core.utils.UncompletedJobError as e:  # killed, cancelled, node failure
-            raise job_error(e, params, sweep_dir, watcher.cancel_unfinished()) from None
+            raise job_error(e, params, sweep_dir, watcher) from None
         finally:
             self.params = saved
         for job in returns:  # a job stopped by submitit's own time-limit signal
             if job.status == JobStatus.FAILED and type(job._return_value).__module__.startswith("submitit"):
-                raise job_error(job._return_value, params, sweep_dir, watcher.cancel_unfinished())
+                raise job_error(job._return_value, params, sweep_dir, watcher, failed=str(OmegaConf.select(job.hydra_cfg, "hydra.job.id")))
         return returns
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, singleton_state):
