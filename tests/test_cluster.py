@@ -2,8 +2,8 @@
 
 The SLURM tests start a one-node cluster with experiments/cluster/slurm_local.sh (root needed). Under
 CI=true a missing prerequisite is installed (Debian's packages) or the test fails; elsewhere they skip
-and say how to run them: `sudo experiments/cluster/slurm_local.sh install`, then
-`DIFFEXP_TEST_SLURM=1 python -m pytest -m slow tests/test_cluster.py` as root.
+and say how to run them, as root: `experiments/cluster/slurm_local.sh install`, then
+`DIFFEXP_TEST_SLURM=1 python -m pytest -m slow tests/test_cluster.py`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def missing(reason: str):
     """Fail under CI (a prerequisite CI must provide), skip with instructions elsewhere."""
     if IN_CI:
         pytest.fail(reason)
-    pytest.skip(f"{reason}. To run: `sudo {SCRIPT.relative_to(ROOT)} install`, then as root "
+    pytest.skip(f"{reason}. To run, as root: `{SCRIPT.relative_to(ROOT)} install`, then "
                 f"`DIFFEXP_TEST_SLURM=1 python -m pytest -m slow tests/test_cluster.py` (CI=true does this itself)")
 
 

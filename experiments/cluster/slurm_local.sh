@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on this machine, for trying and testing hydra/launcher=slurm.
 #
-#   sudo experiments/cluster/slurm_local.sh install   # Debian/Ubuntu: slurmctld slurmd slurm-client munge
-#   sudo experiments/cluster/slurm_local.sh start     # prints the `export SLURM_CONF=...` to use
-#   sudo experiments/cluster/slurm_local.sh status
-#   sudo experiments/cluster/slurm_local.sh stop      # stops the daemons by PID, keeps the logs
+#   experiments/cluster/slurm_local.sh install   # Debian/Ubuntu: slurmctld slurmd slurm-client munge
+#   experiments/cluster/slurm_local.sh start     # prints the `export SLURM_CONF=...` to use
+#   experiments/cluster/slurm_local.sh status
+#   experiments/cluster/slurm_local.sh stop      # cancels its jobs, stops the daemons by PID, keeps the logs
 #
 # Everything lives under $SLURM_LOCAL_DIR (default /tmp/diffexp-slurm): slurm.conf (sized from nproc and
 # free), a fresh munge key and socket, state, spool, logs and PID files. Nothing under /etc is changed.
@@ -24,7 +24,7 @@ have_slurm() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null &
                && command -v munged >/dev/null; }
 
 install() {
-  [ "$(id -u)" = 0 ] || die "installing needs root (apt-get); run it with sudo"
+  [ "$(id -u)" = 0 ] || die "installing needs root (apt-get); run it as root (sudo)"
   command -v apt-get >/dev/null || die "no apt-get: install SLURM (slurmctld, slurmd, client) and munge yourself"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
@@ -75,7 +75,7 @@ EOF
 }
 
 start() {
-  [ "$(id -u)" = 0 ] || die "starting the daemons needs root; run it with sudo"
+  [ "$(id -u)" = 0 ] || die "starting the daemons needs root; run it as root (sudo)"
   if ! have_slurm; then
     if [ "${CI:-}" = "true" ]; then install; else die "SLURM is not installed: run '$0 install' (apt-get, as root)"; fi
   fi

@@ -184,8 +184,8 @@ def job_error(error: BaseException, params: dict, sweep_dir, watcher: SqueueWatc
 
 def plan_request(params: dict, job_configs: list[DictConfig], partition: str, nodes: list[dict]) -> dict:
     """The launcher parameters for these jobs: resources derived per job (all jobs must agree, since they are
-    submitted as one array), checked against the partition; ``signal_delay_s`` (the warning signal before
-    the time limit) kept within half the time limit."""
+    submitted as one array), checked against the partition; ``signal_delay_s`` (submitit's warning signal
+    before the time limit) 0 unless the job may be requeued, and then within half the time limit."""
     partition_gpus = max(n["gpus"] for n in nodes)
     resources = None
     for cfg in job_configs:

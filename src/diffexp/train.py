@@ -1,7 +1,6 @@
 """train.py's run(cfg): build data, model, callbacks, loggers, trainer; fit; return the swept metric."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import traceback
@@ -14,6 +13,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffexp.cache import weights_fingerprint
 from diffexp.config import build_model, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
@@ -70,25 +70,13 @@ def effective_batch(cfg: DictConfig, trainer) -> dict:
             "accumulate_grad_batches": accumulate, "effective_batch_size": per_device * trainer.world_size * accumulate}
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every state-dict entry's name and bytes (``repr`` for extra state such as a tokenizer's
-    vocabulary): equal digests mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode())
-        if torch.is_tensor(value):
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-
 def check_replicas(module: torch.nn.Module) -> list[str]:
-    """The weights digest of every rank (one entry without a process group); raises if DDP replicas differ.
+    """The weights fingerprint (:func:`diffexp.cache.weights_fingerprint`) of every rank (one entry without a
+    process group); raises if DDP replicas differ.
 
     DDP keeps replicas identical by construction (same initial weights, all-reduced gradients, same optimizer
     steps); a difference means something rank-dependent leaked into the update."""
-    digest = weights_digest(module)
+    digest = weights_fingerprint(module)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [digest]
     digests = [None] * torch.distributed.get_world_size()
