@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from diffexp.compare import read_metrics
-from diffexp.course import load, notebook_settings, train
+from diffexp.course import data_of, load, notebook_settings, train
 from diffexp.metrics.evaluate import evaluate
 from diffexp.samplers import DDIMSampler
 from diffexp.sample import draw_samples
@@ -59,7 +59,7 @@ for name in ["linear", "quadratic", "cosine"]:
     n = 64 if FAST else 256
     images = draw_samples(model, n, DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type,
                                                 progress=False), seed=0, batch_size=256, progress=False)
-    scores = evaluate(["fid_digits", "digits_classifier"], images, train_cfg=cfg)
+    scores = evaluate(["fid_digits", "digits_classifier"], images, data_of(cfg))
     results[name] = {"run": run_dir, "images": images, "losses": read_metrics(run_dir)["train/loss"],
                      "fid_digits": scores["fid_digits"]["value"],
                      "recognised": scores["digits_classifier"]["confident_fraction"]}

@@ -20,7 +20,7 @@
 # 3. make $x_t=\sqrt{\bar\alpha_t}x_0+\sqrt{1-\bar\alpha_t}\varepsilon$,
 # 4. predict $\hat\varepsilon=\epsilon_\theta(x_t,t)$, 5. descend on $\|\hat\varepsilon-\varepsilon\|^2$.
 #
-# We write it out with diffexp's pieces, then show that `PixelDiffusion.loss` computes exactly
+# We write it out with diffexp's pieces, then show that `DiffusionModel.loss` computes exactly
 # the same number, and finally hand the loop to Lightning.
 
 # %%
@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from diffexp.course import notebook_settings
 from diffexp.data import DigitsDataModule
 from diffexp.diffusion import q_sample
-from diffexp.lit.pixel import PixelDiffusion
+from diffexp.lit import DiffusionModel
 from diffexp.nets import UNet
 from diffexp.schedules import get_schedule
 
@@ -97,11 +97,11 @@ plt.show()
 
 # %% [markdown]
 # ## The same thing in the LightningModule
-# `PixelDiffusion.loss` draws t and noise the same way and computes the same MSE (plus optional
+# `DiffusionModel.loss` draws t and noise the same way and computes the same MSE (plus optional
 # min-SNR weighting and other prediction targets). With the same random state the numbers agree:
 
 # %%
-module = PixelDiffusion(net, schedule, prediction_type="epsilon")
+module = DiffusionModel(net, schedule, prediction_type="epsilon")
 batch = next(iter(data.train_dataloader()))
 torch.manual_seed(123)
 by_module = module.loss(batch).item()

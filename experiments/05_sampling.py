@@ -27,7 +27,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from diffexp.course import load, notebook_settings, train
+from diffexp.course import data_of, load, notebook_settings, train
 from diffexp.diffusion import prediction_to_x0_eps
 from diffexp.metrics.evaluate import evaluate
 from diffexp.sample import draw_samples
@@ -97,7 +97,7 @@ for sampler_name, steps_list in grid:
         start = time.perf_counter()
         images = draw_samples(model, n, sampler, seed=0, batch_size=500, progress=False)
         seconds = time.perf_counter() - start
-        fid = evaluate(["fid_digits"], images, train_cfg=cfg)["fid_digits"]["value"]
+        fid = evaluate(["fid_digits"], images, data_of(cfg))["fid_digits"]["value"]
         rows.append({"sampler": sampler_name, "steps": s, "fid_digits": fid, "seconds": seconds})
         print(f"{sampler_name}-{s:4d}: fid_digits {fid:.3f}  {seconds:.1f} s for {n} images")
 fig = quality_vs_steps_figure(rows, "fid_digits")

@@ -40,14 +40,14 @@ ckpt = train(["experiment=shapes_text2img"] + (["data.num_train=512"] if FAST el
              steps=steps)
 model, cfg = load(ckpt)
 sampler = DDIMSampler(model.schedule, steps=10 if FAST else 20, prediction_type=model.prediction_type, progress=False)
-print("text encoder:", type(model.text_encoder).__name__, "width", model.text_encoder.dim)
+print("text encoder:", type(model.conditioner.encoder).__name__, "width", model.conditioner.encoder.dim)
 
 # %% [markdown]
 # ## What the text encoder produces
 # Tokens (one vector per word) feed cross-attention; a mask hides the padding.
 
 # %%
-embedding = model.text_encoder(["a red circle in the top left", ""])
+embedding = model.conditioner.encoder(["a red circle in the top left", ""])
 print("tokens", tuple(embedding.tokens.shape), "mask", embedding.mask.int().tolist())
 
 # %% [markdown]

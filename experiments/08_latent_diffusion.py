@@ -30,8 +30,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffexp.config import instantiate
 from diffexp.course import load, notebook_settings, train
-from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
-from diffexp.lit.vae import load_autoencoder
+from diffexp.autoencoders import load_autoencoder
+from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.samplers import DDIMSampler
 from diffexp.viz.images import make_grid
 
@@ -68,7 +68,7 @@ plt.show()
 # Diffusion assumes data of roughly unit variance (the noise it adds is N(0, I)). Raw latents are
 # not: LDM multiplies them by $1/\mathrm{std}$ of the training latents, estimated once (SD's
 # published 0.18215 is exactly that number for its VAE). diffexp estimates it when latent training
-# starts and stores it in the checkpoint (`latent_scale`), so sampling and resuming use the same value.
+# starts and stores it in the checkpoint (`space.latent_scale`), so sampling and resuming use the same value.
 
 # %%
 with torch.no_grad():
@@ -82,7 +82,7 @@ print(f"scale factor 1/std = {scale:.4f}")
 
 # %% [markdown]
 # ## Step 2: diffusion on the latents
-# `LatentDiffusion` is `PixelDiffusion` with an encode before the loss and a decode after sampling;
+# `model=latent` is the same `DiffusionModel` with a latent space: an encode before the loss and a decode after sampling;
 # schedules, samplers, the U-Net, EMA and callbacks are shared.
 
 # %%
@@ -90,7 +90,7 @@ ldm_steps = 20 if FAST else 600
 ldm_ckpt = train(["experiment=shapes_latent", f"vae.ckpt={vae_ckpt}"] + small_data, RUNS / "latent",
                  steps=ldm_steps)
 model, cfg = load(ldm_ckpt)
-print("U-Net input", model.sample_shape, "stored scale", round(model.latent_scale.item(), 4))
+print("U-Net input", model.sample_shape, "stored scale", round(model.space.latent_scale.item(), 4))
 sampler = DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type, progress=False)
 traj = model.sample(8, sampler=sampler, generator=torch.Generator().manual_seed(0), return_trajectory=True,
                     progress=False)

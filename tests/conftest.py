@@ -26,6 +26,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)
 SHRINK = [
     "trainer.max_steps=4",
+    "eval_every=2",
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
@@ -33,12 +34,9 @@ SHRINK = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "data.batch_size=8",
-    "callbacks.sample_grid.every_n_steps=2",
     "callbacks.sample_grid.n=4",
-    "callbacks.denoising_grid.every_n_steps=2",
     "callbacks.denoising_grid.num_images=2",
     "callbacks.denoising_grid.frames=3",
-    "callbacks.model_checkpoint.every_n_train_steps=2",
     "sampler.steps=3",
     "sampler.progress=false",
     "++callbacks.fid.every_n_steps=4",
@@ -47,6 +45,7 @@ SHRINK = [
 ]
 
 README = ROOT / "README.md"
+WORDS = ["a", "small", "large", "red", "blue", "circle", "square", "in", "the", "top", "left", "center"]
 
 
 def readme_commands() -> list[str]:
@@ -148,4 +147,61 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_config("train", SHRINK, out)
     run(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def tiny_hf_folder(tmp_path, kind: str):
+    """A random-weight CLIP text model or T5 encoder + a word-level tokenizer, saved as a local folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                             pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    else:
+        model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=48, num_layers=2,
+                                        num_heads=3, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def run_script(script: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 900,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """``python ROOT/<script> ARGS`` (train.py, sample.py) from ``cwd`` (default ROOT) in a user's environment
+    (:func:`user_env` of ``cwd``: offline, a private cache);
+    with ``check`` a non-zero exit fails the test with the output's tail."""
+    if env is None:
+        env = user_env(Path(cwd)) if cwd is not None else {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{script} {args}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+# a few seconds of autoencoder training on shapes
+VAE_SHRINK = [
+    "experiment=shapes_vae", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "data.batch_size=8", "data.num_train=64", "data.num_val=16", "model.net.base_channels=16",
+    "eval_every=2", "paths.latest_link=null",
+]
+
+
+@pytest.fixture(scope="session")
+def vae_ckpt(tmp_path_factory) -> Path:
+    """A shapes VAE checkpoint of a few training steps (trained once per test session)."""
+    from diffexp.train import run
+
+    out = tmp_path_factory.mktemp("vae_run")
+    run(compose_config("train", VAE_SHRINK, out))
     return out / "checkpoints" / "last.ckpt"

@@ -42,20 +42,28 @@ def test_rank_split_and_merge_restore_sample_order(world, k):
     assert torch.equal(merge_rank_features(gathered, k)[:, 0], torch.arange(k).double())
 
 
-def test_denoising_grids(tiny_checkpoint):
+def test_log_images_grids(tiny_checkpoint):
+    """The module draws its own images: forward rows (x_t, x0_hat), reverse rows, samples; callbacks only send them."""
     from diffexp.sample import load_model
 
     model, _ = load_model(tiny_checkpoint)
-    cb = DenoisingGrid(num_images=2, timesteps=(0, 500, 999), num_trajectories=1, frames=4,
-                       sampler=DDIMSampler(model.schedule, steps=5, progress=False))
+    sampler = DDIMSampler(model.schedule, steps=5, progress=False)
     images = torch.rand(2, 1, 16, 16) * 2 - 1
-    forward = cb.forward_grid(model, images)
-    assert forward.shape == (2 * 2 * 3, 1, 16, 16)
-    assert torch.allclose(forward[0], images[0], atol=0.05)  # x_t at t=0 is (nearly) the image itself
-    reverse = cb.reverse_grid(model)
-    assert reverse.shape == (2 * 4, 1, 16, 16) and reverse.abs().max() <= 1
+    grids = model.log_images({"image": images}, samples=3, timesteps=(0, 500, 999), trajectories=1, frames=4,
+                             sampler=sampler, seed=0, options_for_other_modules=True)
+    assert set(grids) == {"samples", "denoising/forward", "denoising/reverse"}
+    forward = grids["denoising/forward"]
+    assert forward.shape == (2 * 2, 3, 1, 16, 16)  # per image: a row of x_t, a row of x0_hat
+    assert torch.allclose(forward[0, 0], images[0], atol=0.05)  # x_t at t=0 is (nearly) the image itself
+    reverse = grids["denoising/reverse"]
+    assert reverse.shape == (2, 4, 1, 16, 16) and reverse.abs().max() <= 1
+    x_T, cond = model.monitoring_inputs(3, 0)
+    assert cond == {} and torch.equal(grids["samples"], model.sample(3, sampler=sampler, x_T=x_T, progress=False))
+    assert model.log_images(None) == {}
     with pytest.raises(ValueError, match="outside"):
-        DenoisingGrid(timesteps=(1000,)).forward_grid(model, images)
+        model.log_images({"image": images}, timesteps=(1000,))
+    with pytest.raises(ValueError, match="every_n_steps"):
+        DenoisingGrid(every_n_steps=0)
 
 
 @pytest.mark.slow
@@ -85,7 +93,7 @@ def test_training_with_wandb_offline_fid_and_images(tmp_path):
 def test_ddp_two_processes_fid_equals_single_process(tmp_path):
     """2 CPU processes (gloo): one checkpoint, synced metrics, FID equal to one process on the same samples."""
     from diffexp.callbacks.ema import ema_state_from_checkpoint
-    from diffexp.lit.pixel import CONFIG_KEY
+    from diffexp.checkpoints import CONFIG_KEY
     from diffexp.metrics.features import build_feature_extractor
     from diffexp.metrics.reference import reference_features
     from diffexp.sample import load_model

@@ -5,29 +5,13 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from tests.conftest import SHRINK, compose_config
+from tests.conftest import SHRINK, VAE_SHRINK, compose_config
 from diffexp.autoencoders import DiffusersAutoencoder, OwnAutoencoder
 from diffexp.config import build_model
-from diffexp.lit.checkpoint import CONFIG_KEY
+from diffexp.checkpoints import CONFIG_KEY
 from diffexp.nets import AutoencoderKL, DiagonalGaussian
 
-# a few seconds of autoencoder training on shapes
-VAE_SHRINK = [
-    "experiment=shapes_vae", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "data.batch_size=8", "data.num_train=64", "data.num_val=16", "model.net.base_channels=16",
-    "callbacks.model_checkpoint.every_n_train_steps=2", "paths.latest_link=null",
-]
-LATENT = ["experiment=shapes_latent", "data.num_train=64", "data.num_val=16", "model.scale_estimate_images=32"]
-
-
-@pytest.fixture(scope="module")
-def vae_ckpt(tmp_path_factory):
-    from diffexp.train import run
-
-    out = tmp_path_factory.mktemp("vae_run")
-    run(compose_config("train", VAE_SHRINK, out))
-    return out / "checkpoints" / "last.ckpt"
+LATENT = ["experiment=shapes_latent", "data.num_train=64", "data.num_val=16", "model.space.scale_estimate_images=32"]
 
 
 @pytest.mark.parametrize("mult,f", [([1], 1), ([1, 2], 2), ([1, 2, 2], 4), ([1, 1, 2, 2], 8)])
@@ -60,7 +44,7 @@ def test_kl_matches_torch_distributions_and_is_zero_only_at_the_prior():
 
 
 def test_vae_loss_is_reconstruction_plus_weighted_kl():
-    from diffexp.lit.vae import VAETraining
+    from diffexp.lit import VAETraining
 
     torch.manual_seed(0)
     net = AutoencoderKL(base_channels=16, channel_mult=[1, 2])
@@ -84,12 +68,16 @@ def test_vae_run_writes_checkpoint_reconstructions_and_psnr(vae_ckpt):
     assert net.latent_channels == 4 and net.downsampling_factor == 4
 
 
-def test_model_vae_with_sampling_callbacks_fails_before_training(tmp_path):
-    from diffexp.train import build
+def test_model_vae_with_the_default_callbacks(tmp_path):
+    """The VAE draws its own images (log_images), so callbacks=default works; sampling callbacks say why not."""
+    from diffexp.train import build, run
 
-    cfg = compose_config("train", ["experiment=shapes_vae", "callbacks=default"], tmp_path / "run")
+    run(compose_config("train", VAE_SHRINK + ["callbacks=default"], tmp_path / "run"))
+    assert sorted((tmp_path / "run" / "images").glob("reconstructions_*.png"))
+    cfg = compose_config("train", VAE_SHRINK + ["callbacks=[default,fid]", "callbacks.fid.metrics=[fid_shapes]"],
+                         tmp_path / "fid")
     with pytest.raises(ValueError, match="callbacks=vae"):
-        build(cfg)
+        run(cfg)
     cfg = compose_config("train", ["model=vae", "callbacks=vae"], tmp_path / "run")  # quickstart's diffusion options
     with pytest.raises(TypeError, match="experiment=shapes_vae"):
         build(cfg)
@@ -115,19 +103,19 @@ def test_mismatched_latent_channels_or_size_fail_before_training(tmp_path, vae_c
 
 
 def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_ckpt, monkeypatch):
-    from diffexp.lit.latent import LatentDiffusion
     from diffexp.sample import load_model
+    from diffexp.spaces import LatentSpace
     from diffexp.train import run
 
     monkeypatch.setenv("DIFFEXP_CACHE", str(tmp_path / "cache"))
     calls = []
-    estimate = LatentDiffusion.estimate_scale
-    monkeypatch.setattr(LatentDiffusion, "estimate_scale", lambda self, ds: calls.append(1) or estimate(self, ds))
+    estimate = LatentSpace.estimate_scale
+    monkeypatch.setattr(LatentSpace, "estimate_scale", lambda self, ds: calls.append(1) or estimate(self, ds))
     overrides = SHRINK + LATENT + [f"vae.ckpt={vae_ckpt}", "paths.latest_link=null"]
     run(compose_config("train", overrides, tmp_path / "first"))
     assert len(calls) == 1
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    scale = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]["latent_scale"].item()
+    scale = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]["space.latent_scale"].item()
 
     # the estimate is 1/std of the raw training latents (cached ones, in dataset order)
     model, cfg = load_model(ckpt)
@@ -136,15 +124,15 @@ def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     images = torch.stack([datamodule.train_set[i]["image"] for i in range(32)])
-    raw = model.autoencoder.encode(images, 1.0)
+    raw = model.space.autoencoder.encode(images, 1.0)
     assert scale == pytest.approx(1.0 / raw.flatten().std().item(), rel=1e-4)
-    assert model.latent_scale.item() == scale
+    assert model.space.latent_scale.item() == scale
 
     # resuming keeps the stored value: no second estimate
     run(compose_config("train", overrides + [f"ckpt_path={ckpt}", "trainer.max_steps=6"], tmp_path / "resumed"))
     assert len(calls) == 1
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["state_dict"]["latent_scale"].item() == scale and resumed["global_step"] == 6
+    assert resumed["state_dict"]["space.latent_scale"].item() == scale and resumed["global_step"] == 6
 
 
 def test_latent_sampling_returns_images_at_data_size(tmp_path, vae_ckpt, monkeypatch):
@@ -209,13 +197,13 @@ def test_pretrained_vae_uses_its_published_scale_and_needs_no_estimate(tmp_path,
     from omegaconf import OmegaConf
 
     cfg = compose_config("train", SHRINK + ["data=shapes", "model=latent", "vae=taesd", "unet.in_channels=null",
-                                            "unet.image_size=null", "unet.channel_mult=[1]", "model.scale_factor=null"],
+                                            "unet.image_size=null", "unet.channel_mult=[1]", "model.space.scale_factor=null"],
                          tmp_path / "run")
     cfg.vae = OmegaConf.create({"_target_": "diffexp.autoencoders.DiffusersAutoencoder", "kind": "tiny",
                                 "config": TINY_TAESD})
     model = build_model(cfg)
     assert cfg.unet.in_channels == 4 and cfg.unet.image_size == 8
-    assert model.latent_scale.item() == 1.0 and model.sample_shape == (4, 8, 8)
+    assert model.space.latent_scale.item() == 1.0 and model.sample_shape == (4, 8, 8)
     images = model.sample(2, generator=torch.Generator().manual_seed(0), progress=False,
                           sampler=model.make_sampler().__class__(model.schedule, steps=2))
     assert images.shape == (2, 3, 32, 32)
@@ -243,27 +231,49 @@ def test_latent_cache_is_reused(tmp_path):
     torch.testing.assert_close(encode_dataset(dataset, ae, cache_dir=tmp_path), latents)
 
 
-def test_checkpoint_of_latent_run_records_the_vae(tmp_path, vae_ckpt, monkeypatch):
+def test_latent_checkpoint_is_self_contained(tmp_path, vae_ckpt, monkeypatch):
+    """The latent checkpoint carries its VAE's weights and architecture: sample.py works after the VAE file is gone."""
+    import shutil
+
+    from diffexp.sample import load_model
+    from diffexp.sample import run as sample_run
     from diffexp.train import run
 
     monkeypatch.setenv("DIFFEXP_CACHE", str(tmp_path / "cache"))
-    run(compose_config("train", SHRINK + LATENT + [f"vae.ckpt={vae_ckpt}", "paths.latest_link=null",
-                                                   "model.cache_latents=false"], tmp_path / "run"))
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint[CONFIG_KEY]["vae"]["ckpt"] == str(vae_ckpt)
-    assert not any(k.startswith("autoencoder.") for k in checkpoint["state_dict"])  # frozen: not copied
+    vae_copy = tmp_path / "vae_run" / "last.ckpt"
+    vae_copy.parent.mkdir()
+    shutil.copy(vae_ckpt, vae_copy)
+    run(compose_config("train", SHRINK + LATENT + [f"vae.ckpt={vae_copy}", "paths.latest_link=null",
+                                                   "cache_latents=false"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert checkpoint[CONFIG_KEY]["vae"]["ckpt"] == str(vae_copy)  # where it came from, for the record
+    assert checkpoint[CONFIG_KEY]["vae"]["architecture"]["latent_channels"] == 4
     assert checkpoint[CONFIG_KEY]["unet"]["in_channels"] == 4  # null in the preset, filled from the VAE
+    vae_weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("space.autoencoder.net.")}
+    original = torch.load(vae_copy, map_location="cpu", weights_only=False)["state_dict"]
+    assert vae_weights and all(torch.equal(v, original[k[len("space.autoencoder."):]]) for k, v in vae_weights.items())
+    before, _ = load_model(ckpt)
+    shutil.rmtree(vae_copy.parent)  # the VAE run directory is deleted
+    after, _ = load_model(ckpt)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(after.sample(2, x_T=noise, progress=False), before.sample(2, x_T=noise, progress=False))
+    out = tmp_path / "samples"
+    sample_run(compose_config("sample", [f"ckpt={ckpt}", "n=2", "sampler.steps=2", f"out={out}"], tmp_path / "s"))
+    assert (out / "grid.png").is_file()
 
 
 def test_latent_models_never_clip_latents_to_the_pixel_range():
-    from diffexp.lit.latent import LatentDiffusion
+    from diffexp.lit import DiffusionModel
     from diffexp.nets import UNet
     from diffexp.samplers import DDIMSampler
     from diffexp.schedules import get_schedule
+    from diffexp.spaces import LatentSpace
 
     ae = OwnAutoencoder(net=AutoencoderKL(base_channels=16, channel_mult=[1, 2]))
-    model = LatentDiffusion(UNet(16, 4, base_channels=32, channel_mult=[1], attention_resolutions=[]), ae, 32,
-                            scale_factor=1.0, schedule=get_schedule("linear"))
+    model = DiffusionModel(UNet(16, 4, base_channels=32, channel_mult=[1], attention_resolutions=[]),
+                           get_schedule("linear"), space=LatentSpace(ae, 32, scale_factor=1.0))
+    given = DDIMSampler(model.schedule, steps=2, clip_sample=True)
     with pytest.warns(UserWarning, match="clip_sample"):
-        sampler = model.make_sampler(DDIMSampler(model.schedule, steps=2, clip_sample=True))
-    assert sampler.clip_sample is False
+        sampler = model.make_sampler(given)
+    assert sampler.clip_sample is False and given.clip_sample is True  # a copy: the sampler given is unchanged

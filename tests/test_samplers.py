@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffexp.samplers import DDIMSampler, DDPMSampler, get_sampler, spaced_timesteps
-from diffexp.schedules import get_schedule
+from diffexp.samplers import SAMPLERS, DDIMSampler, DDPMSampler, Sampler, get_sampler, spaced_timesteps
+from diffexp.schedules import alpha_bar_at, get_schedule
 
 T = 1000
 
@@ -32,14 +32,14 @@ def gaussian_denoiser(schedule, mu, sigma, prediction_type):
     return model_fn
 
 
-SAMPLER_CASES = [
-    ("ddpm", {}),
-    ("ddpm", {"variance_type": "fixed_large"}),
-    ("ddim", {"steps": 50}),
-    ("ddim", {"steps": 50, "eta": 1.0}),
-    ("ddim", {"steps": 20, "timestep_spacing": "trailing"}),
-    ("ddim", {"steps": 30, "timestep_spacing": "linspace"}),
-]
+# every registered sampler with its defaults, plus settings worth checking on their own
+EXTRA_CASES = {
+    "ddpm": [{"variance_type": "fixed_large"}],
+    "ddim": [{"steps": 50, "eta": 1.0}, {"steps": 20, "timestep_spacing": "trailing"},
+             {"steps": 30, "timestep_spacing": "linspace"}],
+}
+SAMPLER_CASES = [(name, {}) for name in sorted(SAMPLERS)] + [
+    (name, kwargs) for name in sorted(SAMPLERS) for kwargs in EXTRA_CASES.get(name, [])]
 
 
 @pytest.mark.parametrize("name,kwargs", SAMPLER_CASES)
@@ -72,6 +72,40 @@ class TestEverySampler:
         assert traj.timesteps == sorted(traj.timesteps, reverse=True)
         final = sampler.sample(toy_model, x_T=x_T, generator=torch.Generator().manual_seed(0))
         assert torch.equal(final, traj.sample)
+
+    def test_nfe_counted_and_sampler_not_mutated(self, name, kwargs):
+        sampler = self.make(name, kwargs)
+        before = dict(vars(sampler))
+        calls = []
+        traj = sampler.sample(lambda x, t: calls.append(1) or toy_model(x, t), shape=(1, 1, 2, 2),
+                              generator=torch.Generator().manual_seed(0), return_trajectory=True)
+        assert traj.nfe == len(calls) == sampler.nfe
+        assert vars(sampler).keys() == before.keys()
+        assert all(vars(sampler)[k] is v for k, v in before.items())
+        other = sampler.with_options(clip_sample=not sampler.clip_sample)
+        assert other.clip_sample != sampler.clip_sample and sampler.clip_sample == before["clip_sample"]
+
+    def test_start_step_and_step_hook(self, name, kwargs):
+        """Starting at step k runs the remaining steps only; the hook's x is what the next step sees."""
+        sampler = self.make(name, kwargs)
+        k = len(sampler.timesteps) // 2
+        x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        traj = sampler.sample(toy_model, x_T=x_t, start_step=k, generator=torch.Generator().manual_seed(0),
+                              return_trajectory=True)
+        assert traj.timesteps == [t.item() for t in sampler.timesteps[k:]] and torch.equal(traj.xs[0], x_t)
+        seen = []
+        pinned = torch.zeros(1, 4, 4)
+
+        def hook(i, t_prev, x):
+            seen.append(i)
+            return torch.cat([pinned[None], x[1:]])
+
+        traj = sampler.sample(toy_model, x_T=x_t, on_step=hook, generator=torch.Generator().manual_seed(0),
+                              return_trajectory=True)
+        assert seen == list(range(len(sampler.timesteps)))
+        assert all(torch.equal(x[0], pinned) for x in traj.xs[1:]) and torch.equal(traj.sample[0], pinned)
+        with pytest.raises(ValueError, match="start_step"):
+            sampler.sample(toy_model, x_T=x_t, start_step=len(sampler.timesteps))
 
     @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
     def test_gaussian_oracle_mean(self, name, kwargs, prediction_type):
@@ -173,7 +207,7 @@ def test_linspace_uses_actual_previous_timestep():
     eps = torch.randn_like(x)
     abar = schedule.alphas_cumprod
     t, t_prev = ts[0], ts[1]
-    x_prev, x0 = sampler.step(eps, t, t_prev, x)
+    x_prev, x0 = sampler.step(sampler.denoiser(lambda x, t: eps), x, t, t_prev)
     expected_x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
     assert torch.allclose(x0, expected_x0.float())
     assert torch.allclose(x_prev, (abar[t_prev].sqrt() * expected_x0 + (1 - abar[t_prev]).sqrt() * eps).float(),
@@ -203,3 +237,50 @@ def test_bad_settings():
         get_sampler("euler", s)
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         DDIMSampler(get_schedule("linear", T, rescale_zero_terminal_snr=True), prediction_type="epsilon")
+
+
+class HalfStepDDIM(DDIMSampler):
+    """A sampler written only against the loop contract: deterministic DDIM that visits the midpoint between
+    two timesteps (a float t) with a second model call, keeping the count of steps in ``state``."""
+
+    @property
+    def nfe(self):
+        return 2 * len(self.timesteps) - 1
+
+    def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
+        state["steps"] = state.get("steps", 0) + 1
+        if t_prev < 0:
+            return super().step(denoiser, x_t, t, t_prev, generator, state)
+        mid = (t + t_prev) / 2 + 0.5
+        x_mid, _ = super().step(denoiser, x_t, t, mid, generator, state)
+        return super().step(denoiser, x_mid, mid, t_prev, generator, state)
+
+
+def test_loop_contract_allows_two_calls_per_step_and_float_times():
+    schedule = get_schedule("linear", T)
+    seen_t = []
+
+    def model_fn(x, t):
+        seen_t.append(t[0].item())
+        return gaussian_denoiser(schedule, 0.5, 0.3, "epsilon")(x, t.round().long())
+
+    sampler = HalfStepDDIM(schedule, steps=10, progress=False)
+    traj = sampler.sample(model_fn, shape=(2000, 1, 2, 2), generator=torch.Generator().manual_seed(0),
+                          return_trajectory=True)
+    assert traj.nfe == 19 == sampler.nfe and any(not float(t).is_integer() for t in seen_t)
+    assert traj.sample.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_alpha_bar_at_interpolates_log_sigma():
+    abar = get_schedule("cosine", T).alphas_cumprod
+    assert alpha_bar_at(abar, 500.0).item() == pytest.approx(abar[500].item(), rel=1e-12)
+    mid = alpha_bar_at(abar, 500.5).item()
+    sigma = lambda a: ((1 - a) / a) ** 0.5  # noqa: E731
+    expected = (sigma(abar[500].item()) * sigma(abar[501].item())) ** 0.5  # geometric mean of the sigmas
+    assert sigma(mid) == pytest.approx(expected, rel=1e-10)
+    assert abar[501].item() < mid < abar[500].item()
+
+
+def test_registry_is_the_source_of_sampler_names():
+    assert isinstance(get_sampler("ddim", get_schedule("linear", T)), Sampler)
+    assert set(SAMPLERS) >= {"ddim", "ddpm"}

@@ -10,34 +10,7 @@ from diffexp.guidance import guided_model
 from diffexp.metrics.adherence import caption_adherence, parse_caption
 from diffexp.nets import UNet
 from diffexp.text import LearnedTextEncoder, PretrainedTextEncoder
-from tests.conftest import SHRINK, compose_config
-
-WORDS = ["a", "small", "large", "red", "blue", "circle", "square", "in", "the", "top", "left", "center"]
-
-
-def tiny_hf_folder(tmp_path, kind: str):
-    """A random-weight CLIP text model or T5 encoder + a word-level tokenizer, saved as a local folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    if kind == "clip":
-        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                                             pad_token_id=0, bos_token_id=2, eos_token_id=3))
-    else:
-        model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=48, num_layers=2,
-                                        num_heads=3, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
-    folder = tmp_path / kind
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
-
+from tests.conftest import SHRINK, compose_config, tiny_hf_folder
 
 @pytest.mark.parametrize("kind,dim", [("clip", 32), ("t5", 24)])
 def test_clip_and_t5_paths_from_local_files(tmp_path, kind, dim):
@@ -196,7 +169,8 @@ def test_text_encoder_group_sets_context_dim(tmp_path):
 def test_text_presets_compose(tmp_path, experiment, encoder):
     cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
     assert cfg.data._target_.endswith("ShapesDataModule") and cfg.text_encoder._target_.endswith(encoder)
-    assert cfg.model.prediction_type == "v_prediction" and cfg.model.p_uncond == 0.1
+    assert cfg.model.prediction_type == "v_prediction" and cfg.conditioning.p_uncond == 0.1
+    assert cfg.conditioning._target_.endswith("TextConditioner")
 
 
 def test_guidance_scale_zero_is_unconditional():
@@ -210,22 +184,19 @@ def test_guidance_scale_zero_is_unconditional():
 
 
 def test_p_uncond_drops_captions_at_its_rate():
-    from diffexp.lit.pixel import PixelDiffusion
-    from diffexp.schedules import get_schedule
+    from diffexp.conditioning import TextConditioner
 
     encoder = LearnedTextEncoder(dim=8, layers=1, heads=2, max_length=4)
     encoder.fit_vocabulary(["a red circle"])
-    net = UNet(image_size=8, in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=(), attention_levels=(-1,), context_dim=8, dropout=0.0)
-    model = PixelDiffusion(net, get_schedule("linear", 100), text_encoder=encoder, p_uncond=0.3)
+    conditioner = TextConditioner(encoder, p_uncond=0.3)
     seen = []
-    model.encode_text = lambda captions: seen.extend(captions) or {}
+    conditioner.embed = lambda captions, device: seen.extend(captions) or {}
     torch.manual_seed(0)
     for _ in range(20):
-        model.conditioning({"caption": ["a red circle"] * 100}, drop=True)
+        conditioner.from_batch({"caption": ["a red circle"] * 100}, drop=True)
     assert abs(seen.count("") / len(seen) - 0.3) < 0.02
     seen.clear()
-    model.conditioning({"caption": ["a red circle"] * 100}, drop=False)
+    conditioner.from_batch({"caption": ["a red circle"] * 100}, drop=False)
     assert "" not in seen
 
 

@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from diffexp.lit.pixel import CONFIG_KEY
-from tests.conftest import ROOT, compose_config
-
-
-def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+from diffexp.checkpoints import CONFIG_KEY
+from tests.conftest import compose_config, run_script
 
 
 def test_training_run_writes_everything(tiny_checkpoint):

@@ -5,7 +5,7 @@ latent = ``experiment=shapes_latent`` (the same U-Net family on the 8x8x4 latent
 ``experiment=shapes_vae`` autoencoder, f=4). Measured, interleaved over ``--rounds``:
 
 * training images/s: one optimizer step (loss, backward, AdamW) per batch; the latent model with the
-  batch encoded by the VAE every step, and with pre-encoded latents (``model.cache_latents=true``);
+  batch encoded by the VAE every step, and with pre-encoded latents (``cache_latents=true``);
 * sampling images/s: DDIM with ``--sample-steps`` steps, plus decoding for the latent model;
 * peak memory of each phase above what the process held before it, each phase in a fresh process
   (the allocator keeps freed memory, so phases must not share one): CUDA peak allocated, or on
@@ -47,8 +47,8 @@ def build_models(vae_ckpt: str | None):
         with open_dict(latent_cfg):
             latent_cfg.vae = OmegaConf.create({"_target_": "diffexp.autoencoders.OwnAutoencoder", "net": vae_net})
     pixel, latent = build_model(pixel_cfg), build_model(latent_cfg)
-    if torch.isnan(latent.latent_scale):
-        latent.latent_scale.fill_(1.0)
+    if torch.isnan(latent.space.latent_scale):
+        latent.space.latent_scale.fill_(1.0)
     return pixel, latent, pixel_cfg
 
 
@@ -133,7 +133,7 @@ def prepare(args):
     for batch in datamodule.train_dataloader():
         batch = {"image": batch["image"].to(device)}
         with torch.no_grad():
-            batch["latent"] = latent.autoencoder.encode_raw(batch["image"])  # what the latent cache holds
+            batch["latent"] = latent.space.autoencoder.encode_raw(batch["image"])  # what the latent cache holds
         batches.append(batch)
     phases = {
         "pixel_train": lambda: train_rate(pixel, batches, args.train_steps, device, False),
@@ -191,7 +191,7 @@ def main() -> None:
     }
     params = {"pixel_unet": sum(p.numel() for p in pixel.net.parameters()),
               "latent_unet": sum(p.numel() for p in latent.net.parameters()),
-              "vae": sum(p.numel() for p in latent.autoencoder.parameters())}
+              "vae": sum(p.numel() for p in latent.space.autoencoder.parameters())}
     print(f"device {device}, batch {args.batch}, DDIM-{args.sample_steps} on {args.sample_n}, median of "
           f"{args.rounds} rounds; params {params}")
     for key, value in result.items():

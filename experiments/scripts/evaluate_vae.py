@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffexp.config import instantiate
-from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
-from diffexp.lit.vae import load_autoencoder
-from diffexp.viz.images import save_grid
+from diffexp.autoencoders import load_autoencoder
+from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+from diffexp.images import save_grid
 
 
 def main() -> None:

@@ -6,16 +6,19 @@ latents into the unit-variance latents diffusion works on lives here and only he
     z = (latent - shift_factor) * scaling_factor          latent = z / scaling_factor + shift_factor
 
 ``scaling_factor`` is the published one for pretrained VAEs (SD: 0.18215, TAESD: 1.0) and ``None``
-for a VAE trained here: :class:`diffexp.lit.latent.LatentDiffusion` then estimates 1/std of the
+for a VAE trained here: :class:`diffexp.spaces.LatentSpace` then estimates 1/std of the
 training latents once (as LDM does) and keeps it in its checkpoint.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from diffexp.frozen import Frozen
+from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+from diffexp.frozen import Frozen, hub_offline
+from diffexp.nets.autoencoder import AutoencoderKL
 
 
 class FrozenAutoencoder(Frozen):
@@ -60,25 +63,52 @@ class FrozenAutoencoder(Frozen):
         return image_size // self.downsampling_factor
 
 
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """The :class:`AutoencoderKL` of a ``model=vae`` checkpoint, rebuilt from the config inside it."""
+    checkpoint = read_checkpoint(path, "vae.ckpt")
+    model_cfg = checkpoint[CONFIG_KEY].get("model", {})
+    if not str(model_cfg.get("_target_", "")).endswith("VAETraining"):
+        raise ValueError(f"vae.ckpt={str(path)!r} holds a {model_cfg.get('_target_')} checkpoint, not a VAE; "
+                         f"train one with `python train.py model=vae` (e.g. experiment=shapes_vae)")
+    net = AutoencoderKL(**architecture_of(model_cfg["net"]))
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def architecture_of(net_cfg: dict) -> dict:
+    """The :class:`AutoencoderKL` constructor arguments in a (resolved) ``net`` config."""
+    return {k: v for k, v in dict(net_cfg).items() if k != "_target_"}
+
+
 class OwnAutoencoder(FrozenAutoencoder):
     """A :class:`diffexp.nets.AutoencoderKL` trained here with ``python train.py model=vae`` (``ckpt``),
-    or given as a module (``net``).
+    or given as a module (``net``), or built from its constructor arguments (``architecture``) with the
+    weights to come from a latent-diffusion checkpoint, which carries them (``in_checkpoint``).
 
     Latents are the posterior mean (with LDM's KL weight 1e-6 the posterior std is tiny).
     """
 
-    def __init__(self, ckpt: str | None = None, scaling_factor: float | None = None, net=None):
-        super().__init__()
-        from diffexp.lit.vae import load_autoencoder  # layer 2: reads a train.py checkpoint
+    in_checkpoint = True  # under 1M parameters: latent checkpoints carry it and need no VAE file
 
-        if (ckpt is None) == (net is None):
+    def __init__(self, ckpt: str | None = None, scaling_factor: float | None = None, net=None,
+                 architecture: dict | None = None):
+        super().__init__()
+        if sum(x is not None for x in (ckpt, net, architecture)) != 1:
             raise ValueError("vae=own needs vae.ckpt=PATH, a checkpoint written by `python train.py model=vae ...` "
                              "(e.g. experiment=shapes_vae)")
-        self.net = load_autoencoder(ckpt) if net is None else net
+        if ckpt is not None:
+            self.net = load_autoencoder(ckpt)
+        else:
+            self.net = net if net is not None else AutoencoderKL(**dict(architecture))
         self.latent_channels = self.net.latent_channels
         self.downsampling_factor = self.net.downsampling_factor
-        self.scaling_factor, self.name = scaling_factor, f"own:{ckpt}"
+        self.scaling_factor, self.name = scaling_factor, f"own:{ckpt}" if ckpt else "own"
         self.freeze()
+
+    def architecture(self) -> dict:
+        """Constructor arguments of the net (written into the run config, so a checkpoint can rebuild it)."""
+        return dict(self.net.config)
 
     def encode_raw(self, images):
         return self.net.encode(images).mode()
@@ -115,7 +145,7 @@ class DiffusersAutoencoder(FrozenAutoencoder):
             name = f"{kind}:random"
         else:
             if local_files_only is None:
-                local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+                local_files_only = hub_offline()
             try:
                 self.model = model_cls.from_pretrained(name_or_path, subfolder=subfolder,
                                                        local_files_only=local_files_only)

@@ -1,8 +1,9 @@
-"""Config helpers shared by the entry points."""
+"""Config helpers shared by the entry points: instantiation with user-facing errors, building a model."""
 from __future__ import annotations
 
 import hydra
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig, open_dict
 
 
 def instantiate(cfg, **kwargs):
@@ -18,39 +19,62 @@ def instantiate(cfg, **kwargs):
         raise
 
 
-def build_model(cfg):
-    """The LightningModule of a train config. Its frozen parts come first: the text encoder (``unet.context_dim``
-    follows its width) and, for latent diffusion, the autoencoder (a null ``unet.in_channels`` /
-    ``unet.image_size`` follows its latent channels / latent size). Values filled in are written back to ``cfg``."""
-    from omegaconf import open_dict
+def has_target(node) -> bool:
+    return isinstance(node, DictConfig) and "_target_" in node
 
-    from hydra.utils import get_class
 
-    from diffexp.lit.latent import LatentDiffusion
+def build_autoencoder(vae_cfg: DictConfig, from_checkpoint: bool):
+    """The frozen autoencoder of ``vae_cfg``. From a checkpoint that carries its weights (``vae.architecture``
+    is recorded), only its architecture is built: the weights come with the model's state dict."""
+    if from_checkpoint and vae_cfg.get("architecture") is not None:
+        return instantiate(vae_cfg, ckpt=None)
+    return instantiate(vae_cfg)
 
-    latent = issubclass(get_class(cfg.model._target_), LatentDiffusion)
-    extra = {}
-    if cfg.get("text_encoder"):
-        extra["text_encoder"] = encoder = instantiate(cfg.text_encoder)
-        with open_dict(cfg):
-            cfg.unet.context_dim = encoder.dim  # model.net interpolates ${unet}
-    if cfg.get("vae") and "_target_" in cfg.vae:
-        if not latent:
-            raise ValueError(f"vae={cfg.vae._target_} is set but model={cfg.model._target_} does not diffuse latents; "
-                             f"use model=latent (or vae=none)")
-        extra["autoencoder"] = autoencoder = instantiate(cfg.vae)
-        with open_dict(cfg):
-            if cfg.unet.get("in_channels") is None:
-                cfg.unet.in_channels = autoencoder.latent_channels
-            if cfg.unet.get("image_size") is None:
-                cfg.unet.image_size = autoencoder.check_image_size(cfg.data.image_size)
-    elif latent:
-        raise ValueError("model=latent needs an autoencoder: vae=own vae.ckpt=PATH | vae=sd_vae_ft_mse | vae=taesd")
+
+def build_model(cfg: DictConfig, datamodule=None, from_checkpoint: bool = False):
+    """The LightningModule of a train config, built part by part.
+
+    A diffusion model (its config has a ``space``) is built in this order: the conditioner (with its text
+    encoder, if ``text_encoder`` is set), the space (with its frozen autoencoder, if ``vae`` is set), the
+    denoiser with what those two require (``unet.context_dim`` / ``num_classes`` / ``in_channels`` /
+    ``image_size``, filled where null), then the module. Derived values (class count from the data, U-Net
+    arguments, the autoencoder's architecture) are written into ``cfg``, so the saved run config rebuilds
+    the same model with no data and no other file (``from_checkpoint``). Other modules (``model=vae``)
+    are instantiated as configured.
+    """
     try:
-        return instantiate(cfg.model, **extra)
+        if "space" not in cfg.model:
+            return instantiate(cfg.model)
+        return build_diffusion_model(cfg, datamodule, from_checkpoint)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
         raise TypeError(f"model={cfg.model._target_}: {e}. The composed model config holds an option this model does "
-                        f"not take, often set by the experiment preset (the default, quickstart, configures pixel "
+                        f"not take, often set by the experiment preset (the default, quickstart, configures "
                         f"diffusion); model=vae goes with experiment=shapes_vae") from None
+
+
+def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: bool = False):
+    """:func:`build_model` for a diffusion model: conditioner, space, denoiser, module."""
+    encoder = instantiate(cfg.text_encoder) if has_target(cfg.get("text_encoder")) else None
+    with open_dict(cfg):
+        if "num_classes" in cfg.conditioning and cfg.conditioning.num_classes is None:
+            datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
+            cfg.conditioning.num_classes = datamodule.num_classes
+        if encoder is not None and "encoder" not in cfg.conditioning:
+            raise ValueError(f"text_encoder={cfg.text_encoder._target_} is set but conditioning="
+                             f"{cfg.conditioning._target_} does not use text; use conditioning=text (or text_encoder=none)")
+        conditioner = instantiate(cfg.conditioning, **({"encoder": encoder} if "encoder" in cfg.conditioning else {}))
+        autoencoder = build_autoencoder(cfg.vae, from_checkpoint) if has_target(cfg.get("vae")) else None
+        if autoencoder is not None and "autoencoder" not in cfg.model.space:
+            raise ValueError(f"vae={cfg.vae._target_} is set but model.space={cfg.model.space._target_} does not "
+                             f"diffuse latents; use model=latent (or vae=none)")
+        space = instantiate(cfg.model.space, **({"autoencoder": autoencoder} if "autoencoder" in cfg.model.space else {}))
+        if autoencoder is not None and hasattr(autoencoder, "architecture"):
+            cfg.vae.architecture = autoencoder.architecture()
+        derived = {**space.net_arguments(cfg.data.image_size, cfg.data.channels), **conditioner.net_arguments()}
+        for key, value in derived.items():
+            if cfg.unet.get(key) is None or key == "context_dim":
+                cfg.unet[key] = value
+        net = instantiate(cfg.unet)
+    return instantiate(cfg.model, net=net, conditioner=conditioner, space=space)

@@ -52,20 +52,9 @@ def notebook_settings() -> tuple[bool, Path, Path]:
     return mode == "ci", Path(os.environ.get("DIFFEXP_NOTEBOOK_RUNS", "runs")) / mode, figures
 
 
-def shorten(cfg: DictConfig, steps: int) -> None:
-    """Make ``cfg`` a ``steps``-step run: training length, validation, checkpoints and every periodic
-    callback (``every_n_steps``) fire at ``steps``."""
-    with open_dict(cfg):
-        cfg.trainer.max_steps = cfg.trainer.val_check_interval = steps
-        for callback in (cfg.get("callbacks") or {}).values():
-            for key in ("every_n_steps", "every_n_train_steps"):
-                if isinstance(callback, DictConfig) and key in callback:
-                    callback[key] = steps
-
-
 def train(overrides: list[str], output_dir: str | Path, steps: int | None = None, reuse: bool = True) -> Path:
     """Train as ``python train.py OVERRIDES`` would (CPU, quiet) and return the last checkpoint;
-    ``steps`` shortens the run (:func:`shorten`).
+    ``steps`` makes it a ``steps``-step run whose validation, grids and checkpoint (``eval_every``) fire at the end.
 
     With ``reuse`` an existing ``output_dir/checkpoints/last.ckpt`` is returned without training again.
     """
@@ -74,10 +63,8 @@ def train(overrides: list[str], output_dir: str | Path, steps: int | None = None
     ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
     if reuse and ckpt.is_file():
         return ckpt
-    cfg = compose(NOTEBOOK_TRAINER + list(overrides), output_dir)
-    if steps is not None:
-        shorten(cfg, steps)
-    run(cfg)
+    length = [f"trainer.max_steps={steps}", f"eval_every={steps}", f"trainer.val_check_interval={steps}"] if steps else []
+    run(compose(NOTEBOOK_TRAINER + list(overrides) + length, output_dir))
     return ckpt
 
 
@@ -92,6 +79,13 @@ def unet_preset(name: str, image_size: int, in_channels: int, context_dim: int |
     cfg = OmegaConf.load(path)
     cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, in_channels, context_dim
     return instantiate(cfg)
+
+
+def data_of(cfg: DictConfig):
+    """The datamodule of a training config (e.g. the reference data for FID in :func:`diffexp.metrics.evaluate`)."""
+    from diffexp.config import instantiate
+
+    return instantiate(cfg.data)
 
 
 def load(ckpt: str | Path, use_ema: bool = True):

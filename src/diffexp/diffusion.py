@@ -46,17 +46,16 @@ def training_target(
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
 
-def prediction_to_x0_eps(
-    prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+def x0_eps_from_prediction(
+    prediction: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert a model prediction at (x_t, t) to the implied (x_0, eps).
+    """(x_0, eps) implied by a model prediction at x_t, given abar at its time (broadcastable to x_t).
 
     epsilon: x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
     sample:  eps = (x_t - sqrt(abar) x_0) / sqrt(1-abar)
     v:       x_0 = sqrt(abar) x_t - sqrt(1-abar) v,  eps = sqrt(1-abar) x_t + sqrt(abar) v
     """
     check_prediction_type(prediction_type)
-    abar = gather(alphas_cumprod, t, x_t)
     sqrt_abar, sqrt_one_minus = abar.sqrt(), (1 - abar).sqrt()
     if prediction_type == "epsilon":
         eps = prediction
@@ -68,6 +67,13 @@ def prediction_to_x0_eps(
         x0 = sqrt_abar * x_t - sqrt_one_minus * prediction
         eps = sqrt_one_minus * x_t + sqrt_abar * prediction
     return x0, eps
+
+
+def prediction_to_x0_eps(
+    prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a model prediction at (x_t, integer t) to the implied (x_0, eps) (:func:`x0_eps_from_prediction`)."""
+    return x0_eps_from_prediction(prediction, x_t, gather(alphas_cumprod, t, x_t), prediction_type)
 
 
 def min_snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:

@@ -73,12 +73,14 @@ def log_full_config(loggers, cfg: DictConfig, extra: dict | None = None) -> None
         logger.log_hyperparams(container)
 
 
-def wandb_sync_hint(loggers) -> str | None:
-    """The `wandb sync` command for an offline W&B run, if one was made."""
+def wandb_sync_hint(loggers, cfg: DictConfig) -> str | None:
+    """The `wandb sync` command for a W&B run logged offline (as :func:`prepare_logger_configs` decided), if any."""
     from lightning.pytorch.loggers import WandbLogger
 
+    offline = any(isinstance(c, DictConfig) and str(c.get("_target_", "")).endswith("WandbLogger") and c.get("offline")
+                  for c in (cfg.get("logger") or {}).values())
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._offline:
+        if offline and isinstance(logger, WandbLogger):
             run_dir = getattr(logger.experiment, "dir", None)
             if run_dir:
                 return f"wandb sync {Path(run_dir).parent}"

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import build_model, instantiate
 from diffexp.callbacks.ema import ema_state_from_checkpoint
-from diffexp.lit.checkpoint import CONFIG_KEY, read_checkpoint
-from diffexp.viz.images import save_grid, to_uint8_nhwc
+from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+from diffexp.config import build_model, instantiate
+from diffexp.images import save_grid, to_uint8_nhwc
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -20,11 +20,11 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
 
     Returns (model in eval mode, training config as a DictConfig).
     """
-    checkpoint = read_checkpoint(path, "ckpt")
+    checkpoint = read_checkpoint(path, "ckpt")  # in the current layout (older checkpoints are upgraded)
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
-    model = build_model(train_cfg)
+    model = build_model(train_cfg, from_checkpoint=True)
+    model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)  # e.g. the example captions
     ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
     if ema is not None:
         model.load_state_dict(ema, strict=False)
@@ -49,12 +49,13 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def draw_samples(model, n: int, sampler, seed: int, batch_size: int, labels: torch.Tensor | None = None,
-                 progress: bool = True, captions: list[str] | None = None, guidance_scale: float | None = None,
+def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
+                 progress: bool = True, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
-    Conditional models take one label or caption per sample and use classifier-free guidance.
+    ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
+    which); conditional models use classifier-free guidance.
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -65,11 +66,7 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, labels: tor
     chunks = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
-        cond = {}
-        if labels is not None:
-            cond["class_labels"] = labels[start:start + m]
-        if captions is not None:
-            cond["captions"] = captions[start:start + m]
+        cond = {k: v[start:start + m] for k, v in (conditions or {}).items()}
         chunks.append(model.sample(m, sampler=sampler, generator=generator, progress=progress,
                                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond).cpu())
     return torch.cat(chunks)
@@ -92,6 +89,20 @@ def read_prompts(cfg, n: int) -> list[str] | None:
     return None
 
 
+NPZ_NAMES = {"class_labels": "labels"}  # condition name -> array name in samples.npz
+
+
+def sampling_conditions(model, prompts: list[str] | None, n: int) -> dict:
+    """One condition per sample: the model's monitoring conditions (class labels 0..C-1 cycling, example
+    captions cycling), with ``prompts`` as the captions when given."""
+    conditions = model.conditioner.for_sampling(torch.arange(n))
+    if prompts is not None:
+        if "captions" not in model.conditioner.keys:
+            raise ValueError("this checkpoint is not text-conditioned; prompt/prompts_file cannot be used")
+        conditions["captions"] = prompts
+    return conditions
+
+
 def run(cfg: DictConfig) -> dict:
     """Sample ``cfg.n`` images from ``cfg.ckpt``; write grid.png, samples.npz (and metrics.json)."""
     if cfg.ckpt is None:
@@ -99,34 +110,26 @@ def run(cfg: DictConfig) -> dict:
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
-    labels = captions = None
-    if model.class_conditional:
-        labels = torch.arange(cfg.n) % model.net.num_classes
-    if model.text_encoder is not None:
-        captions = read_prompts(cfg, cfg.n) or model.sampling_conditions(cfg.n)["captions"]
-    elif cfg.get("prompt") or cfg.get("prompts_file"):
-        raise ValueError("this checkpoint is not text-conditioned; prompt/prompts_file cannot be used")
+    sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
+    conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
     start = time.perf_counter()
-    images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, labels, cfg.progress, captions,
+    images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"))
     seconds = time.perf_counter() - start
     save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
-    arrays = {"images": to_uint8_nhwc(images)}
-    if labels is not None:
-        arrays["labels"] = labels.numpy()
-    if captions is not None:
-        arrays["captions"] = np.array(captions)
+    arrays = {"images": to_uint8_nhwc(images), **{NPZ_NAMES.get(k, k): np.array(v) for k, v in conditions.items()}}
     np.savez_compressed(out / "samples.npz", **arrays)
+    captions = conditions.get("captions")
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None,
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe,
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
-               "guidance_scale": cfg.get("guidance_scale") if model.conditional else None,
+               "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
                "prompts": sorted(set(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):
-        from diffexp.metrics import evaluate
+        from diffexp.metrics import evaluate, needs_reference
 
-        summary["metrics"] = evaluate(list(cfg.metrics), images, train_cfg, device=device)
+        datamodule = instantiate(train_cfg.data) if needs_reference(cfg.metrics) else None
+        summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"[diffexp] wrote {out / 'grid.png'} and {out / 'samples.npz'}")

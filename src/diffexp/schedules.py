@@ -7,10 +7,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
+BetasFn = Callable[..., torch.Tensor]  # betas(T, beta_start=, beta_end=, cosine_s=, max_beta=) -> float64 (T,)
+SCHEDULES: dict[str, BetasFn] = {}
+
+
+def register_schedule(name: str):
+    """Decorator: make ``betas(T, beta_start, beta_end, cosine_s, max_beta) -> (T,) float64`` available as
+    ``get_schedule(name)`` (and so as ``schedule=<name>`` with a YAML naming it)."""
+
+    def add(fn: BetasFn) -> BetasFn:
+        SCHEDULES[name] = fn
+        return fn
+
+    return add
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,31 @@ def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+@register_schedule("linear")
+def linear_betas(T: int, beta_start: float, beta_end: float, **_) -> torch.Tensor:
+    """betas = linspace(beta_start, beta_end, T) (Ho et al. 2020; no 1000/T rescaling)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+@register_schedule("quadratic")
+def quadratic_betas(T: int, beta_start: float, beta_end: float, **_) -> torch.Tensor:
+    """betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+@register_schedule("cosine")
+def cosine_betas(T: int, cosine_s: float = 0.008, max_beta: float = 0.999, **_) -> torch.Tensor:
+    """betas[i] = min(1 - f((i+1)/T) / f(i/T), max_beta), f = :func:`cosine_alpha_bar` (Nichol & Dhariwal 2021)."""
+    f = cosine_alpha_bar(torch.arange(T + 1, dtype=torch.float64) / T, cosine_s)
+    return torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
+
+
+@register_schedule("sigmoid")
+def sigmoid_betas(T: int, beta_start: float, beta_end: float, **_) -> torch.Tensor:
+    """betas = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start."""
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+
 def get_schedule(
     name: str = "linear",
     num_timesteps: int = 1000,
@@ -73,32 +111,29 @@ def get_schedule(
     max_beta: float = 0.999,
     rescale_zero_terminal_snr: bool = False,
 ) -> NoiseSchedule:
-    """Build a named schedule with T = num_timesteps steps.
-
-    - linear:    betas = linspace(beta_start, beta_end, T)   (Ho et al. 2020; no 1000/T rescaling)
-    - quadratic: betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2
-    - cosine:    betas[i] = min(1 - f((i+1)/T) / f(i/T), max_beta), f = cosine_alpha_bar
-    - sigmoid:   betas = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
-    ``rescale_zero_terminal_snr`` then applies Lin et al. (2023), Alg. 1.
-    """
+    """The registered schedule ``name`` (:data:`SCHEDULES`: linear, quadratic, cosine, sigmoid, ...) with
+    T = num_timesteps steps; ``rescale_zero_terminal_snr`` then applies Lin et al. (2023), Alg. 1."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule.name={name!r} is not a known schedule; choose one of {list(SCHEDULES)}")
     if not isinstance(num_timesteps, int) or num_timesteps < 2:
         raise ValueError(f"schedule.num_timesteps must be an integer >= 2, got {num_timesteps!r}")
     if not 0 < beta_start < beta_end < 1:
         raise ValueError(f"schedule needs 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
-    T = num_timesteps
-    f64 = torch.float64
-    if name == "linear":
-        betas = torch.linspace(beta_start, beta_end, T, dtype=f64)
-    elif name == "quadratic":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=f64) ** 2
-    elif name == "cosine":
-        u = torch.arange(T + 1, dtype=f64) / T
-        f = cosine_alpha_bar(u, cosine_s)
-        betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
-    else:  # sigmoid
-        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=f64)) * (beta_end - beta_start) + beta_start
+    betas = SCHEDULES[name](num_timesteps, beta_start=beta_start, beta_end=beta_end, cosine_s=cosine_s,
+                            max_beta=max_beta)
     if rescale_zero_terminal_snr:
         betas = zero_terminal_snr_betas(betas)
     return NoiseSchedule(name=name + ("+ztsnr" if rescale_zero_terminal_snr else ""), betas=betas)
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """abar at a real timestep t in [0, T-1] by linear interpolation of log sigma between the integer
+    timesteps around it, sigma = sqrt((1 - abar) / abar) (the interpolation k-diffusion uses to move
+    between sigmas and discrete timesteps); at integer t it is abar_t itself."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    low = t.floor().long().clamp(0, len(alphas_cumprod) - 1)
+    high = (low + 1).clamp(max=len(alphas_cumprod) - 1)
+    w = t - low.double()
+    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
+    sigma = torch.exp((1 - w) * log_sigma[low] + w * log_sigma[high])
+    return 1 / (1 + sigma**2)

@@ -15,8 +15,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.cache import weights_fingerprint
 from diffexp.config import build_model, instantiate
+from diffexp.data.latents import CachedLatentsDataModule
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
+from diffexp.lit import DiffusionModel
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
 from diffexp.runinfo import update_run_info, write_run_info
 
@@ -41,16 +43,15 @@ def build(cfg: DictConfig):
     """
     check_ckpt_path(cfg.get("ckpt_path"))
     datamodule = instantiate(cfg.data)
-    model = build_model(cfg)
-    diffusion = hasattr(model, "sample")
-    if diffusion:
-        model.make_sampler()  # validates sampler settings now rather than at the first sample grid
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model = build_model(cfg, datamodule)
+    if cfg.get("cache_latents"):
+        autoencoder = model.space.autoencoder if isinstance(model, DiffusionModel) else None
+        if autoencoder is None:
+            raise ValueError(f"cache_latents=true encodes the data with a latent model's autoencoder, but "
+                             f"model={cfg.model._target_} has none; use model=latent (or cache_latents=false)")
+        datamodule = CachedLatentsDataModule(datamodule, autoencoder)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)  # with the values build_model derived
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    sampling = [type(c).__name__ for c in callbacks if getattr(c, "needs_sampling", False)]
-    if sampling and not diffusion:
-        raise ValueError(f"callbacks {sampling} sample from a diffusion model, but model={cfg.model._target_} does not "
-                         f"sample; use callbacks=vae for model=vae")
     for message in prepare_logger_configs(cfg):
         rank_zero_info(f"[diffexp] {message}")
     loggers = instantiate_dict(cfg.get("logger"))
@@ -100,7 +101,7 @@ def update_latest_link(run_dir: Path, link: Path) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train as configured and return ``cfg.optimized_metric`` (for sweeps), or None if absent."""
+    """Train as configured and return ``cfg.optimized_metric`` (for sweeps; None when it is null)."""
     run_dir = Path(cfg.paths.output_dir)
     set_rank_for_logging(cfg.trainer.get("devices"))
     threads_for_this_task()
@@ -120,14 +121,25 @@ def run(cfg: DictConfig) -> float | None:
     replicas = check_replicas(model)
     if trainer.is_global_zero:
         update_run_info(run_dir, {"replica_weight_digests": replicas})
-    hint = wandb_sync_hint(loggers) if trainer.is_global_zero else None
+    hint = wandb_sync_hint(loggers, cfg) if trainer.is_global_zero else None
     if hint:
         rank_zero_info(f"[diffexp] offline W&B run; upload it with: {hint}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero and cfg.paths.get("latest_link"):
         update_latest_link(run_dir, Path(cfg.paths.latest_link))
-    metric_name = cfg.get("optimized_metric")
-    return metrics.get(metric_name) if metric_name else None
+    return optimized_value(cfg.get("optimized_metric"), metrics)
+
+
+def optimized_value(metric_name: str | None, metrics: dict[str, float]) -> float | None:
+    """The value a sweep optimises; a clear error when training never logged it (a sweep would optimise
+    nothing)."""
+    if not metric_name:
+        return None
+    if metric_name not in metrics:
+        raise ValueError(f"optimized_metric={metric_name!r} was never logged by this run; logged: {sorted(metrics)}. "
+                         f"Add the callback that logs it (e.g. callbacks=[default,fid] for val/fid_digits), make sure "
+                         f"validation runs (eval_every <= trainer.max_steps), or set optimized_metric=null")
+    return metrics[metric_name]
 
 
 def anchor_paths(cfg: DictConfig) -> None:

@@ -1,8 +1,7 @@
-"""Lightning callbacks: EMA of weights, sample and denoising grids, FID/KID during training."""
-from diffexp.callbacks.denoising import DenoisingGrid
+"""Lightning callbacks: EMA of weights, image grids drawn by the module, FID/KID during training."""
 from diffexp.callbacks.ema import EMA, ema_state_from_checkpoint, ema_weights
 from diffexp.callbacks.fid import FIDCallback
-from diffexp.callbacks.images import SampleGrid, log_images
+from diffexp.callbacks.images import DenoisingGrid, ImageLogger, PeriodicCallback, SampleGrid, log_images
 
-__all__ = ["DenoisingGrid", "EMA", "ema_state_from_checkpoint", "ema_weights", "FIDCallback", "SampleGrid",
-           "log_images"]
+__all__ = ["DenoisingGrid", "EMA", "ema_state_from_checkpoint", "ema_weights", "FIDCallback", "ImageLogger",
+           "PeriodicCallback", "SampleGrid", "log_images"]

@@ -5,18 +5,14 @@ import math
 import time
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from diffexp.callbacks.ema import ema_weights
-from diffexp.metrics.evaluate import INCEPTION_METRICS, check_metric_names
+from diffexp.callbacks.images import PeriodicCallback
+from diffexp.lit.interface import SamplingModule
+from diffexp.metrics.evaluate import check_metric_names, feature_extractor_of
 from diffexp.metrics.features import build_feature_extractor
 from diffexp.metrics.reference import reference_features
 from diffexp.metrics.scores import frechet_distance, kernel_distance
-
-
-def extractor_for(metric: str) -> str:
-    """``fid``/``kid`` -> ``inception``; ``fid_digits`` -> ``digits``."""
-    return "inception" if metric in INCEPTION_METRICS else metric.split("_", 1)[1]
 
 
 def rank_indices(num_samples: int, world_size: int, rank: int) -> torch.Tensor:
@@ -33,7 +29,7 @@ def merge_rank_features(gathered: torch.Tensor, num_samples: int) -> torch.Tenso
     return gathered.permute(1, 0, 2).reshape(per_rank * world, dim)[:num_samples]
 
 
-class FIDCallback(Callback):
+class FIDCallback(PeriodicCallback):
     """Every ``every_n_steps`` steps (and at the end of training) compute ``metrics`` on ``num_samples`` samples.
 
     Samples come from the EMA weights with the configured ``sampler`` (e.g. DDIM-20) and fixed
@@ -43,27 +39,28 @@ class FIDCallback(Callback):
     ``val/<metric>``, ``fid/num_samples`` and ``time/fid_seconds`` (this callback's wall time).
     """
 
-    needs_sampling = True
-
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000, metrics=("fid_digits", "kid_digits"),
                  sampler=None, batch_size: int = 250, seed: int = 1234, reference_split: str = "train",
                  inception_weights: str | None = None, cache_dir: str | None = None, at_end: bool = True):
-        if every_n_steps <= 0 or num_samples < 2 or batch_size <= 0:
-            raise ValueError("callbacks.fid: every_n_steps > 0, num_samples >= 2 and batch_size > 0 are required")
+        super().__init__(every_n_steps, at_end)
+        if num_samples < 2 or batch_size <= 0:
+            raise ValueError("callbacks.fid: num_samples >= 2 and batch_size > 0 are required")
         self.metrics = check_metric_names(metrics)
         not_fid = [m for m in self.metrics if not m.startswith(("fid", "kid"))]
         if not_fid:
             raise ValueError(f"callbacks.fid.metrics may hold FID/KID metrics only, got {not_fid}")
-        self.every_n_steps, self.num_samples, self.sampler = every_n_steps, num_samples, sampler
+        self.num_samples, self.sampler = num_samples, sampler
         self.batch_size, self.seed, self.reference_split = batch_size, seed, reference_split
-        self.inception_weights, self.cache_dir, self.at_end = inception_weights, cache_dir, at_end
+        self.inception_weights, self.cache_dir = inception_weights, cache_dir
         self.extractors: dict = {}
         self.real: dict = {}
         self.last: dict[str, float] = {}
-        self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        for name in sorted({extractor_for(m) for m in self.metrics}):
+        if not isinstance(pl_module, SamplingModule):
+            raise ValueError(f"callbacks.fid samples from a diffusion model, but {type(pl_module).__name__} does not "
+                             f"sample; leave fid out (model=vae goes with callbacks=vae)")
+        for name in sorted({feature_extractor_of(m) for m in self.metrics}):
             if name != "inception" and trainer.datamodule.name != name:
                 raise ValueError(f"callbacks.fid.metrics uses {name} features, but data={trainer.datamodule.name}")
             self.extractors[name] = build_feature_extractor(name, pl_module.device, self.inception_weights)
@@ -76,14 +73,10 @@ class FIDCallback(Callback):
     @torch.no_grad()
     def fake_features(self, pl_module, world_size: int = 1, rank: int = 0, all_gather=None) -> dict[str, torch.Tensor]:
         """Features of the K samples, in sample order, from this rank's share (+ all_gather under DDP)."""
-        noise = torch.randn((self.num_samples, *pl_module.sample_shape), generator=torch.Generator().manual_seed(self.seed))
-        idx = rank_indices(self.num_samples, world_size, rank)
-        conditions = pl_module.sampling_conditions(self.num_samples)  # per sample index, so ranks agree
         images = []
-        for chunk in idx.split(self.batch_size):
-            cond = {k: (v[chunk] if isinstance(v, torch.Tensor) else [v[i] for i in chunk.tolist()])
-                    for k, v in conditions.items()}
-            images.append(pl_module.sample(len(chunk), sampler=self.sampler, x_T=noise[chunk].to(pl_module.device),
+        for chunk in rank_indices(self.num_samples, world_size, rank).split(self.batch_size):
+            x_T, cond = pl_module.monitoring_inputs(self.num_samples, self.seed, chunk)  # by sample index: ranks agree
+            images.append(pl_module.sample(len(chunk), sampler=self.sampler, x_T=x_T.to(pl_module.device),
                                            progress=False, **cond))
         images = torch.cat(images)
         features = {}
@@ -99,8 +92,8 @@ class FIDCallback(Callback):
     def compute(self, fake: dict[str, torch.Tensor]) -> dict[str, float]:
         values = {}
         for metric in self.metrics:
-            real = self.real[extractor_for(metric)]
-            feats = fake[extractor_for(metric)]
+            real = self.real[feature_extractor_of(metric)]
+            feats = fake[feature_extractor_of(metric)]
             if metric.startswith("fid"):
                 values[metric] = frechet_distance(real, feats)
             else:
@@ -120,13 +113,8 @@ class FIDCallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
-        self.last, self._last_step = logged, trainer.global_step
+        self.last = logged
         return logged
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_end and self._last_step != trainer.global_step:
-            self.evaluate(trainer, pl_module)
+    def make(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)

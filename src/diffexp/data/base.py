@@ -29,7 +29,10 @@ class EpochSeededSampler(Sampler):
 
 
 class TensorImageDataset(Dataset):
-    """In-memory images in [-1, 1] (N, C, H, W) with optional labels and captions, yielding dicts."""
+    """In-memory images in [-1, 1] (N, C, H, W) with optional labels and captions, yielding dicts.
+
+    ``captions`` (one per item, or None) is what every diffexp dataset declares.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, captions: list[str] | None = None):
         self.images, self.labels, self.captions = images, labels, captions
@@ -56,14 +59,18 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Base: subclasses set ``self.train_set`` / ``self.val_set`` in ``setup``.
+    """Base of every diffexp datamodule, and what models and callbacks may read from one:
 
-    ``image_size`` and ``channels`` describe the images this module yields; the U-Net is
-    built from them. ``num_classes`` is None for unlabelled data.
+    - ``name``, ``channels``, ``image_size``; ``num_classes`` (None for unlabelled data);
+    - :meth:`dataset` (``"train"``/``"val"``): items are dicts {"image": [-1, 1] (C, H, W), "label"?, "caption"?};
+    - :meth:`captions` (``"train"``/``"val"``): one caption per item, or None.
+
+    Subclasses set ``self.train_set`` / ``self.val_set`` in ``setup``; both readers set the module up on first use.
     """
 
     name = "images"
     num_classes: int | None = None
+    SPLITS = ("train", "val")
 
     def __init__(self, image_size: int = 32, channels: int = 3, batch_size: int = 128, num_workers: int = 0,
                  seed: int = 0):
@@ -76,6 +83,18 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def dataset(self, split: str) -> Dataset:
+        """The ``train`` or ``val`` dataset (set up on first use)."""
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {list(self.SPLITS)}, got {split!r}")
+        if self.train_set is None:
+            self.setup("fit")
+        return self.train_set if split == "train" else self.val_set
+
+    def captions(self, split: str) -> list[str] | None:
+        """The captions of ``split`` in item order, or None when the data has none."""
+        return getattr(self.dataset(split), "captions", None)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -13,11 +13,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 
 class FolderDataset(Dataset):
+    """Image files as dict items; ``captions`` holds one caption per file (in file order) or is None."""
+
     def __init__(self, files: list[Path], captions: dict[str, str] | None, image_size: int, channels: int,
                  random_flip: bool):
         from torchvision import transforms as T
 
-        self.files, self.captions, self.channels = files, captions, channels
+        self.files, self.channels = files, channels
+        self.captions = None if captions is None else [captions.get(path.name, "") for path in files]
         tfs = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
         if random_flip:
             tfs.append(T.RandomHorizontalFlip())
@@ -33,7 +36,7 @@ class FolderDataset(Dataset):
             image = self.transform(img.convert("L" if self.channels == 1 else "RGB"))
         item = {"image": image}
         if self.captions is not None:
-            item["caption"] = self.captions.get(path.name, "")
+            item["caption"] = self.captions[i]
         return item
 
 

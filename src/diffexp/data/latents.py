@@ -1,4 +1,5 @@
-"""Pre-encoded latents: encode a dataset once with a frozen autoencoder and cache the result on disk."""
+"""Pre-encoded latents (``cache_latents=true``): a datamodule wrapper that encodes its data once with a frozen
+autoencoder and caches the raw latents on disk."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffexp.cache import cached_tensor, default_cache_dir, tensor_fingerprint, weights_fingerprint
+from diffexp.data.base import ImageDataModule
 
 
 class LatentDataset(Dataset):
@@ -39,3 +41,26 @@ def encode_dataset(dataset: Dataset, autoencoder, device: torch.device | str = "
         return torch.cat(chunks)
 
     return cached_tensor(path, encode)
+
+
+class CachedLatentsDataModule(ImageDataModule):
+    """``datamodule`` with every item's raw latent added (:class:`LatentDataset`), encoded once by
+    ``autoencoder`` on the trainer's device when set up, cached on disk. Everything else (name, sizes,
+    labels, captions, batch size, workers) is ``datamodule``'s."""
+
+    def __init__(self, datamodule: ImageDataModule, autoencoder):
+        super().__init__(image_size=datamodule.image_size, channels=datamodule.channels,
+                         batch_size=datamodule.batch_size, num_workers=datamodule.num_workers, seed=datamodule.seed)
+        self.inner, self.autoencoder = datamodule, autoencoder
+        self.name, self.num_classes = datamodule.name, datamodule.num_classes
+
+    def prepare_data(self) -> None:
+        self.inner.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self.autoencoder.to(device)
+        self.train_set, self.val_set = (LatentDataset(d, encode_dataset(d, self.autoencoder, device))
+                                        for d in (self.inner.dataset("train"), self.inner.dataset("val")))

@@ -16,6 +16,8 @@ DATASETS = {
 
 
 class _DictDataset(Dataset):
+    captions = None
+
     def __init__(self, base):
         self.base = base
 

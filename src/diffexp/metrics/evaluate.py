@@ -5,7 +5,6 @@ import time
 
 import torch
 
-from diffexp.config import instantiate
 from diffexp.metrics.domain import DOMAIN_CLASSIFIERS, load_domain_classifier
 from diffexp.metrics.features import build_feature_extractor, extract_features
 from diffexp.metrics.reference import reference_features
@@ -26,26 +25,35 @@ def check_metric_names(names) -> list[str]:
     return names
 
 
-def _domain_of(metric: str) -> str:
-    return metric.split("_", 1)[1] if metric.startswith(("fid_", "kid_")) else metric.rsplit("_", 1)[0]
+def feature_extractor_of(metric: str) -> str | None:
+    """The features a metric is computed on: ``fid``/``kid``/``is`` -> ``inception``; ``fid_digits``,
+    ``kid_digits`` and ``digits_classifier`` -> ``digits``; None for ``lpips_diversity``."""
+    if metric in INCEPTION_METRICS:
+        return "inception"
+    if metric.startswith(("fid_", "kid_")):
+        return metric.split("_", 1)[1]
+    if metric.endswith("_classifier"):
+        return metric.rsplit("_", 1)[0]
+    return None
 
 
-def evaluate(names, images: torch.Tensor, train_cfg=None, datamodule=None, device: str | torch.device = "cpu",
+def needs_reference(names) -> bool:
+    """Whether any of the metrics compares against the training data's features (FID/KID)."""
+    return any(n.startswith(("fid", "kid")) for n in check_metric_names(names))
+
+
+def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.device = "cpu",
              cache_dir=None, inception_weights: str | None = None, reference_split: str = "train") -> dict:
     """Compute each named metric for ``images`` (float [-1, 1] NCHW); returns {metric: value, ...}.
 
     ``fid``/``kid``/``is`` use torch-fidelity's Inception-v3; ``fid_<dataset>``/``kid_<dataset>``
     use that dataset's committed classifier features (reported under their own name);
     ``<dataset>_classifier`` reports how confidently the classifier recognises the samples.
-    Reference features come from ``datamodule`` (or one built from ``train_cfg.data``).
+    Reference features come from ``datamodule`` (an :class:`diffexp.data.ImageDataModule`).
     Every entry carries the sample count ``n``; ``seconds`` is the metric's wall time.
     """
-    names = check_metric_names(names)
-    if datamodule is None and any(not n.endswith("_classifier") and n not in ("is", "lpips_diversity")
-                                  for n in names):
-        if train_cfg is None:
-            raise ValueError("FID/KID need the training data: pass train_cfg or datamodule")
-        datamodule = instantiate(train_cfg.data)
+    if needs_reference(names) and datamodule is None:
+        raise ValueError("FID/KID need the training data: pass the datamodule")
     n = len(images)
     results: dict[str, dict] = {}
     extractors: dict[str, torch.nn.Module] = {}
@@ -66,7 +74,7 @@ def evaluate(names, images: torch.Tensor, train_cfg=None, datamodule=None, devic
     for name in names:
         start = time.perf_counter()
         if name.endswith("_classifier"):
-            value = classifier_report(load_domain_classifier(_domain_of(name), device), images)
+            value = classifier_report(load_domain_classifier(feature_extractor_of(name), device), images)
         elif name == "is":
             logits = extract_features(build_feature_extractor("inception", device, inception_weights,
                                                               feature="logits_unbiased"), images)
@@ -75,8 +83,8 @@ def evaluate(names, images: torch.Tensor, train_cfg=None, datamodule=None, devic
         elif name == "lpips_diversity":
             value = {"value": lpips_diversity(lpips_model().to(device), images)}
         else:
-            kind = "inception" if name in INCEPTION_METRICS else "domain"
-            extractor_name = "inception" if kind == "inception" else _domain_of(name)
+            extractor_name = feature_extractor_of(name)
+            kind = "inception" if extractor_name == "inception" else "domain"
             real, fake = feats(extractor_name)
             small = warn_if_small(n, kind, name)
             if name.startswith("fid"):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffexp.metrics.domain import DOMAIN_CLASSIFIERS, DomainFeatures, load_domain_classifier
-from diffexp.viz.images import to_uint8
+from diffexp.images import to_uint8
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF Inception-v3
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE

@@ -19,8 +19,7 @@ def real_images(datamodule, split: str = "train", max_n: int | None = None) -> t
     """The real images of ``split`` (``train``/``val``) as float [-1, 1] NCHW, in dataset order."""
     if split not in ("train", "val"):
         raise ValueError(f"reference split must be 'train' or 'val', got {split!r}")
-    datamodule.setup("fit")
-    dataset = datamodule.train_set if split == "train" else datamodule.val_set
+    dataset = datamodule.dataset(split)
     n = len(dataset) if max_n is None else min(max_n, len(dataset))
     return torch.stack([dataset[i]["image"] for i in range(n)])
 

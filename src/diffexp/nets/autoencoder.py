@@ -122,6 +122,9 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling factor "
                              f"f={self.downsampling_factor} (channel_mult={channel_mult})")
         self.in_channels, self.image_size, self.latent_channels = in_channels, image_size, latent_channels
+        self.config = {"in_channels": in_channels, "image_size": image_size, "base_channels": base_channels,
+                       "channel_mult": channel_mult, "num_res_blocks": num_res_blocks,
+                       "latent_channels": latent_channels, "attention": attention}  # the constructor arguments
         self.encoder = Encoder(in_channels, base_channels, channel_mult, num_res_blocks, latent_channels, attention)
         self.decoder = Decoder(in_channels, base_channels, channel_mult, num_res_blocks, latent_channels, attention)
 

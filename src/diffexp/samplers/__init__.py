@@ -3,12 +3,22 @@
 >>> sampler = get_sampler("ddim", schedule=s, steps=50)
 >>> x0 = sampler.sample(model_fn, shape=(16, 1, 16, 16), generator=torch.Generator().manual_seed(0))
 """
-from diffexp.samplers.base import Sampler, Trajectory
+from diffexp.samplers.base import Denoiser, Sampler, Trajectory, fixed_noise
 from diffexp.samplers.ddim import DDIMSampler
 from diffexp.samplers.ddpm import DDPMSampler
 from diffexp.samplers.spacing import TIMESTEP_SPACINGS, spaced_timesteps
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
+def register_sampler(name: str):
+    """Class decorator: make a :class:`Sampler` subclass available as ``get_sampler(name)``."""
+
+    def add(cls: type[Sampler]) -> type[Sampler]:
+        SAMPLERS[name] = cls
+        return cls
+
+    return add
 
 
 def get_sampler(name: str, schedule, **kwargs) -> Sampler:
@@ -18,5 +28,5 @@ def get_sampler(name: str, schedule, **kwargs) -> Sampler:
     return SAMPLERS[name](schedule, **kwargs)
 
 
-__all__ = ["Sampler", "Trajectory", "DDIMSampler", "DDPMSampler", "SAMPLERS", "get_sampler",
+__all__ = ["Denoiser", "Sampler", "Trajectory", "fixed_noise", "register_sampler", "DDIMSampler", "DDPMSampler", "SAMPLERS", "get_sampler",
            "spaced_timesteps", "TIMESTEP_SPACINGS"]

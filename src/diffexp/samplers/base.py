@@ -1,30 +1,40 @@
-"""What every sampler shares: the reverse loop, noise from explicit generators, trajectories."""
+"""What every sampler shares: one loop contract, a model wrapper that counts evaluations, trajectories.
+
+A sampler implements :meth:`Sampler.step`, which receives a :class:`Denoiser` and may call it as often
+as it needs (Heun: twice) and keep what it likes in a per-run ``state`` dict (multistep solvers: the
+history of model outputs). The loop in :meth:`Sampler.sample` is the same for all samplers; it can start
+at an intermediate step from a given x_t (image-to-image) and lets a hook replace part of x after each
+step (inpainting).
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from diffexp.diffusion import check_prediction_type, prediction_to_x0_eps
-from diffexp.schedules import NoiseSchedule
+from diffexp.diffusion import check_prediction_type, prediction_to_x0_eps, x0_eps_from_prediction
+from diffexp.schedules import NoiseSchedule, alpha_bar_at
 
 ModelFn = Callable[..., torch.Tensor]  # model_fn(x_t, t, **cond) -> prediction
+StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]  # (step index, t_prev, x_prev) -> x_prev
 
 
 @dataclass
 class Trajectory:
     """The result of a sampling run with the intermediate states kept.
 
-    ``xs[i]`` is x at ``timesteps[i]`` (xs[0] is x_T) and ``x0s[i]`` the x_0 predicted there;
-    ``sample`` is the final x_0.
+    ``xs[i]`` is x at ``timesteps[i]`` (xs[0] is the starting x) and ``x0s[i]`` the x_0 predicted there;
+    ``sample`` is the final x_0; ``nfe`` counts the model evaluations made.
     """
 
     sample: torch.Tensor
-    timesteps: list[int] = field(default_factory=list)
+    timesteps: list = field(default_factory=list)
     xs: list[torch.Tensor] = field(default_factory=list)
     x0s: list[torch.Tensor] = field(default_factory=list)
+    nfe: int = 0
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
@@ -36,6 +46,63 @@ def randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def fixed_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """N(0, I) noise of shape (n, *shape) on the CPU from a generator seeded with ``seed``: the same noise
+    for the same seed everywhere (monitoring grids, FID samples, figures)."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+class Denoiser:
+    """``model_fn`` as samplers see it: (x_t, t) -> (x0, eps), counting model evaluations in ``nfe``.
+
+    ``t`` is a training timestep: an integer in [0, T), or a float between two of them. A float t is
+    passed to the net as a float tensor (the sinusoidal time embedding is defined for any real t) and
+    alpha-bar there comes from :func:`diffexp.schedules.alpha_bar_at` (log-sigma interpolation).
+    ``clip_sample`` clamps x0 to [-1, 1] and recomputes eps from it.
+    """
+
+    def __init__(self, model_fn: ModelFn, alphas_cumprod: torch.Tensor, prediction_type: str,
+                 clip_sample: bool = False, model_kwargs: dict | None = None):
+        self.model_fn, self.alphas_cumprod = model_fn, alphas_cumprod
+        self.prediction_type, self.clip_sample = prediction_type, clip_sample
+        self.model_kwargs = model_kwargs or {}
+        self.nfe = 0
+
+    def alpha_bar(self, t: float) -> float:
+        """abar_t, with abar_{-1} = 1 (the clean data before t = 0)."""
+        if t < 0:
+            return 1.0
+        if float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        return float(alpha_bar_at(self.alphas_cumprod, t))
+
+    def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """The raw prediction of the model at (x_t, t): one model evaluation."""
+        integer = float(t).is_integer()
+        t_batch = torch.full((x_t.shape[0],), int(t) if integer else float(t),
+                             dtype=torch.long if integer else torch.float32, device=x_t.device)
+        self.nfe += 1
+        return self.model_fn(x_t, t_batch, **self.model_kwargs)
+
+    def x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: float):
+        """(x_0, eps) implied by ``model_output`` at t, x_0 optionally clipped."""
+        if float(t).is_integer():
+            t_batch = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
+            x0, eps = prediction_to_x0_eps(model_output, x_t, t_batch, self.alphas_cumprod, self.prediction_type)
+        else:
+            abar = torch.tensor(self.alpha_bar(t), dtype=x_t.dtype, device=x_t.device)
+            x0, eps = x0_eps_from_prediction(model_output, x_t, abar, self.prediction_type)
+        if self.clip_sample:
+            x0 = x0.clamp(-1, 1)
+            abar = self.alpha_bar(t)
+            eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
+        return x0, eps
+
+    def __call__(self, x_t: torch.Tensor, t: float):
+        """(x_0, eps) predicted at (x_t, t): one model evaluation."""
+        return self.x0_eps(self.model_output(x_t, t), x_t, t)
+
+
 class Sampler:
     """Base class: subclasses define ``timesteps`` and ``step``.
 
@@ -45,6 +112,9 @@ class Sampler:
         clip_sample: clamp the predicted x_0 to [-1, 1] before each update.
         progress: show a progress bar by default.
     """
+
+    #: model evaluations per step (:attr:`nfe` = this x the number of steps unless a subclass says otherwise)
+    evaluations_per_step = 1
 
     def __init__(
         self,
@@ -66,25 +136,38 @@ class Sampler:
 
     @property
     def timesteps(self) -> torch.Tensor:
-        """Descending integer timesteps visited by the sampler."""
+        """Descending timesteps visited by the sampler (integers in [0, T), or floats between them)."""
         raise NotImplementedError
 
-    def alpha_bar(self, t: int) -> float:
+    @property
+    def nfe(self) -> int:
+        """Model evaluations of a full run (what :attr:`Trajectory.nfe` reports)."""
+        return self.evaluations_per_step * len(self.timesteps)
+
+    def with_options(self, **changes) -> "Sampler":
+        """A copy with some attributes changed (e.g. ``clip_sample=False``); this sampler is left as it is."""
+        unknown = [k for k in changes if not hasattr(self, k)]
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no option(s) {unknown}")
+        other = copy.copy(self)
+        other.__dict__.update(changes)
+        return other
+
+    def alpha_bar(self, t: float) -> float:
         """abar_t, with abar_{-1} = 1 (the clean data before t = 0)."""
-        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+        return Denoiser(None, self.alphas_cumprod, self.prediction_type).alpha_bar(t)
 
-    def predict_x0_eps(self, model_output, x_t, t: int):
-        """(x_0, eps) implied by the model output at integer timestep t, x_0 optionally clipped."""
-        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        x0, eps = prediction_to_x0_eps(model_output, x_t, t_batch, self.alphas_cumprod, self.prediction_type)
-        if self.clip_sample:
-            x0 = x0.clamp(-1, 1)
-            abar = self.alpha_bar(t)
-            eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
-        return x0, eps
+    def denoiser(self, model_fn: ModelFn, model_kwargs: dict | None = None) -> Denoiser:
+        """``model_fn`` wrapped for :meth:`step` with this sampler's schedule, prediction type and clipping."""
+        return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample, model_kwargs)
 
-    def step(self, model_output, t: int, t_prev: int, x_t, generator=None):
-        """One reverse update x_t -> x_{t_prev}; returns (x_prev, predicted x_0)."""
+    def step(self, denoiser: Denoiser, x_t: torch.Tensor, t, t_prev, generator: torch.Generator | None = None,
+             state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reverse update x_t -> x_{t_prev} (t_prev = -1 on the last step); returns (x_prev, predicted x_0).
+
+        ``denoiser(x, t)`` gives (x0, eps) and may be called any number of times; ``state`` is a dict that
+        lives for one sampling run (history for multistep solvers); noise comes from ``generator``.
+        """
         raise NotImplementedError
 
     @torch.no_grad()
@@ -99,10 +182,14 @@ class Sampler:
         progress: bool | None = None,
         return_trajectory: bool = False,
         model_kwargs: dict | None = None,
+        start_step: int = 0,
+        on_step: StepHook | None = None,
     ) -> torch.Tensor | Trajectory:
         """Run the reverse process from x_T (given, or N(0, I) drawn from ``generator``) to x_0.
 
-        ``model_fn(x_t, t, **model_kwargs)`` gets a LongTensor t of shape (N,).
+        ``model_fn(x_t, t, **model_kwargs)`` gets t of shape (N,) (LongTensor at integer timesteps).
+        ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x at that time
+        (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after step i (inpainting).
         Returns the final sample, or a :class:`Trajectory` when ``return_trajectory``.
         """
         if x_T is None:
@@ -111,21 +198,25 @@ class Sampler:
             x = randn(shape, generator, device or "cpu")
         else:
             x = x_T.to(device) if device is not None else x_T
-        model_kwargs = model_kwargs or {}
-        ts = [int(t) for t in self.timesteps]
+        ts = [t.item() for t in self.timesteps]
+        if not 0 <= start_step < len(ts):
+            raise ValueError(f"start_step={start_step} must lie in [0, {len(ts)}) (the sampler's steps)")
+        ts = ts[start_step:]
+        denoiser = self.denoiser(model_fn, model_kwargs)
+        state: dict = {}
         traj = Trajectory(sample=x) if return_trajectory else None
         show = self.progress if progress is None else progress
         for i, t in enumerate(tqdm(ts, desc=type(self).__name__, disable=not show, leave=False)):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            model_output = model_fn(x, t_batch, **model_kwargs)
-            x_prev, x0 = self.step(model_output, t, t_prev, x, generator=generator)
+            x_prev, x0 = self.step(denoiser, x, t, t_prev, generator=generator, state=state)
+            if on_step is not None:
+                x_prev = on_step(i, t_prev, x_prev)
             if traj is not None:
                 traj.timesteps.append(t)
                 traj.xs.append(x)
                 traj.x0s.append(x0)
             x = x_prev
         if traj is not None:
-            traj.sample = x
+            traj.sample, traj.nfe = x, denoiser.nfe
             return traj
         return x

@@ -27,13 +27,11 @@ class DDIMSampler(Sampler):
     def timesteps(self) -> torch.Tensor:
         return self._timesteps
 
-    def step(self, model_output, t, t_prev, x_t, generator=None, noise=None):
-        x0, eps = self.predict_x0_eps(model_output, x_t, t)
-        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+    def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
+        x0, eps = denoiser(x_t, t)
+        abar_t, abar_prev = denoiser.alpha_bar(t), denoiser.alpha_bar(t_prev)
         sigma = self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
         x_prev = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            if noise is None:
-                noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
-            x_prev = x_prev + sigma * noise
+            x_prev = x_prev + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
         return x_prev, x0

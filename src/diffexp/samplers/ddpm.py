@@ -33,15 +33,13 @@ class DDPMSampler(Sampler):
     def timesteps(self) -> torch.Tensor:
         return self._timesteps
 
-    def step(self, model_output, t, t_prev, x_t, generator=None, noise=None):
-        x0, _ = self.predict_x0_eps(model_output, x_t, t)
-        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+    def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
+        x0, _ = denoiser(x_t, t)
+        abar_t, abar_prev = denoiser.alpha_bar(t), denoiser.alpha_bar(t_prev)
         alpha = abar_t / abar_prev
         beta = 1.0 - alpha
         mean = (abar_prev**0.5 * beta / (1 - abar_t)) * x0 + (alpha**0.5 * (1 - abar_prev) / (1 - abar_t)) * x_t
         if t_prev < 0:
             return mean, x0
         var = (1 - abar_prev) / (1 - abar_t) * beta if self.variance_type == "fixed_small" else beta
-        if noise is None:
-            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
-        return mean + var**0.5 * noise, x0
+        return mean + var**0.5 * randn(x_t.shape, generator, x_t.device, x_t.dtype), x0

@@ -53,5 +53,10 @@ class TextEncoder(nn.Module):
     def empty(self, n: int) -> TextEmbedding:
         return self.forward([""] * n)
 
+    @property
+    def needs_vocabulary(self) -> bool:
+        """True while a tokenizer built from the data has not been built yet (never for pretrained ones)."""
+        return False
+
     def fit_vocabulary(self, captions) -> None:
         """Hook for encoders whose tokenizer is built from the data (no-op for pretrained ones)."""

@@ -35,6 +35,10 @@ class LearnedTextEncoder(TextEncoder):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
+    @property
+    def needs_vocabulary(self) -> bool:
+        return len(self.vocab) <= 3
+
     def fit_vocabulary(self, captions) -> None:
         found = sorted({w for c in captions for w in words(c)})
         if len(found) + 3 > self.max_vocab:

@@ -4,12 +4,11 @@ Outputs are cached per unique caption (on the CPU), so each caption is encoded o
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from diffexp.frozen import Frozen
+from diffexp.frozen import Frozen, hub_offline
 from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
 
 KINDS = ("minilm", "clip", "t5")
@@ -46,7 +45,7 @@ class PretrainedTextEncoder(Frozen, TextEncoder):
         if name_or_path is None:
             raise ValueError(f"text_encoder.name_or_path is required for kind={kind}")
         if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            local_files_only = hub_offline()
         model_cls = {"minilm": AutoModel, "clip": CLIPTextModel, "t5": T5EncoderModel}[kind]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)

@@ -43,7 +43,7 @@ def save_figure(fig, out: Path) -> None:
 def cmd_forward(args) -> Path:
     from diffexp.viz.animation import save_animation
     from diffexp.viz.forward import forward_animation_frames, forward_grid_figure
-    from diffexp.viz.images import load_image
+    from diffexp.images import load_image
 
     schedules = check_schedules(args.schedule or ["linear", "cosine"])
     image = load_image(args.image, args.size) if args.image else builtin_image(args.size)
@@ -56,7 +56,7 @@ def cmd_forward(args) -> Path:
 
 def cmd_histogram(args) -> Path:
     from diffexp.viz.forward import histogram_figure
-    from diffexp.viz.images import load_image
+    from diffexp.images import load_image
 
     schedule = check_schedules([args.schedule])[0]
     image = load_image(args.image, args.size) if args.image else builtin_image(args.size)
@@ -91,13 +91,15 @@ def load(args):
 
 
 def cmd_trajectories(args) -> Path:
+    import torch
+
     from diffexp.samplers import DDIMSampler, DDPMSampler
     from diffexp.viz.reverse import trajectories, trajectory_figure
 
     model = load(args)
     kw = dict(prediction_type=model.prediction_type, progress=False)
     samplers = {"DDPM-1000": DDPMSampler(model.schedule, **kw), f"DDIM-{args.steps}": DDIMSampler(model.schedule, steps=args.steps, **kw)}
-    cond = {"captions": [args.prompt]} if args.prompt else model.sampling_conditions(1)
+    cond = {"captions": [args.prompt]} if args.prompt else model.conditioner.for_sampling(torch.arange(1))
     save_figure(trajectory_figure(trajectories(model, samplers, n=1, seed=args.seed, **cond), args.frames), Path(args.out))
     return Path(args.out)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffexp.viz.images import make_grid
+from diffexp.images import make_grid
 
 
 def figure_to_array(fig) -> np.ndarray:

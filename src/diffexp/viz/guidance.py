@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from diffexp.samplers import fixed_noise
+
 
 def guidance_samples(model, prompt: str, scales=(0.0, 1.0, 2.0, 4.0, 7.5), n: int = 4, seed: int = 0,
                      sampler=None) -> dict[float, torch.Tensor]:
     """{scale: n images} for a text-conditioned model, every scale starting from the same noise."""
-    if getattr(model, "text_encoder", None) is None:
+    if "captions" not in model.conditioner.keys:
         raise ValueError("guidance needs a text-conditioned checkpoint (trained with text_encoder=learned|minilm|...)")
-    x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+    x_T = fixed_noise(n, model.sample_shape, seed).to(model.device)
     return {s: model.sample(n, sampler=sampler, x_T=x_T, captions=[prompt] * n, guidance_scale=s, progress=False)
             for s in scales}
 

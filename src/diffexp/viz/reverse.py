@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from diffexp.samplers import Sampler, Trajectory
+from diffexp.samplers import Sampler, Trajectory, fixed_noise
 
 
 def trajectories(model, samplers: dict[str, Sampler], n: int = 2, seed: int = 0, **cond) -> dict[str, Trajectory]:
@@ -12,7 +11,7 @@ def trajectories(model, samplers: dict[str, Sampler], n: int = 2, seed: int = 0,
 
     ``model`` is a diffusion LightningModule (``model.sample``); ``cond``: captions or class_labels.
     """
-    x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+    x_T = fixed_noise(n, model.sample_shape, seed).to(model.device)
     return {name: model.sample(n, sampler=s, x_T=x_T, progress=False, return_trajectory=True, **cond)
             for name, s in samplers.items()}
 

@@ -1,0 +1,213 @@
+"""Conditioners: what a diffusion model is conditioned on, as one small class per kind (``conditioning`` group).
+
+A conditioner turns a training batch into the net's keyword arguments (dropping the condition at rate
+``p_uncond`` for classifier-free guidance), gives the null condition, the fixed monitoring conditions,
+the guided model function for sampling, and fits itself to the data. The diffusion module only calls
+these methods; it never asks which kind it holds.
+
+- :class:`Unconditional` (``conditioning=none``)
+- :class:`ClassConditioner` (``conditioning=class``, or ``text_encoder=class``): a label embedding; label
+  ``num_classes`` is the null label.
+- :class:`TextConditioner` (chosen by every ``text_encoder=`` encoder): captions through a text encoder into
+  cross-attention; the empty caption is the null condition.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from diffexp.guidance import guided_model
+
+
+def check_p_uncond(p_uncond: float) -> float:
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"conditioning.p_uncond must lie in [0, 1], got {p_uncond}")
+    return p_uncond
+
+
+class Conditioner(nn.Module):
+    """Base class and the contract.
+
+    ``keys`` names the conditions :meth:`diffexp.lit.DiffusionModel.sample` accepts (e.g. ``captions``);
+    ``conditional`` says whether there is anything to guide.
+    """
+
+    keys: tuple[str, ...] = ()
+    conditional = False
+    requires_conditions = False  # True: sampling without conditions is an error (not an unconditional sample)
+
+    def net_arguments(self) -> dict:
+        """Arguments the denoiser must be built with (e.g. ``context_dim``), filled into the ``unet`` config."""
+        return {}
+
+    def check_net(self, net: nn.Module) -> None:
+        """Raise a clear error if ``net`` cannot take this conditioning."""
+
+    def fit(self, datamodule) -> None:
+        """Adapt to the data before training (read through the datamodule's declared interface)."""
+
+    def from_batch(self, batch: dict, drop: bool = False, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> dict:
+        """The net's keyword arguments for a training batch; with ``drop`` each item's condition is replaced
+        by the null one with probability ``p_uncond`` (drawn from ``generator``)."""
+        return {}
+
+    def encode(self, conditions: dict, n: int, device: torch.device | str) -> dict:
+        """The net's keyword arguments for ``n`` user conditions (e.g. ``{"captions": [...]}``)."""
+        return {}
+
+    def null(self, n: int, device: torch.device | str) -> dict:
+        """The net's keyword arguments for the unconditional prediction of ``n`` items."""
+        return {}
+
+    def for_sampling(self, indices: torch.Tensor) -> dict:
+        """Fixed monitoring conditions for the samples numbered ``indices`` (grids, FID): the same sample
+        index always gets the same condition, so runs and ranks agree."""
+        return {}
+
+    def check_conditions(self, conditions: dict) -> dict:
+        """The given (non-None) conditions; a clear error for ones this model does not take."""
+        given = {k: v for k, v in conditions.items() if v is not None}
+        unknown = sorted(set(given) - set(self.keys))
+        if unknown:
+            accepted = f"it takes {list(self.keys)}" if self.keys else "it is unconditional"
+            raise ValueError(f"this model cannot be conditioned on {unknown}: {accepted}")
+        return given
+
+    def model_fn(self, net: Callable, n: int, conditions: dict, guidance_scale: float = 1.0,
+                 guidance_rescale: float = 0.0, device: torch.device | str = "cpu") -> Callable:
+        """(x_t, t) -> prediction for sampling ``n`` items under ``conditions``, with classifier-free guidance
+        (:func:`diffexp.guidance.guided_model`); without conditions, the unconditional prediction."""
+        given = self.check_conditions(conditions)
+        if not self.conditional:
+            return net
+        if not given and not self.requires_conditions:
+            return partial(net, **self.null(n, device))
+        return guided_model(net, self.encode(given, n, device), self.null(n, device), guidance_scale,
+                            guidance_rescale)
+
+
+class Unconditional(Conditioner):
+    """No conditioning: the net gets x_t and t only."""
+
+
+class ClassConditioner(Conditioner):
+    """Class labels (``batch["label"]``) through the net's label embedding; label ``num_classes`` = no label.
+
+    Args:
+        num_classes: the number of classes in the data (null in the config: taken from the datamodule).
+        p_uncond: probability of replacing a label by the null label in training.
+    """
+
+    keys = ("class_labels",)
+    conditional = True
+
+    def __init__(self, num_classes: int, p_uncond: float = 0.1):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"conditioning=class needs labelled data (num_classes >= 1), got num_classes={num_classes}")
+        self.num_classes, self.p_uncond = num_classes, check_p_uncond(p_uncond)
+
+    def net_arguments(self) -> dict:
+        return {"num_classes": self.num_classes}
+
+    def check_net(self, net) -> None:
+        if getattr(net, "num_classes", None) != self.num_classes:
+            raise ValueError(f"conditioning=class with {self.num_classes} classes needs a U-Net built with "
+                             f"unet.num_classes={self.num_classes}, got {getattr(net, 'num_classes', None)}")
+
+    def labels(self, labels: torch.Tensor, n: int, device) -> torch.Tensor:
+        labels = torch.as_tensor(labels).long().to(device)
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class_labels must be {n} integers in [0, {self.num_classes}), got {labels.tolist()}")
+        return labels
+
+    def from_batch(self, batch, drop=False, generator=None, device="cpu"):
+        labels = batch["label"].clone()
+        if drop and self.p_uncond > 0:
+            mask = torch.rand(labels.shape, device=labels.device, generator=generator) < self.p_uncond
+            labels[mask] = self.num_classes
+        return {"class_labels": labels}
+
+    def encode(self, conditions, n, device):
+        return {"class_labels": self.labels(conditions["class_labels"], n, device)}
+
+    def null(self, n, device):
+        return {"class_labels": torch.full((n,), self.num_classes, dtype=torch.long, device=device)}
+
+    def for_sampling(self, indices):
+        return {"class_labels": indices % self.num_classes}
+
+
+class TextConditioner(Conditioner):
+    """Captions (``batch["caption"]``) through ``encoder`` (a :class:`diffexp.text.TextEncoder`) into the
+    net's cross-attention; the empty caption is the null condition.
+
+    :meth:`fit` builds a learned encoder's vocabulary from the training captions and remembers up to 64
+    validation captions as monitoring prompts (saved with the weights, so a checkpoint keeps them).
+    """
+
+    keys = ("captions",)
+    conditional = True
+    requires_conditions = True
+
+    def __init__(self, encoder: nn.Module, p_uncond: float = 0.1):
+        super().__init__()
+        if encoder is None:
+            raise ValueError("conditioning=text needs a text encoder: text_encoder=learned|minilm|clip|t5")
+        self.encoder, self.p_uncond = encoder, check_p_uncond(p_uncond)
+        self.example_captions: list[str] = []
+
+    def net_arguments(self) -> dict:
+        return {"context_dim": self.encoder.dim}
+
+    def check_net(self, net) -> None:
+        if getattr(net, "context_dim", None) != self.encoder.dim:
+            raise ValueError(f"unet.context_dim={getattr(net, 'context_dim', None)} must equal the text encoder's "
+                             f"width {self.encoder.dim}")
+
+    def get_extra_state(self) -> dict:
+        return {"example_captions": list(self.example_captions)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.example_captions = list(state.get("example_captions", []))
+
+    def fit(self, datamodule) -> None:
+        if not self.example_captions:
+            self.example_captions = list(self._captions(datamodule, "val")[:64])
+        if self.encoder.needs_vocabulary:
+            self.encoder.fit_vocabulary(self._captions(datamodule, "train"))
+
+    @staticmethod
+    def _captions(datamodule, split: str) -> list[str]:
+        captions = datamodule.captions(split)
+        if not captions:
+            raise ValueError(f"a text encoder needs captions, but data={datamodule.name} has none in its {split} "
+                             f"split (image_folder: a metadata.jsonl with file_name and text)")
+        return captions
+
+    def embed(self, captions: list[str], device) -> dict:
+        return self.encoder(list(captions)).to(device).as_kwargs()
+
+    def from_batch(self, batch, drop=False, generator=None, device="cpu"):
+        captions = list(batch["caption"])
+        if drop and self.p_uncond > 0:
+            keep = (torch.rand(len(captions), generator=generator, device=device) >= self.p_uncond).cpu()
+            captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return self.embed(captions, device)
+
+    def encode(self, conditions, n, device):
+        captions = conditions.get("captions")
+        if captions is None or isinstance(captions, str) or len(captions) != n:
+            raise ValueError(f"this model is text-conditioned: pass {n} captions (prompt=...)")
+        return self.embed(captions, device)
+
+    def null(self, n, device):
+        return self.embed([""] * n, device)
+
+    def for_sampling(self, indices):
+        captions = self.example_captions or [""]
+        return {"captions": [captions[i % len(captions)] for i in indices.tolist()]}

@@ -1,0 +1,265 @@
+"""The diffusion model as a LightningModule, composed of a conditioner, a space and a sampler factory."""
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from diffexp.conditioning import Conditioner, Unconditional
+from diffexp.diffusion import check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample, training_target
+from diffexp.lit.base import TrainingModule
+from diffexp.samplers import DDIMSampler, Sampler, Trajectory, fixed_noise
+from diffexp.schedules import NoiseSchedule
+from diffexp.spaces import PixelSpace
+
+
+class DiffusionModel(TrainingModule):
+    """Trains ``net`` to denoise: loss = w(t) * || net(x_t, t, **cond) - target ||^2 with t ~ U{0..T-1}.
+
+    It composes three declared parts and never asks which kind it holds:
+
+    - ``conditioner`` (:mod:`diffexp.conditioning`): batch -> the net's condition arguments (with dropout
+      for classifier-free guidance), the null condition, monitoring conditions, guidance at sampling;
+    - ``space`` (:mod:`diffexp.spaces`): pixels, or the latents of a frozen autoencoder;
+    - ``sampler``: a partial sampler, completed with the schedule and prediction type (default DDIM-50).
+
+    What callbacks and scripts may call: :meth:`sample`, :meth:`log_images`, :meth:`monitoring_inputs`,
+    :meth:`predict_x0`, :meth:`make_sampler`, :attr:`sample_shape`.
+
+    Args:
+        net: the denoiser, called as net(x_t, t, **conditioner arguments).
+        schedule: the noise schedule (:func:`diffexp.schedules.get_schedule`).
+        conditioner: default :class:`diffexp.conditioning.Unconditional`.
+        space: default :class:`diffexp.spaces.PixelSpace`.
+        prediction_type: ``epsilon`` | ``sample`` | ``v_prediction``.
+        min_snr_gamma: if set, weight the loss by min-SNR-gamma (Hang et al. 2023).
+        optimizer, lr_scheduler: partials (:class:`diffexp.lit.base.TrainingModule`).
+        guidance_scale, guidance_rescale: defaults for :meth:`sample` on conditional models.
+        noise_seed: seeds the per-step timestep/noise streams (:meth:`step_generator`; train.py passes ``seed``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        conditioner: Conditioner | None = None,
+        space: PixelSpace | None = None,
+        prediction_type: str = "epsilon",
+        min_snr_gamma: float | None = None,
+        optimizer: Callable | None = None,
+        lr_scheduler: Callable | None = None,
+        sampler: Callable[..., Sampler] | None = None,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        noise_seed: int = 0,
+    ):
+        super().__init__(optimizer, lr_scheduler)
+        self.net = net
+        self.schedule = schedule
+        self.conditioner = conditioner if conditioner is not None else Unconditional()
+        self.space = space if space is not None else PixelSpace()
+        self.conditioner.check_net(net)
+        self.space.check_net(net)
+        self.prediction_type = check_prediction_type(prediction_type)
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"model.min_snr_gamma must be positive or null, got {min_snr_gamma}")
+        self.min_snr_gamma = min_snr_gamma
+        self.sampler_factory = sampler or partial(DDIMSampler, steps=50)
+        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.noise_seed = noise_seed
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
+        self.register_buffer("snr", schedule.snr.float(), persistent=False)
+        self.make_sampler()  # bad sampler settings fail now, not at the first sample grid
+
+    # --- training -------------------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(x_t, t, **cond)
+
+    def setup(self, stage: str) -> None:
+        """Fit the conditioner to the data (e.g. a learned tokenizer's vocabulary, monitoring captions)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            self.conditioner.fit(datamodule)
+
+    def on_fit_start(self) -> None:
+        """Fit the space to the training data (e.g. the latent scale); the datamodule is set up by now."""
+        message = self.space.fit(self.trainer.datamodule)
+        if message:
+            self.print(f"[diffexp] {message}")
+
+    def step_generator(self, stream: int = 0, index: int | None = None) -> torch.Generator | None:
+        """The generator for one training/validation step: seeded by (``noise_seed``, stream, step, rank),
+        so every rank draws its own timesteps and noise, and a resumed run draws what an uninterrupted
+        one would. None when the module is used outside a Trainer (global RNG)."""
+        if self._trainer is None:
+            return None
+        index = self.trainer.global_step if index is None else index
+        seed = (((self.noise_seed * 1_000_003 + stream) * 1_000_003 + index) * 1_009 + self.global_rank) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def loss(self, batch: dict, drop_conditioning: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion loss of a batch; t, noise and conditioning dropout come from ``generator``."""
+        x0 = self.space.from_batch(batch)
+        n = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = q_sample(x0, t, noise, self.alphas_cumprod)
+        target = training_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
+        cond = self.conditioner.from_batch(batch, drop_conditioning, generator, self.device)
+        pred = self.net(x_t, t, **cond)
+        return diffusion_loss(pred, target, t, self.snr, self.prediction_type, self.min_snr_gamma)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, generator=self.step_generator())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # the same t and noise for a batch at every validation: val/loss moves only with the weights
+        loss = self.loss(batch, drop_conditioning=False, generator=self.step_generator(stream=1, index=batch_idx))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
+
+    @torch.no_grad()
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, **conditions) -> torch.Tensor:
+        """The denoised estimate x0_hat(x_t, t) in model space implied by the net's prediction (eval mode,
+        no guidance); without conditions, the unconditional prediction."""
+        was_training = self.training
+        self.eval()
+        try:
+            given = self.conditioner.check_conditions(conditions)
+            encode = self.conditioner.encode if given else (lambda _, n, device: self.conditioner.null(n, device))
+            pred = self.net(x_t, t, **encode(given, len(x_t), self.device))
+            return prediction_to_x0_eps(pred, x_t, t, self.alphas_cumprod, self.prediction_type)[0]
+        finally:
+            self.train(was_training)
+
+    # --- sampling -------------------------------------------------------------------------------
+    def make_sampler(self, sampler: Callable[..., Sampler] | Sampler | None = None) -> Sampler:
+        """A sampler for this model: an instance as is, or a partial completed with schedule and prediction_type.
+
+        In an unbounded space (latents) ``clip_sample`` is turned off in a copy: it clamps x0 to the pixel
+        range [-1, 1], which would cut off latents. The sampler passed in is never changed.
+        """
+        if not isinstance(sampler, Sampler):
+            sampler = (sampler or self.sampler_factory)(schedule=self.schedule, prediction_type=self.prediction_type)
+        if sampler.clip_sample and not self.space.bounded:
+            warnings.warn("sampler.clip_sample=true clamps x0 to [-1, 1]; latents are unbounded, so latent models "
+                          "sample with clip_sample=false", stacklevel=2)
+            sampler = sampler.with_options(clip_sample=False)
+        return sampler
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of x_T: the space the net denoises."""
+        return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    def monitoring_inputs(self, n: int, seed: int, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(x_T, conditions) of the fixed monitoring samples numbered ``indices`` (default 0..n-1) out of ``n``:
+        noise from ``seed`` (:func:`diffexp.samplers.fixed_noise`) and the conditioner's monitoring
+        conditions, so sample i is the same in every grid, run and rank."""
+        indices = torch.arange(n) if indices is None else indices
+        return fixed_noise(n, self.sample_shape, seed)[indices], self.conditioner.for_sampling(indices)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        sampler: Callable[..., Sampler] | Sampler | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: bool | None = None,
+        return_trajectory: bool = False,
+        guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
+        **conditions,
+    ) -> torch.Tensor | Trajectory:
+        """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
+
+        ``conditions`` are the conditioner's (``class_labels=`` one per image, ``captions=`` one per image);
+        conditional models apply classifier-free guidance with ``guidance_scale`` (default: the model's;
+        1 = none). With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped,
+        as images (latent models decode them).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            scale = self.guidance_scale if guidance_scale is None else guidance_scale
+            rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
+            model_fn = self.conditioner.model_fn(self.net, n, conditions, scale, rescale, self.device)
+            result = self.make_sampler(sampler).sample(
+                model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
+                progress=progress, return_trajectory=return_trajectory)
+            if isinstance(result, Trajectory):
+                result.xs = [self.space.decode(x) for x in result.xs]
+                result.x0s = [self.space.decode(x) for x in result.x0s]
+                result.sample = self.space.decode(result.sample).clamp(-1, 1)
+                return result
+            return self.space.decode(result).clamp(-1, 1)
+        finally:
+            self.train(was_training)
+
+    # --- images for callbacks -------------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch: dict | None, samples: int = 0, timesteps=(), trajectories: int = 0,
+                   frames: int = 8, seed: int = 0, sampler=None, **unused) -> dict[str, torch.Tensor]:
+        """Images that show what the model does, in [-1, 1]; a 5-D value (rows, columns, C, H, W) is a laid-out
+        grid. Options a callback does not set are off; options meant for other modules are ignored.
+
+        - ``samples``: that many monitoring samples (:meth:`monitoring_inputs` with ``seed``);
+        - ``timesteps`` with ``batch``: per image, a row of x_t at each t and a row of predicted x0 there
+          (noise from ``seed``);
+        - ``trajectories``: per sample, a row of x_t along the reverse process (``frames`` columns, x_T ... x_0)
+          and a row of the x0 predicted there (noise from ``seed + 1``).
+        """
+        out = {}
+        if samples:
+            x_T, cond = self.monitoring_inputs(samples, seed)
+            out["samples"] = self.sample(samples, sampler=sampler, x_T=x_T.to(self.device), progress=False, **cond)
+        if timesteps and batch is not None:
+            out["denoising/forward"] = self.forward_grid(batch["image"], list(timesteps), seed)
+        if trajectories:
+            out["denoising/reverse"] = self.reverse_grid(trajectories, frames, seed + 1, sampler)
+        return out
+
+    def forward_grid(self, images: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
+        """(2 * len(images), len(timesteps), C, H, W): per image a row of x_t, then a row of x0_hat."""
+        T = self.schedule.num_timesteps
+        bad = [t for t in timesteps if not 0 <= t < T]
+        if bad:
+            raise ValueError(f"callbacks.denoising_grid.timesteps {bad} outside [0, {T})")
+        generator = torch.Generator().manual_seed(seed)
+        rows = []
+        t = torch.tensor(timesteps, device=self.device)
+        for x0 in self.space.encode(images.to(self.device)):
+            x0 = x0[None].expand(len(timesteps), *x0.shape)
+            noise = torch.randn(x0.shape, generator=generator).to(self.device)
+            x_t = q_sample(x0, t, noise, self.alphas_cumprod)
+            rows += [self.space.decode(x_t).clamp(-1, 1), self.space.decode(self.predict_x0(x_t, t)).clamp(-1, 1)]
+        return torch.stack(rows)
+
+    def reverse_grid(self, n: int, frames: int, seed: int, sampler=None) -> torch.Tensor:
+        """(2 * n, frames, C, H, W): per monitoring sample, x_t along the reverse process then the predicted x0."""
+        x_T, cond = self.monitoring_inputs(n, seed)
+        traj = self.sample(n, sampler=sampler, x_T=x_T.to(self.device), progress=False, return_trajectory=True, **cond)
+        pick = torch.linspace(0, len(traj.xs) - 1, frames - 1).round().long().tolist()
+        rows = []
+        for i in range(n):
+            rows.append(torch.stack([traj.xs[k][i] for k in pick] + [traj.sample[i]]).clamp(-1, 1))
+            rows.append(torch.stack([traj.x0s[k][i] for k in pick] + [traj.sample[i]]).clamp(-1, 1))
+        return torch.stack(rows)
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Bring an older checkpoint to the current layout (:func:`diffexp.checkpoints.upgrade_checkpoint`).
+        One written before latent checkpoints carried their autoencoder keeps the weights this model was
+        built with (from the VAE file its config names)."""
+        from diffexp.checkpoints import upgrade_checkpoint
+
+        upgrade_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith("space.autoencoder.") and key not in state:
+                state[key] = value
