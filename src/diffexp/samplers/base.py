@@ -153,10 +153,6 @@ class Sampler:
         other.__dict__.update(changes)
         return other
 
-    def alpha_bar(self, t: float) -> float:
-        """abar_t, with abar_{-1} = 1 (the clean data before t = 0)."""
-        return Denoiser(None, self.alphas_cumprod, self.prediction_type).alpha_bar(t)
-
     def denoiser(self, model_fn: ModelFn, model_kwargs: dict | None = None) -> Denoiser:
         """``model_fn`` wrapped for :meth:`step` with this sampler's schedule, prediction type and clipping."""
         return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample, model_kwargs)

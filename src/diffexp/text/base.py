@@ -36,7 +36,7 @@ class TextEncoder(nn.Module):
     """Base class. Subclasses set ``dim`` and ``trainable`` and implement :meth:`encode`.
 
     ``forward(captions)`` returns a :class:`TextEmbedding`. The empty caption ``""`` is the
-    unconditional input used for classifier-free guidance (:meth:`empty`).
+    unconditional input used for classifier-free guidance.
     """
 
     dim: int
@@ -49,9 +49,6 @@ class TextEncoder(nn.Module):
         if isinstance(captions, str):
             captions = [captions]
         return self.encode(list(captions))
-
-    def empty(self, n: int) -> TextEmbedding:
-        return self.forward([""] * n)
 
     @property
     def needs_vocabulary(self) -> bool:
