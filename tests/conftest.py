@@ -27,7 +27,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SHRINK = [
     "trainer.max_steps=4",
     "eval_every=2",
-    "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
     "trainer.accelerator=cpu",
@@ -190,7 +189,7 @@ def run_script(script: str, *args: str, cwd=None, env: dict | None = None, timeo
 
 # a few seconds of autoencoder training on shapes
 VAE_SHRINK = [
-    "experiment=shapes_vae", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+    "experiment=shapes_vae", "trainer.max_steps=4", "trainer.limit_val_batches=1",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "data.batch_size=8", "data.num_train=64", "data.num_val=16", "model.net.base_channels=16",
     "eval_every=2", "paths.latest_link=null",

@@ -97,6 +97,7 @@ def test_unconditional_and_text_conditioners_reject_what_they_cannot_take():
     net = lambda x, t, **kw: x  # noqa: E731
     with pytest.raises(ValueError, match="it is unconditional"):
         Unconditional().model_fn(net, 2, {"captions": ["a", "b"]})
+    assert Unconditional(p_uncond=0.2).p_uncond == 0.2  # a preset's p_uncond may stay when conditioning=none
     assert Unconditional().model_fn(net, 2, {}) is net
     from diffexp.text import LearnedTextEncoder
 
@@ -138,7 +139,7 @@ def test_image_folder_declares_captions_in_item_order(tmp_path):
     assert dm.num_classes is None and dm.name == "image_folder"
 
 
-@pytest.mark.parametrize("encoder", ["learned", "minilm", "clip"])
+@pytest.mark.parametrize("encoder", ["learned", "minilm", "clip", "t5"])
 def test_image_folder_with_captions_trains_with_every_text_encoder(tmp_path, encoder):
     from diffexp.sample import load_model
     from diffexp.train import run
@@ -146,7 +147,8 @@ def test_image_folder_with_captions_trains_with_every_text_encoder(tmp_path, enc
     root = image_folder(tmp_path / "imgs")
     extra = {"learned": ["text_encoder.dim=16", "text_encoder.heads=2"],
              "minilm": [],
-             "clip": [f"text_encoder.name_or_path={tiny_hf_folder(tmp_path, 'clip')}", "text_encoder.max_length=8"]}
+             "clip": [f"text_encoder.name_or_path={tiny_hf_folder(tmp_path, 'clip')}", "text_encoder.max_length=8"],
+             "t5": [f"text_encoder.name_or_path={tiny_hf_folder(tmp_path, 't5')}", "text_encoder.max_length=8"]}
     overrides = SHRINK + ["data=image_folder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
                           "data.val_fraction=0.25", "data.batch_size=4", f"text_encoder={encoder}",
                           "unet.num_heads=2", "trainer.max_steps=2", "callbacks.sample_grid.n=2", *extra[encoder]]
@@ -238,13 +240,16 @@ def test_class_conditioning_needs_labelled_data(tmp_path):
 
 
 # --- the swept metric --------------------------------------------------------------------------------------
-def test_a_metric_never_logged_is_a_clear_error(tmp_path):
-    from diffexp.train import run
+def test_a_metric_never_logged_is_an_error_in_a_sweep_and_a_warning_in_a_run(tmp_path):
+    from diffexp.train import optimized_value, run
 
     cfg = compose_config("train", SHRINK + ["trainer.max_steps=2", "optimized_metric=val/fid_digits"], tmp_path / "run")
-    with pytest.raises(ValueError, match=r"optimized_metric='val/fid_digits' was never logged.*val/loss"):
-        run(cfg)
+    with pytest.warns(UserWarning, match=r"optimized_metric='val/fid_digits' was never logged.*val/loss"):
+        assert run(cfg) is None
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # the run itself is kept
+    with pytest.raises(ValueError, match=r"never logged by this run; logged: \['val/loss'\]"):
+        optimized_value("val/fid_digits", {"val/loss": 0.5}, sweep=True)
+    assert optimized_value("val/loss", {"val/loss": 0.5}, sweep=True) == 0.5
 
 
 # --- checkpoints written before this layout (format 1, by commit 49910cd) -------------------------------------
@@ -307,7 +312,7 @@ PRESET_DATA = ["++data.num_train=32", "++data.num_val=8"]  # shapes presets; dig
 
 def preset_overrides(preset: str, vae_ckpt: Path | None = None) -> list[str]:
     if preset == "shapes_vae":
-        return ["experiment=shapes_vae", "trainer.max_steps=2", "eval_every=2", "trainer.val_check_interval=2",
+        return ["experiment=shapes_vae", "trainer.max_steps=2", "eval_every=2",
                 "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
                 "data.batch_size=8", "data.num_train=32", "data.num_val=8"]
     extra = [f"vae.ckpt={vae_ckpt or '/no/vae.ckpt'}"] if "latent" in preset else []

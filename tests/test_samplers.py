@@ -79,11 +79,13 @@ class TestEverySampler:
         calls = []
         traj = sampler.sample(lambda x, t: calls.append(1) or toy_model(x, t), shape=(1, 1, 2, 2),
                               generator=torch.Generator().manual_seed(0), return_trajectory=True)
-        assert traj.nfe == len(calls) == sampler.nfe
+        assert traj.nfe == len(calls) == sampler.nfe()
         assert vars(sampler).keys() == before.keys()
         assert all(vars(sampler)[k] is v for k, v in before.items())
         other = sampler.with_options(clip_sample=not sampler.clip_sample)
         assert other.clip_sample != sampler.clip_sample and sampler.clip_sample == before["clip_sample"]
+        with pytest.raises(ValueError, match="with_options can change"):
+            sampler.with_options(steps=3)
 
     def test_start_step_and_step_hook(self, name, kwargs):
         """Starting at step k runs the remaining steps only; the hook's x is what the next step sees."""
@@ -93,6 +95,7 @@ class TestEverySampler:
         traj = sampler.sample(toy_model, x_T=x_t, start_step=k, generator=torch.Generator().manual_seed(0),
                               return_trajectory=True)
         assert traj.timesteps == [t.item() for t in sampler.timesteps[k:]] and torch.equal(traj.xs[0], x_t)
+        assert traj.nfe == sampler.nfe(k)
         seen = []
         pinned = torch.zeros(1, 4, 4)
 
@@ -243,9 +246,8 @@ class HalfStepDDIM(DDIMSampler):
     """A sampler written only against the loop contract: deterministic DDIM that visits the midpoint between
     two timesteps (a float t) with a second model call, keeping the count of steps in ``state``."""
 
-    @property
-    def nfe(self):
-        return 2 * len(self.timesteps) - 1
+    def nfe(self, start_step=0):
+        return 2 * (len(self.timesteps) - start_step) - 1
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         state["steps"] = state.get("steps", 0) + 1
@@ -267,7 +269,7 @@ def test_loop_contract_allows_two_calls_per_step_and_float_times():
     sampler = HalfStepDDIM(schedule, steps=10, progress=False)
     traj = sampler.sample(model_fn, shape=(2000, 1, 2, 2), generator=torch.Generator().manual_seed(0),
                           return_trajectory=True)
-    assert traj.nfe == 19 == sampler.nfe and any(not float(t).is_integer() for t in seen_t)
+    assert traj.nfe == 19 == sampler.nfe() and any(not float(t).is_integer() for t in seen_t)
     assert traj.sample.mean().item() == pytest.approx(0.5, abs=0.02)
 
 
@@ -279,6 +281,10 @@ def test_alpha_bar_at_interpolates_log_sigma():
     expected = (sigma(abar[500].item()) * sigma(abar[501].item())) ** 0.5  # geometric mean of the sigmas
     assert sigma(mid) == pytest.approx(expected, rel=1e-10)
     assert abar[501].item() < mid < abar[500].item()
+    zero_terminal = get_schedule("linear", T, rescale_zero_terminal_snr=True).alphas_cumprod
+    assert alpha_bar_at(zero_terminal, T - 2.0).item() == zero_terminal[-2].item() > 0
+    between = alpha_bar_at(zero_terminal, T - 1.5).item()  # towards an infinite sigma: 0, never NaN
+    assert alpha_bar_at(zero_terminal, T - 1.0).item() == 0.0 and 0.0 <= between <= zero_terminal[-2].item()
 
 
 def test_registry_is_the_source_of_sampler_names():

@@ -58,12 +58,12 @@ def main() -> None:
     out, rows = Path(args.out), []
     out.parent.mkdir(parents=True, exist_ok=True)
     for scale in args.scales:
-        seen = draw_samples(model, len(seen_captions), sampler, 0, 500, progress=False, captions=seen_captions,
+        seen = draw_samples(model, len(seen_captions), sampler, 0, 500, progress=False, conditions={"captions": seen_captions},
                             guidance_scale=scale)
-        held = draw_samples(model, len(held_captions), sampler, 1, 500, progress=False, captions=held_captions,
+        held = draw_samples(model, len(held_captions), sampler, 1, 500, progress=False, conditions={"captions": held_captions},
                             guidance_scale=scale) if held_captions else None
         div = draw_samples(model, len(diversity_captions), sampler, 2, 500, progress=False,
-                           captions=diversity_captions, guidance_scale=scale)
+                           conditions={"captions": diversity_captions}, guidance_scale=scale)
         feats = extract_features(extractor, div).view(n_div, per_div, -1)
         diversity = float(torch.stack([torch.pdist(f).mean() for f in feats]).mean())
         with warnings.catch_warnings():

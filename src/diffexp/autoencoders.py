@@ -34,6 +34,11 @@ class FrozenAutoencoder(Frozen):
     def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def architecture(self) -> dict | None:
+        """Constructor arguments that rebuild the net when its weights travel in the checkpoint of the model
+        using it (``in_checkpoint``); None for autoencoders loaded from their own files."""
+        return None
+
     def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -36,8 +36,12 @@ class Conditioner(nn.Module):
     """
 
     keys: tuple[str, ...] = ()
-    conditional = False
+    conditional = True
     requires_conditions = False  # True: sampling without conditions is an error (not an unconditional sample)
+
+    def __init__(self, p_uncond: float = 0.1):
+        super().__init__()
+        self.p_uncond = check_p_uncond(p_uncond)
 
     def net_arguments(self) -> dict:
         """Arguments the denoiser must be built with (e.g. ``context_dim``), filled into the ``unet`` config."""
@@ -82,8 +86,6 @@ class Conditioner(nn.Module):
         """(x_t, t) -> prediction for sampling ``n`` items under ``conditions``, with classifier-free guidance
         (:func:`diffexp.guidance.guided_model`); without conditions, the unconditional prediction."""
         given = self.check_conditions(conditions)
-        if not self.conditional:
-            return net
         if not given and not self.requires_conditions:
             return partial(net, **self.null(n, device))
         return guided_model(net, self.encode(given, n, device), self.null(n, device), guidance_scale,
@@ -91,7 +93,13 @@ class Conditioner(nn.Module):
 
 
 class Unconditional(Conditioner):
-    """No conditioning: the net gets x_t and t only."""
+    """No conditioning: the net gets x_t and t only (``p_uncond`` is accepted and has nothing to drop)."""
+
+    conditional = False
+
+    def model_fn(self, net, n, conditions, guidance_scale=1.0, guidance_rescale=0.0, device="cpu"):
+        self.check_conditions(conditions)
+        return net
 
 
 class ClassConditioner(Conditioner):
@@ -103,13 +111,12 @@ class ClassConditioner(Conditioner):
     """
 
     keys = ("class_labels",)
-    conditional = True
 
     def __init__(self, num_classes: int, p_uncond: float = 0.1):
-        super().__init__()
+        super().__init__(p_uncond)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"conditioning=class needs labelled data (num_classes >= 1), got num_classes={num_classes}")
-        self.num_classes, self.p_uncond = num_classes, check_p_uncond(p_uncond)
+        self.num_classes = num_classes
 
     def net_arguments(self) -> dict:
         return {"num_classes": self.num_classes}
@@ -151,14 +158,13 @@ class TextConditioner(Conditioner):
     """
 
     keys = ("captions",)
-    conditional = True
     requires_conditions = True
 
     def __init__(self, encoder: nn.Module, p_uncond: float = 0.1):
-        super().__init__()
+        super().__init__(p_uncond)
         if encoder is None:
             raise ValueError("conditioning=text needs a text encoder: text_encoder=learned|minilm|clip|t5")
-        self.encoder, self.p_uncond = encoder, check_p_uncond(p_uncond)
+        self.encoder = encoder
         self.example_captions: list[str] = []
 
     def net_arguments(self) -> dict:

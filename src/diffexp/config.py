@@ -38,9 +38,9 @@ def build_model(cfg: DictConfig, datamodule=None, from_checkpoint: bool = False)
     encoder, if ``text_encoder`` is set), the space (with its frozen autoencoder, if ``vae`` is set), the
     denoiser with what those two require (``unet.context_dim`` / ``num_classes`` / ``in_channels`` /
     ``image_size``, filled where null), then the module. Derived values (class count from the data, U-Net
-    arguments, the autoencoder's architecture) are written into ``cfg``, so the saved run config rebuilds
-    the same model with no data and no other file (``from_checkpoint``). Other modules (``model=vae``)
-    are instantiated as configured.
+    arguments, the architecture of a VAE trained here) are written into ``cfg``, so the saved run config
+    rebuilds the same model without the data or any file trained here (``from_checkpoint``; pretrained hub
+    models are loaded by name as before). Other modules (``model=vae``) are instantiated as configured.
     """
     try:
         if "space" not in cfg.model:
@@ -70,7 +70,7 @@ def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: boo
             raise ValueError(f"vae={cfg.vae._target_} is set but model.space={cfg.model.space._target_} does not "
                              f"diffuse latents; use model=latent (or vae=none)")
         space = instantiate(cfg.model.space, **({"autoencoder": autoencoder} if "autoencoder" in cfg.model.space else {}))
-        if autoencoder is not None and hasattr(autoencoder, "architecture"):
+        if autoencoder is not None and autoencoder.architecture() is not None:
             cfg.vae.architecture = autoencoder.architecture()
         derived = {**space.net_arguments(cfg.data.image_size, cfg.data.channels), **conditioner.net_arguments()}
         for key, value in derived.items():

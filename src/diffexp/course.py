@@ -63,7 +63,7 @@ def train(overrides: list[str], output_dir: str | Path, steps: int | None = None
     ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
     if reuse and ckpt.is_file():
         return ckpt
-    length = [f"trainer.max_steps={steps}", f"eval_every={steps}", f"trainer.val_check_interval={steps}"] if steps else []
+    length = [f"trainer.max_steps={steps}", f"eval_every={steps}"] if steps else []
     run(compose(NOTEBOOK_TRAINER + list(overrides) + length, output_dir))
     return ckpt
 

@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
     np.savez_compressed(out / "samples.npz", **arrays)
     captions = conditions.get("captions")
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe,
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
                "prompts": sorted(set(captions)) if captions is not None and len(set(captions)) <= 16 else None}

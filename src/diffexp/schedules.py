@@ -136,4 +136,4 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: float | torch.Tensor) -> torch
     w = t - low.double()
     log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
     sigma = torch.exp((1 - w) * log_sigma[low] + w * log_sigma[high])
-    return 1 / (1 + sigma**2)
+    return torch.where(w == 0, alphas_cumprod[low], 1 / (1 + sigma**2))  # exact (and no 0 * inf) at integers

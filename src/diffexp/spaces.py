@@ -22,9 +22,6 @@ class PixelSpace(nn.Module):
     #: whether samplers may clamp predicted x0 to [-1, 1] (the image range)
     bounded = True
 
-    def __init__(self):
-        super().__init__()
-        self.autoencoder: FrozenAutoencoder | None = None  # latent spaces hold their frozen autoencoder here
 
     def net_arguments(self, image_size: int, channels: int) -> dict:
         """What the denoiser works on: the images' channels and size."""
@@ -48,6 +45,11 @@ class PixelSpace(nn.Module):
     def from_batch(self, batch: dict) -> torch.Tensor:
         """x_0 of a training batch."""
         return self.encode(batch["image"])
+
+    def cached(self, datamodule):
+        """``datamodule`` with its items pre-encoded into this space once (``cache_latents=true``)."""
+        raise ValueError("cache_latents=true pre-encodes the data with a latent model's autoencoder; this model "
+                         "diffuses pixels (use model=latent, or cache_latents=false)")
 
 
 class LatentSpace(PixelSpace):
@@ -105,6 +107,11 @@ class LatentSpace(PixelSpace):
 
     def decode(self, z):
         return self.autoencoder.decode(z, self.scale(), self.latent_shift)
+
+    def cached(self, datamodule):
+        from diffexp.data.latents import CachedLatentsDataModule
+
+        return CachedLatentsDataModule(datamodule, self.autoencoder)
 
     def from_batch(self, batch):
         # training only: fit() has set the scale, so no NaN check (a host sync) per step

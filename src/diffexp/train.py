@@ -10,12 +10,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.cache import weights_fingerprint
 from diffexp.config import build_model, instantiate
-from diffexp.data.latents import CachedLatentsDataModule
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
 from diffexp.lit import DiffusionModel
@@ -45,11 +44,10 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
     if cfg.get("cache_latents"):
-        autoencoder = model.space.autoencoder if isinstance(model, DiffusionModel) else None
-        if autoencoder is None:
-            raise ValueError(f"cache_latents=true encodes the data with a latent model's autoencoder, but "
-                             f"model={cfg.model._target_} has none; use model=latent (or cache_latents=false)")
-        datamodule = CachedLatentsDataModule(datamodule, autoencoder)
+        if not isinstance(model, DiffusionModel):
+            raise ValueError(f"cache_latents=true pre-encodes the data for latent diffusion; model={cfg.model._target_} "
+                             f"does not diffuse (use cache_latents=false)")
+        datamodule = model.space.cached(datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # with the values build_model derived
     callbacks = instantiate_dict(cfg.get("callbacks"))
     for message in prepare_logger_configs(cfg):
@@ -127,18 +125,26 @@ def run(cfg: DictConfig) -> float | None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero and cfg.paths.get("latest_link"):
         update_latest_link(run_dir, Path(cfg.paths.latest_link))
-    return optimized_value(cfg.get("optimized_metric"), metrics)
+    return optimized_value(cfg.get("optimized_metric"), metrics, in_sweep())
 
 
-def optimized_value(metric_name: str | None, metrics: dict[str, float]) -> float | None:
-    """The value a sweep optimises; a clear error when training never logged it (a sweep would optimise
-    nothing)."""
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def optimized_value(metric_name: str | None, metrics: dict[str, float], sweep: bool) -> float | None:
+    """The value a sweep optimises. When training never logged it: in a sweep (which would otherwise optimise
+    nothing) a clear error; in a single run, whose checkpoints are what counts, a warning and None."""
     if not metric_name:
         return None
     if metric_name not in metrics:
-        raise ValueError(f"optimized_metric={metric_name!r} was never logged by this run; logged: {sorted(metrics)}. "
-                         f"Add the callback that logs it (e.g. callbacks=[default,fid] for val/fid_digits), make sure "
-                         f"validation runs (eval_every <= trainer.max_steps), or set optimized_metric=null")
+        message = (f"optimized_metric={metric_name!r} was never logged by this run; logged: {sorted(metrics)}. "
+                   f"Add the callback that logs it (e.g. callbacks=[default,fid] for val/fid_digits), make sure "
+                   f"validation runs (eval_every <= trainer.max_steps), or set optimized_metric=null")
+        if sweep:
+            raise ValueError(message)
+        rank_zero_warn(message)
+        return None
     return metrics[metric_name]
 
 
@@ -163,8 +169,7 @@ def run_safely(cfg: DictConfig) -> float | None:
         with launch_environment_restored():
             return run(cfg)
     except Exception as error:
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        if not multirun or type(error).__module__.startswith("submitit"):
+        if not in_sweep() or type(error).__module__.startswith("submitit"):
             raise  # submitit's time-limit signal must reach submitit: the job did not finish
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())

@@ -9,7 +9,7 @@ import torch
 from diffexp.callbacks.ema import ema_weights
 from diffexp.callbacks.images import PeriodicCallback
 from diffexp.lit.interface import SamplingModule
-from diffexp.metrics.evaluate import check_metric_names, feature_extractor_of
+from diffexp.metrics.evaluate import check_metric_names, parse_metric
 from diffexp.metrics.features import build_feature_extractor
 from diffexp.metrics.reference import reference_features
 from diffexp.metrics.scores import frechet_distance, kernel_distance
@@ -46,7 +46,7 @@ class FIDCallback(PeriodicCallback):
         if num_samples < 2 or batch_size <= 0:
             raise ValueError("callbacks.fid: num_samples >= 2 and batch_size > 0 are required")
         self.metrics = check_metric_names(metrics)
-        not_fid = [m for m in self.metrics if not m.startswith(("fid", "kid"))]
+        not_fid = [m for m in self.metrics if parse_metric(m).kind not in ("fid", "kid")]
         if not_fid:
             raise ValueError(f"callbacks.fid.metrics may hold FID/KID metrics only, got {not_fid}")
         self.num_samples, self.sampler = num_samples, sampler
@@ -60,7 +60,7 @@ class FIDCallback(PeriodicCallback):
         if not isinstance(pl_module, SamplingModule):
             raise ValueError(f"callbacks.fid samples from a diffusion model, but {type(pl_module).__name__} does not "
                              f"sample; leave fid out (model=vae goes with callbacks=vae)")
-        for name in sorted({feature_extractor_of(m) for m in self.metrics}):
+        for name in sorted({parse_metric(m).features for m in self.metrics}):
             if name != "inception" and trainer.datamodule.name != name:
                 raise ValueError(f"callbacks.fid.metrics uses {name} features, but data={trainer.datamodule.name}")
             self.extractors[name] = build_feature_extractor(name, pl_module.device, self.inception_weights)
@@ -92,9 +92,9 @@ class FIDCallback(PeriodicCallback):
     def compute(self, fake: dict[str, torch.Tensor]) -> dict[str, float]:
         values = {}
         for metric in self.metrics:
-            real = self.real[feature_extractor_of(metric)]
-            feats = fake[feature_extractor_of(metric)]
-            if metric.startswith("fid"):
+            kind, features = parse_metric(metric)
+            real, feats = self.real[features], fake[features]
+            if kind == "fid":
                 values[metric] = frechet_distance(real, feats)
             else:
                 values[metric] = kernel_distance(real, feats)[0]

@@ -26,8 +26,9 @@ class DiffusionModel(TrainingModule):
     - ``space`` (:mod:`diffexp.spaces`): pixels, or the latents of a frozen autoencoder;
     - ``sampler``: a partial sampler, completed with the schedule and prediction type (default DDIM-50).
 
-    What callbacks and scripts may call: :meth:`sample`, :meth:`log_images`, :meth:`monitoring_inputs`,
-    :meth:`predict_x0`, :meth:`make_sampler`, :attr:`sample_shape`.
+    Callbacks call only :meth:`sample`, :meth:`monitoring_inputs` and :meth:`log_images`
+    (:mod:`diffexp.lit.interface`); scripts and notebooks may also use :meth:`predict_x0`, :meth:`make_sampler`,
+    :attr:`sample_shape` and the declared interfaces of ``conditioner`` and ``space``.
 
     Args:
         net: the denoiser, called as net(x_t, t, **conditioner arguments).
@@ -174,6 +175,8 @@ class DiffusionModel(TrainingModule):
         return_trajectory: bool = False,
         guidance_scale: float | None = None,
         guidance_rescale: float | None = None,
+        start_step: int = 0,
+        on_step=None,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -181,7 +184,8 @@ class DiffusionModel(TrainingModule):
         ``conditions`` are the conditioner's (``class_labels=`` one per image, ``captions=`` one per image);
         conditional models apply classifier-free guidance with ``guidance_scale`` (default: the model's;
         1 = none). With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped,
-        as images (latent models decode them).
+        as images (latent models decode them). ``start_step``/``on_step`` go to the sampler
+        (:meth:`diffexp.samplers.Sampler.sample`) and act in the model's space (``space.encode`` of an image).
         """
         was_training = self.training
         self.eval()
@@ -191,7 +195,7 @@ class DiffusionModel(TrainingModule):
             model_fn = self.conditioner.model_fn(self.net, n, conditions, scale, rescale, self.device)
             result = self.make_sampler(sampler).sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
-                progress=progress, return_trajectory=return_trajectory)
+                progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step)
             if isinstance(result, Trajectory):
                 result.xs = [self.space.decode(x) for x in result.xs]
                 result.x0s = [self.space.decode(x) for x in result.x0s]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -25,21 +26,32 @@ def check_metric_names(names) -> list[str]:
     return names
 
 
-def feature_extractor_of(metric: str) -> str | None:
-    """The features a metric is computed on: ``fid``/``kid``/``is`` -> ``inception``; ``fid_digits``,
-    ``kid_digits`` and ``digits_classifier`` -> ``digits``; None for ``lpips_diversity``."""
-    if metric in INCEPTION_METRICS:
-        return "inception"
-    if metric.startswith(("fid_", "kid_")):
-        return metric.split("_", 1)[1]
-    if metric.endswith("_classifier"):
-        return metric.rsplit("_", 1)[0]
-    return None
+class MetricName(NamedTuple):
+    """A metric name read apart: ``kind`` (fid, kid, is, lpips_diversity, classifier) and ``features``
+    (inception, a domain such as digits, or None)."""
+
+    kind: str
+    features: str | None
+
+
+def parse_metric(name: str) -> MetricName:
+    """The one reading of metric names: ``fid``/``kid``/``is`` -> Inception features; ``fid_digits``,
+    ``kid_digits`` -> digits-classifier features; ``digits_classifier`` -> that classifier's report;
+    ``lpips_diversity``."""
+    check_metric_names([name])
+    if name in INCEPTION_METRICS:
+        return MetricName(name, "inception")
+    if name.endswith("_classifier"):
+        return MetricName("classifier", name.rsplit("_", 1)[0])
+    if name == "lpips_diversity":
+        return MetricName(name, None)
+    kind, features = name.split("_", 1)
+    return MetricName(kind, features)
 
 
 def needs_reference(names) -> bool:
     """Whether any of the metrics compares against the training data's features (FID/KID)."""
-    return any(n.startswith(("fid", "kid")) for n in check_metric_names(names))
+    return any(parse_metric(n).kind in ("fid", "kid") for n in names)
 
 
 def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.device = "cpu",
@@ -73,21 +85,20 @@ def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.d
 
     for name in names:
         start = time.perf_counter()
-        if name.endswith("_classifier"):
-            value = classifier_report(load_domain_classifier(feature_extractor_of(name), device), images)
-        elif name == "is":
+        kind, extractor_name = parse_metric(name)
+        if kind == "classifier":
+            value = classifier_report(load_domain_classifier(extractor_name, device), images)
+        elif kind == "is":
             logits = extract_features(build_feature_extractor("inception", device, inception_weights,
                                                               feature="logits_unbiased"), images)
             mean, std = inception_score(logits)
             value = {"value": mean, "std": std}
-        elif name == "lpips_diversity":
+        elif kind == "lpips_diversity":
             value = {"value": lpips_diversity(lpips_model().to(device), images)}
         else:
-            extractor_name = feature_extractor_of(name)
-            kind = "inception" if extractor_name == "inception" else "domain"
             real, fake = feats(extractor_name)
-            small = warn_if_small(n, kind, name)
-            if name.startswith("fid"):
+            small = warn_if_small(n, "inception" if extractor_name == "inception" else "domain", name)
+            if kind == "fid":
                 value = {"value": frechet_distance(real, fake)}
             else:
                 mean, std = kernel_distance(real, fake)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from diffexp.diffusion import check_prediction_type, prediction_to_x0_eps, x0_eps_from_prediction
 from diffexp.schedules import NoiseSchedule, alpha_bar_at
 
-ModelFn = Callable[..., torch.Tensor]  # model_fn(x_t, t, **cond) -> prediction
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # model_fn(x_t, t) -> prediction
 StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]  # (step index, t_prev, x_prev) -> x_prev
 
 
@@ -62,10 +62,9 @@ class Denoiser:
     """
 
     def __init__(self, model_fn: ModelFn, alphas_cumprod: torch.Tensor, prediction_type: str,
-                 clip_sample: bool = False, model_kwargs: dict | None = None):
+                 clip_sample: bool = False):
         self.model_fn, self.alphas_cumprod = model_fn, alphas_cumprod
         self.prediction_type, self.clip_sample = prediction_type, clip_sample
-        self.model_kwargs = model_kwargs or {}
         self.nfe = 0
 
     def alpha_bar(self, t: float) -> float:
@@ -82,7 +81,7 @@ class Denoiser:
         t_batch = torch.full((x_t.shape[0],), int(t) if integer else float(t),
                              dtype=torch.long if integer else torch.float32, device=x_t.device)
         self.nfe += 1
-        return self.model_fn(x_t, t_batch, **self.model_kwargs)
+        return self.model_fn(x_t, t_batch)
 
     def x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: float):
         """(x_0, eps) implied by ``model_output`` at t, x_0 optionally clipped."""
@@ -113,8 +112,10 @@ class Sampler:
         progress: show a progress bar by default.
     """
 
-    #: model evaluations per step (:attr:`nfe` = this x the number of steps unless a subclass says otherwise)
+    #: model evaluations per step (:meth:`nfe` = this x the number of steps unless a subclass says otherwise)
     evaluations_per_step = 1
+    #: options :meth:`with_options` may change (plain settings; the rest is derived in the constructor)
+    adjustable = ("clip_sample", "progress")
 
     def __init__(
         self,
@@ -139,23 +140,23 @@ class Sampler:
         """Descending timesteps visited by the sampler (integers in [0, T), or floats between them)."""
         raise NotImplementedError
 
-    @property
-    def nfe(self) -> int:
-        """Model evaluations of a full run (what :attr:`Trajectory.nfe` reports)."""
-        return self.evaluations_per_step * len(self.timesteps)
+    def nfe(self, start_step: int = 0) -> int:
+        """Model evaluations of a run from ``timesteps[start_step]`` (what :attr:`Trajectory.nfe` reports)."""
+        return self.evaluations_per_step * (len(self.timesteps) - start_step)
 
     def with_options(self, **changes) -> "Sampler":
-        """A copy with some attributes changed (e.g. ``clip_sample=False``); this sampler is left as it is."""
-        unknown = [k for k in changes if not hasattr(self, k)]
+        """A copy with some of the :attr:`adjustable` settings changed (e.g. ``clip_sample=False``); this sampler
+        is left as it is. Other settings (steps, spacing) shape the timesteps: build a new sampler for those."""
+        unknown = [k for k in changes if k not in self.adjustable]
         if unknown:
-            raise ValueError(f"{type(self).__name__} has no option(s) {unknown}")
+            raise ValueError(f"{type(self).__name__}.with_options can change {list(self.adjustable)}, not {unknown}")
         other = copy.copy(self)
         other.__dict__.update(changes)
         return other
 
-    def denoiser(self, model_fn: ModelFn, model_kwargs: dict | None = None) -> Denoiser:
+    def denoiser(self, model_fn: ModelFn) -> Denoiser:
         """``model_fn`` wrapped for :meth:`step` with this sampler's schedule, prediction type and clipping."""
-        return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample, model_kwargs)
+        return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample)
 
     def step(self, denoiser: Denoiser, x_t: torch.Tensor, t, t_prev, generator: torch.Generator | None = None,
              state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,15 +178,15 @@ class Sampler:
         device: torch.device | str | None = None,
         progress: bool | None = None,
         return_trajectory: bool = False,
-        model_kwargs: dict | None = None,
         start_step: int = 0,
         on_step: StepHook | None = None,
     ) -> torch.Tensor | Trajectory:
         """Run the reverse process from x_T (given, or N(0, I) drawn from ``generator``) to x_0.
 
-        ``model_fn(x_t, t, **model_kwargs)`` gets t of shape (N,) (LongTensor at integer timesteps).
-        ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x at that time
-        (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after step i (inpainting).
+        ``model_fn(x_t, t)`` gets t of shape (N,) (LongTensor at integer timesteps; bind conditions with
+        ``functools.partial``). ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x
+        at that time (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after the i-th step run
+        (i counts from 0 at ``start_step``; t_prev = -1 after the last), e.g. for inpainting.
         Returns the final sample, or a :class:`Trajectory` when ``return_trajectory``.
         """
         if x_T is None:
@@ -198,7 +199,7 @@ class Sampler:
         if not 0 <= start_step < len(ts):
             raise ValueError(f"start_step={start_step} must lie in [0, {len(ts)}) (the sampler's steps)")
         ts = ts[start_step:]
-        denoiser = self.denoiser(model_fn, model_kwargs)
+        denoiser = self.denoiser(model_fn)
         state: dict = {}
         traj = Trajectory(sample=x) if return_trajectory else None
         show = self.progress if progress is None else progress
