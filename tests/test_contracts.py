@@ -187,7 +187,8 @@ def test_a_new_schedule_and_sampler_need_one_definition_and_one_yaml(tmp_path, m
     conf = tmp_path / "my_conf"
     (conf / "schedule").mkdir(parents=True)
     (conf / "sampler").mkdir()
-    (conf / "schedule" / "constant.yaml").write_text("defaults:\n  - _base\n  - _self_\n\nname: test_constant\n")
+    (conf / "schedule" / "constant.yaml").write_text("defaults:\n  - /schedule_base@_here_\n  - _self_\n\n"
+                                                       "name: test_constant\n")
     (conf / "sampler" / "counting.yaml").write_text(f"_target_: {__name__}.CountingDDIM\n_partial_: true\nsteps: 4\n"
                                                     f"progress: false\n")
     searchpath = f"hydra.searchpath=[file://{conf}]"
@@ -306,7 +307,7 @@ def test_format1_checkpoint_resumes(tmp_path):
 
 
 # --- every experiment preset ---------------------------------------------------------------------------------
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
+PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 PRESET_DATA = ["++data.num_train=32", "++data.num_val=8"]  # shapes presets; digits ignores them (++ adds, unused)
 
 
@@ -356,3 +357,55 @@ def test_every_preset_trains_two_steps_and_samples(tmp_path, preset, vae_ckpt, m
     summary = sample_run(compose_config("sample", [f"ckpt={ckpt}", "n=2", "sampler.steps=2", "progress=false",
                                                    f"out={out}"], tmp_path / "s"))
     assert (out / "grid.png").is_file() and summary["n"] == 2
+
+
+# --- user errors the restructuring touches ---------------------------------------------------------------------
+def test_image_folder_captions_follow_relative_paths(tmp_path):
+    """The same file name in two subfolders gets each its own caption (metadata file_name is a relative path)."""
+    from diffexp.data import ImageFolderDataModule
+
+    root = tmp_path / "imgs"
+    rows = []
+    for folder, text in (("a", "a red circle"), ("b", "a blue square")):
+        for i in range(4):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / folder / f"img{i}.png")
+            rows.append({"file_name": f"{folder}/img{i}.png", "text": text})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dm = ImageFolderDataModule(str(root), image_size=8, val_fraction=0.25, num_workers=0)
+    for split in ("train", "val"):
+        dataset = dm.dataset(split)
+        for i in range(len(dataset)):
+            expected = "a red circle" if dataset.files[i].parent.name == "a" else "a blue square"
+            assert dm.captions(split)[i] == expected
+
+
+def test_sample_py_clear_errors(tmp_path, vae_ckpt, tiny_checkpoint):
+    from diffexp.sample import run as sample_run
+
+    def sample(*overrides):
+        return sample_run(compose_config("sample", [*overrides, f"out={tmp_path / 'out'}", "progress=false"],
+                                         tmp_path / "s"))
+
+    with pytest.raises(ValueError, match="not a diffusion model"):
+        sample(f"ckpt={vae_ckpt}", "n=2")
+    with pytest.raises(ValueError, match="n must be a positive number"):
+        sample(f"ckpt={tiny_checkpoint}", "n=-3")
+    old_latent = torch.load(FORMAT1 / "latent.ckpt", map_location="cpu", weights_only=False)
+    old_latent[CONFIG_KEY]["vae"]["ckpt"] = str(tmp_path / "moved" / "vae.ckpt")
+    torch.save(old_latent, tmp_path / "latent.ckpt")
+    with pytest.raises(FileNotFoundError, match="written before checkpoints carried their VAE"):
+        sample(f"ckpt={tmp_path / 'latent.ckpt'}", "n=2")
+
+
+def test_train_clear_errors(train_cfg):
+    from diffexp.train import build
+
+    with pytest.raises(ValueError, match="eval_every must be a positive"):
+        build(train_cfg("eval_every=0"))
+    with pytest.raises(ValueError, match="conditioning.p_uncond must lie in"):
+        build(train_cfg("conditioning.p_uncond=2"))
+    with pytest.raises(ValueError, match="use conditioning=text"):
+        build(train_cfg("text_encoder=learned", "conditioning=none"))
+    with pytest.raises(ValueError, match="cache_latents=true pre-encodes"):
+        build(train_cfg("cache_latents=true"))

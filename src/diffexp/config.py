@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hydra
+from pathlib import Path
+
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
@@ -19,6 +21,11 @@ def instantiate(cfg, **kwargs):
         raise
 
 
+def short(target: str) -> str:
+    """The class name of a ``_target_``."""
+    return str(target).rsplit(".", 1)[-1]
+
+
 def has_target(node) -> bool:
     return isinstance(node, DictConfig) and "_target_" in node
 
@@ -28,6 +35,10 @@ def build_autoencoder(vae_cfg: DictConfig, from_checkpoint: bool):
     is recorded), only its architecture is built: the weights come with the model's state dict."""
     if from_checkpoint and vae_cfg.get("architecture") is not None:
         return instantiate(vae_cfg, ckpt=None)
+    if from_checkpoint and vae_cfg.get("ckpt") and not Path(vae_cfg.ckpt).is_file():
+        raise FileNotFoundError(f"this latent checkpoint was written before checkpoints carried their VAE: it needs the "
+                                f"VAE checkpoint it was trained with at {vae_cfg.ckpt!r}, which does not exist; put it "
+                                f"back there (or retrain: new latent checkpoints are self-contained)")
     return instantiate(vae_cfg)
 
 
@@ -62,13 +73,14 @@ def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: boo
             datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
             cfg.conditioning.num_classes = datamodule.num_classes
         if encoder is not None and "encoder" not in cfg.conditioning:
-            raise ValueError(f"text_encoder={cfg.text_encoder._target_} is set but conditioning="
-                             f"{cfg.conditioning._target_} does not use text; use conditioning=text (or text_encoder=none)")
+            raise ValueError(f"a text encoder is set ({short(cfg.text_encoder._target_)}) but the conditioning "
+                             f"({short(cfg.conditioning._target_)}) does not use text; use conditioning=text "
+                             f"(or text_encoder=none)")
         conditioner = instantiate(cfg.conditioning, **({"encoder": encoder} if "encoder" in cfg.conditioning else {}))
         autoencoder = build_autoencoder(cfg.vae, from_checkpoint) if has_target(cfg.get("vae")) else None
         if autoencoder is not None and "autoencoder" not in cfg.model.space:
-            raise ValueError(f"vae={cfg.vae._target_} is set but model.space={cfg.model.space._target_} does not "
-                             f"diffuse latents; use model=latent (or vae=none)")
+            raise ValueError(f"a VAE is set ({short(cfg.vae._target_)}) but the model's space "
+                             f"({short(cfg.model.space._target_)}) does not diffuse latents; use model=latent (or vae=none)")
         space = instantiate(cfg.model.space, **({"autoencoder": autoencoder} if "autoencoder" in cfg.model.space else {}))
         if autoencoder is not None and autoencoder.architecture() is not None:
             cfg.vae.architecture = autoencoder.architecture()

@@ -13,6 +13,7 @@ from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.config import build_model, instantiate
 from diffexp.images import save_grid, to_uint8_nhwc
+from diffexp.lit import DiffusionModel
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -23,6 +24,9 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     checkpoint = read_checkpoint(path, "ckpt")  # in the current layout (older checkpoints are upgraded)
     train_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
     model = build_model(train_cfg, from_checkpoint=True)
+    if not isinstance(model, DiffusionModel):
+        raise ValueError(f"ckpt={str(path)!r} holds a {type(model).__name__} checkpoint, not a diffusion model; sample.py "
+                         f"samples from checkpoints of model=pixel|latent (a VAE is used through vae.ckpt=)")
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
@@ -107,6 +111,8 @@ def run(cfg: DictConfig) -> dict:
     """Sample ``cfg.n`` images from ``cfg.ckpt``; write grid.png, samples.npz (and metrics.json)."""
     if cfg.ckpt is None:
         raise ValueError("ckpt=PATH is required (a checkpoint written by train.py)")
+    if not isinstance(cfg.n, int) or isinstance(cfg.n, bool) or cfg.n <= 0:
+        raise ValueError(f"n must be a positive number of samples, got {cfg.n!r}")
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
@@ -124,7 +130,7 @@ def run(cfg: DictConfig) -> dict:
                "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
-               "prompts": sorted(set(captions)) if captions is not None and len(set(captions)) <= 16 else None}
+               "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):
         from diffexp.metrics import evaluate, needs_reference
 

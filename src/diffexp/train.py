@@ -41,6 +41,10 @@ def build(cfg: DictConfig):
     Everything a user can get wrong (sizes, sampler settings, paths) raises here, before training.
     """
     check_ckpt_path(cfg.get("ckpt_path"))
+    every = cfg.get("eval_every")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
+        raise ValueError(f"eval_every must be a positive number of optimizer steps (between grids, FID, checkpoints "
+                         f"and validation), got {every!r}")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
     if cfg.get("cache_latents"):

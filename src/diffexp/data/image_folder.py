@@ -16,11 +16,12 @@ class FolderDataset(Dataset):
     """Image files as dict items; ``captions`` holds one caption per file (in file order) or is None."""
 
     def __init__(self, files: list[Path], captions: dict[str, str] | None, image_size: int, channels: int,
-                 random_flip: bool):
+                 random_flip: bool, root: Path | None = None):
         from torchvision import transforms as T
 
         self.files, self.channels = files, channels
-        self.captions = None if captions is None else [captions.get(path.name, "") for path in files]
+        names = [path.relative_to(root).as_posix() if root is not None else path.name for path in files]
+        self.captions = None if captions is None else [captions.get(name, "") for name in names]
         tfs = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
         if random_flip:
             tfs.append(T.RandomHorizontalFlip())
@@ -41,7 +42,8 @@ class FolderDataset(Dataset):
 
 
 def read_metadata(root: Path) -> dict[str, str] | None:
-    """file_name -> text from ``root/metadata.jsonl`` (one JSON object per line), or None if absent."""
+    """file_name -> text from ``root/metadata.jsonl`` (one JSON object per line), or None if absent.
+    ``file_name`` is the image's path relative to ``root`` (as in Hugging Face's imagefolder)."""
     path = root / "metadata.jsonl"
     if not path.exists():
         return None
@@ -52,7 +54,7 @@ def read_metadata(root: Path) -> dict[str, str] | None:
         row = json.loads(line)
         if "file_name" not in row or "text" not in row:
             raise ValueError(f"{path}:{n}: each line needs 'file_name' and 'text', got keys {sorted(row)}")
-        captions[Path(row["file_name"]).name] = row["text"]
+        captions[Path(row["file_name"]).as_posix()] = row["text"]
     return captions
 
 
@@ -79,6 +81,6 @@ class ImageFolderDataModule(ImageDataModule):
         captions = read_metadata(self.root)
         train_idx, val_idx = split_indices(len(files), self.val_fraction, self.seed)
         make = lambda idx, flip: FolderDataset([files[i] for i in idx.tolist()], captions, self.image_size,  # noqa: E731
-                                               self.channels, flip)
+                                               self.channels, flip, self.root)
         self.train_set = make(train_idx, self.random_flip)
         self.val_set = make(val_idx, False)
