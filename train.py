@@ -9,9 +9,11 @@ from diffexp.distributed import secondary_process_overrides
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    from diffexp.config import reported_errors
     from diffexp.train import run_safely
 
-    return run_safely(cfg)
+    with reported_errors():
+        return run_safely(cfg)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Reading the checkpoints train.py writes, and bringing older ones up to the current layout.
+"""Reading the checkpoints train.py writes safely, and bringing older ones up to the current layout.
 
+Loading never runs code: files are read with ``torch.load(weights_only=True)`` (tensors and plain data
+only), and a model is rebuilt from a stored config only through the targets in :data:`ALLOWED_TARGETS`.
 Each checkpoint carries its composed run config under :data:`CONFIG_KEY` and the layout version under
 :data:`FORMAT_KEY`. Format 1 (before the conditioner/space restructuring) is upgraded on load by
 :func:`upgrade_checkpoint`, so old checkpoints keep working with ``sample.py`` and ``ckpt_path=``.
@@ -7,6 +9,7 @@ Each checkpoint carries its composed run config under :data:`CONFIG_KEY` and the
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import torch
@@ -21,18 +24,89 @@ RENAMED_PREFIXES = {"text_encoder.": "conditioner.encoder.", "latent_scale": "sp
                     "latent_shift": "space.latent_shift"}
 
 
+# Every class or function a stored config may name when a model is rebuilt from a checkpoint: the project's own
+# model parts and the optimizers/data modules its configs use. Nothing that runs commands or reads arbitrary
+# files (a diffexp class that loads a file named in its arguments reads it with weights_only=True).
+ALLOWED_TARGETS = frozenset({
+    "diffexp.lit.DiffusionModel", "diffexp.lit.VAETraining", "diffexp.lit.base.linear_warmup",
+    "diffexp.nets.UNet", "diffexp.nets.AutoencoderKL", "diffexp.schedules.get_schedule",
+    "diffexp.samplers.DDIMSampler", "diffexp.samplers.DDPMSampler",
+    "diffexp.spaces.PixelSpace", "diffexp.spaces.LatentSpace",
+    "diffexp.conditioning.Unconditional", "diffexp.conditioning.ClassConditioner", "diffexp.conditioning.TextConditioner",
+    "diffexp.text.LearnedTextEncoder", "diffexp.text.PretrainedTextEncoder",
+    "diffexp.autoencoders.OwnAutoencoder", "diffexp.autoencoders.DiffusersAutoencoder",
+    "diffexp.data.DigitsDataModule", "diffexp.data.ShapesDataModule", "diffexp.data.ImageFolderDataModule",
+    "diffexp.data.TorchvisionDataModule",
+    "torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD",
+})
+# the parts of a run config that loading a model instantiates (``data`` too, when sample.py computes FID)
+MODEL_NODES = ("model", "unet", "conditioning", "text_encoder", "vae", "schedule", "sampler")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, not ours, unsafe or non-finite."""
+
+
+def load_file(path: str | Path, option: str = "ckpt") -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, never code; a clear
+    :class:`CheckpointError` (naming ``option``) for a file that is not a readable checkpoint."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{option}={str(path)!r} holds objects other than tensors and plain data, which could "
+                              f"run code when loaded, so it was not loaded ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # truncated zip, a text file, ...: torch raises many kinds
+        raise CheckpointError(f"{option}={str(path)!r} is not a readable checkpoint (truncated or not a torch file: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{option}={str(path)!r} is not a checkpoint (it holds a {type(data).__name__})")
+    return data
+
+
+def check_targets(cfg: dict, option: str = "ckpt", nodes=MODEL_NODES) -> None:
+    """Refuse a stored config whose ``nodes`` would instantiate anything outside :data:`ALLOWED_TARGETS` (or the
+    samplers' registry) when the model is rebuilt."""
+    from diffexp.samplers import SAMPLERS
+
+    allowed = ALLOWED_TARGETS | {f"{c.__module__}.{c.__qualname__}" for c in SAMPLERS.values()}
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and target not in allowed:
+                raise CheckpointError(f"{option}: the stored config names _target_={target!r} at {where}, which is not "
+                                      f"one of the classes a diffexp model is built from; refusing to instantiate it")
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for key in nodes:
+        walk(cfg.get(key), key)
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of floating-point tensors in ``state`` holding NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict:
-    """The checkpoint dict at ``path`` in the current layout; a clear error (naming ``option``) if it is
-    missing or not ours."""
+    """The checkpoint dict at ``path`` in the current layout, read without running code and with its stored
+    config checked against :data:`ALLOWED_TARGETS`; a clear error (naming ``option``) if it is missing, not
+    ours or unsafe."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{option}={str(path)!r} does not exist; pass a checkpoint written by train.py, "
                                 f"e.g. {option}=logs/train/latest/checkpoints/last.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
+    checkpoint = load_file(path, option)
+    if CONFIG_KEY not in checkpoint:
         raise ValueError(f"{option}={str(path)!r} carries no diffexp config (key {CONFIG_KEY!r}); "
                          f"was it written by train.py?")
+    if not isinstance(checkpoint[CONFIG_KEY], dict):
+        raise CheckpointError(f"{option}={str(path)!r}: its stored config is not a mapping")
     upgrade_checkpoint(checkpoint)
+    check_targets(checkpoint[CONFIG_KEY], option)
     return checkpoint
 
 
@@ -46,6 +120,7 @@ def upgrade_run_config(cfg: dict) -> dict:
     model.setdefault("lr_scheduler", {"_target_": "diffexp.lit.base.linear_warmup", "_partial_": True,
                                       "warmup_steps": warmup})
     if target.endswith("VAETraining"):
+        model["_target_"] = "diffexp.lit.VAETraining"  # was diffexp.lit.vae.VAETraining
         model.pop("num_logged_images", None)
         return cfg
     if target not in LEGACY_DIFFUSION_TARGETS:

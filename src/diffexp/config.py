@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hydra
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.errors import InstantiationException
@@ -19,6 +22,26 @@ def instantiate(cfg, **kwargs):
         if isinstance(cause, (ValueError, TypeError, FileNotFoundError, KeyError)):
             raise cause from None
         raise
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
+
+
+@contextmanager
+def reported_errors():
+    """For the entry points: an error a user can cause (a bad option, path or checkpoint; a diverged run) is
+    printed as one paragraph, ``error: ...``, and the process exits with status 2, without a traceback;
+    ``HYDRA_FULL_ERROR=1`` lets the exception through with its traceback."""
+    from diffexp.callbacks.guard import DivergenceError
+
+    try:
+        yield
+    except (*USER_ERRORS, DivergenceError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"error: {message}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def short(target: str) -> str:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.callbacks.ema import ema_state_from_checkpoint
-from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+from diffexp.checkpoints import CONFIG_KEY, CheckpointError, check_targets, non_finite_tensors, read_checkpoint
 from diffexp.config import build_model, instantiate
 from diffexp.images import save_grid, to_uint8_nhwc
 from diffexp.lit import DiffusionModel
@@ -27,9 +30,13 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     if not isinstance(model, DiffusionModel):
         raise ValueError(f"ckpt={str(path)!r} holds a {type(model).__name__} checkpoint, not a diffusion model; sample.py "
                          f"samples from checkpoints of model=pixel|latent (a VAE is used through vae.ckpt=)")
+    ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
+    bad = non_finite_tensors(checkpoint["state_dict"]) + non_finite_tensors(ema or {})
+    if bad:
+        raise CheckpointError(f"ckpt={str(path)!r} holds NaN/inf weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                              f"diverged before it was written; use an earlier checkpoint of the run")
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
-    ema = ema_state_from_checkpoint(checkpoint) if use_ema else None
     if ema is not None:
         model.load_state_dict(ema, strict=False)
     model.run_config = checkpoint[CONFIG_KEY]
@@ -37,20 +44,49 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``; a clear error for anything else or a GPU
+    that is not there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is available here; use device=cpu (or auto)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but there are {torch.cuda.device_count()} GPUs")
+    return resolved
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """The output directory, refusing to overwrite earlier samples unless ``overwrite``."""
+OUTPUTS = ("grid.png", "samples.npz", "metrics.json")
+LOCK_NAME = ".sample.lock"
+
+
+@contextmanager
+def claimed_out_dir(out: str | Path, overwrite: bool):
+    """The output directory, claimed for this run with a create-exclusive lock file (so two sample.py runs on one
+    ``out=`` cannot interleave) and refusing to overwrite earlier samples unless ``overwrite``."""
     out = Path(out)
-    existing = [p for p in (out / "grid.png", out / "samples.npz", out / "metrics.json") if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"out={str(out)!r} already holds {[p.name for p in existing]}; choose another out=DIR "
-                              f"or pass overwrite=true")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={str(out)!r} is a file; pass a directory for grid.png and samples.npz")
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    lock = out / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise FileExistsError(f"another sample.py is writing to out={str(out)!r} (it holds {LOCK_NAME}); wait for it "
+                              f"or choose another out=DIR (delete {lock} if no sample.py is running)") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        existing = [name for name in OUTPUTS if (out / name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"out={str(out)!r} already holds {existing}; choose another out=DIR or pass "
+                                  f"overwrite=true")
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
@@ -113,15 +149,24 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("ckpt=PATH is required (a checkpoint written by train.py)")
     if not isinstance(cfg.n, int) or isinstance(cfg.n, bool) or cfg.n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {cfg.n!r}")
-    out = prepare_out_dir(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
+    with claimed_out_dir(cfg.out, cfg.overwrite) as out:
+        return sample_into(cfg, out, device)
+
+
+def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
+    if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
+        warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
     start = time.perf_counter()
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"))
     seconds = time.perf_counter() - start
+    if not torch.isfinite(images).all():
+        warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
+                      stacklevel=2)
     save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
     arrays = {"images": to_uint8_nhwc(images), **{NPZ_NAMES.get(k, k): np.array(v) for k, v in conditions.items()}}
     np.savez_compressed(out / "samples.npz", **arrays)
@@ -134,6 +179,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("metrics"):
         from diffexp.metrics import evaluate, needs_reference
 
+        if needs_reference(cfg.metrics):
+            check_targets(OmegaConf.to_container(train_cfg), "ckpt", nodes=("data",))
         datamodule = instantiate(train_cfg.data) if needs_reference(cfg.metrics) else None
         summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))

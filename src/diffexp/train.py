@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.cache import weights_fingerprint
+from diffexp.checkpoints import CheckpointError, load_file
 from diffexp.config import build_model, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
@@ -33,6 +34,29 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a .ckpt file to resume "
                                 f"(e.g. logs/train/runs/<run>/checkpoints/last.ckpt) or leave it null")
+
+
+def resume_checkpoint(ckpt_path: str | None) -> str | None:
+    """``ckpt_path`` if it loads; else the newest loadable checkpoint beside it (saying so), else a clear error.
+    A checkpoint that does not load is one cut short by a crash, or not a checkpoint at all."""
+    if ckpt_path is None:
+        return None
+    check_ckpt_path(ckpt_path)
+    try:
+        load_file(ckpt_path, "ckpt_path")
+        return ckpt_path
+    except CheckpointError as error:
+        problem = error
+    others = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if p.resolve() != Path(ckpt_path).resolve()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in others:
+        try:
+            load_file(candidate, "ckpt_path")
+        except CheckpointError:
+            continue
+        rank_zero_warn(f"{problem}. Resuming from the newest checkpoint that loads instead: {candidate}")
+        return str(candidate)
+    raise CheckpointError(f"{problem}; no other checkpoint in {Path(ckpt_path).parent} loads either")
 
 
 def build(cfg: DictConfig):
@@ -119,7 +143,7 @@ def run(cfg: DictConfig) -> float | None:
                        f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
     log_full_config(loggers, cfg, extra=scale)
     prepare_ddp_children(trainer)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")), weights_only=True)
     replicas = check_replicas(model)
     if trainer.is_global_zero:
         update_run_info(run_dir, {"replica_weight_digests": replicas})

@@ -1,0 +1,190 @@
+"""Safety: checkpoints that run no code, atomic checkpoint files, stopping diverged runs, clear errors."""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffexp.checkpoints import CONFIG_KEY, CheckpointError, load_file, read_checkpoint
+from tests.conftest import SHRINK, run_script
+
+MARKER_NAME = "pwned"
+
+
+class Payload:
+    """Unpickling this object writes a marker file (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def poisoned(checkpoint_path: Path, out: Path, marker: Path) -> Path:
+    """A copy of a real checkpoint with a pickle payload hidden inside (under a harmless-looking key)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint["optimizer_states"] = [{"state": {}, "param_groups": [], "extra": Payload(marker)}]
+    torch.save(checkpoint, out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_pickle_payload_never_runs(tiny_checkpoint, vae_ckpt, tmp_path):
+    marker = tmp_path / MARKER_NAME
+    evil = poisoned(tiny_checkpoint, tmp_path / "evil.ckpt", marker)
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(evil)
+    result = run_script("sample.py", f"ckpt={evil}", "n=2", f"out={tmp_path / 'out'}", "sampler.steps=2",
+                        cwd=tmp_path)
+    assert result.returncode == 2 and "could run code" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("train.py", *SHRINK, f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'resume'}",
+                        cwd=tmp_path)
+    assert result.returncode != 0 and "could run code" in result.stderr
+    evil_vae = poisoned(vae_ckpt, tmp_path / "evil_vae.ckpt", marker)
+    result = run_script("train.py", *SHRINK, "experiment=shapes_latent", f"vae.ckpt={evil_vae}",
+                        "data.num_train=16", "data.num_val=8", f"hydra.run.dir={tmp_path / 'latent'}", cwd=tmp_path)
+    assert result.returncode == 2 and "could run code" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target,args", [
+    ("os.system", ["touch {marker}"]),
+    ("torch.load", ["{evil}"]),
+    ("pathlib.Path.write_text", ["{marker}", "x"]),
+    ("builtins.open", ["{marker}", "w"]),
+    ("diffexp.cache.cached_tensor", ["{marker}", None]),
+])
+def test_a_hostile_target_in_the_stored_config_is_refused(tiny_checkpoint, tmp_path, target, args):
+    from diffexp.sample import load_model
+
+    marker = tmp_path / MARKER_NAME
+    evil = poisoned(tiny_checkpoint, tmp_path / "evil.ckpt", marker)
+    checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    filled = [a.format(marker=marker, evil=evil) if isinstance(a, str) else a for a in args]
+    for node in ("unet", "schedule", "text_encoder"):
+        bad = dict(checkpoint)
+        bad[CONFIG_KEY] = {**checkpoint[CONFIG_KEY], node: {"_target_": target, "_args_": filled}}
+        path = tmp_path / f"bad_{node}.ckpt"
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError, match=f"_target_='{target}'"):
+            load_model(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_are_clear_errors(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.ckpt").write_text("hello\n")
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    for name in ("cut", "text"):
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+            load_file(tmp_path / f"{name}.ckpt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_file(tmp_path / "list.ckpt")
+
+
+def test_atomic_save_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
+    from diffexp.lit.checkpoint_io import atomic_torch_save, remove_stale_temp_files
+
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    def dies(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_file(path) == {"step": 1} and not list(tmp_path.glob(".*tmp-*"))
+    (tmp_path / ".last.ckpt.tmp-999999").write_bytes(b"left by a killed writer")
+    assert [p.name for p in remove_stale_temp_files(tmp_path)] == [".last.ckpt.tmp-999999"]
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    from diffexp.train import resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"step": 2}, ckpts / "step0000002.ckpt")
+    torch.save({"step": 4}, ckpts / "step0000004.ckpt")
+    (ckpts / "last.ckpt").write_bytes((ckpts / "step0000004.ckpt").read_bytes()[:100])
+    os.utime(ckpts / "step0000002.ckpt", (1, 1))
+    with pytest.warns(UserWarning, match="step0000004.ckpt"):
+        assert resume_checkpoint(str(ckpts / "last.ckpt")) == str(ckpts / "step0000004.ckpt")
+    for p in ckpts.glob("step*"):
+        p.write_text("broken")
+    with pytest.raises(CheckpointError, match="no other checkpoint"):
+        resume_checkpoint(str(ckpts / "last.ckpt"))
+
+
+# --- divergence -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_writes_no_nan_checkpoint(tmp_path):
+    result = run_script("train.py", *SHRINK, "trainer.max_steps=6", "model.optimizer.lr=1e8", "eval_every=3",
+                        "trainer.gradient_clip_val=null", "trainer.log_every_n_steps=1",
+                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        state = load_file(ckpt)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_sample_refuses_non_finite_weights(tiny_checkpoint, tmp_path):
+    from diffexp.sample import load_model
+
+    checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.startswith("net."))
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match="NaN/inf weights"):
+        load_model(tmp_path / "nan.ckpt")
+
+
+# --- sample.py's output directory -----------------------------------------------------------------------------
+def test_two_sample_runs_cannot_share_an_out_dir(tmp_path):
+    from diffexp.sample import LOCK_NAME, claimed_out_dir
+
+    out = tmp_path / "out"
+    entered, release = threading.Event(), threading.Event()
+
+    def first():
+        with claimed_out_dir(out, overwrite=False):
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(10)
+    with pytest.raises(FileExistsError, match="another sample.py is writing"):
+        with claimed_out_dir(out, overwrite=True):
+            pass
+    release.set()
+    thread.join()
+    assert not (out / LOCK_NAME).exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        with claimed_out_dir(tmp_path / "file", overwrite=True):
+            pass
+
+
+@pytest.mark.slow
+def test_sample_with_out_makes_no_other_run_dir(tiny_checkpoint, tmp_path):
+    run_script("sample.py", f"ckpt={tiny_checkpoint}", "n=2", "sampler.steps=2", "out=samples", cwd=tmp_path,
+               check=True)
+    assert (tmp_path / "samples" / "grid.png").is_file() and not (tmp_path / "logs").exists()
+
+
+def test_payload_class_is_picklable():
+    """The test's own payload really would run (so the tests above prove something)."""
+    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"diffexp-payload-{os.getpid()}"
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.read_text() == "code ran"
+    marker.unlink()
