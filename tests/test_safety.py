@@ -188,3 +188,58 @@ def test_payload_class_is_picklable():
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.read_text() == "code ran"
     marker.unlink()
+
+
+# --- killed at any moment --------------------------------------------------------------------------------------
+KILL_RUN = ["data=shapes", "data.num_train=16", "data.num_val=8", "unet.channel_mult=[1,2]",  # 2 steps per epoch
+            "trainer.max_steps=12", "eval_every=100", "callbacks.model_checkpoint.every_n_train_steps=2",
+            "paths.latest_link=null"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_weights(tmp_path):
+    """SIGKILL a training at random moments (temp dir on another filesystem, /dev/shm) and resume from last.ckpt
+    each time: no checkpoint is ever unreadable, every resume works, and the final weights equal an
+    uninterrupted run's bit for bit (checkpoints fall on epoch ends here)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, user_env
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("needs /dev/shm (a filesystem other than the run directory's) for $TMPDIR")
+    env = user_env(tmp_path, TMPDIR="/dev/shm")
+    base = [sys.executable, str(ROOT / "train.py"), *SHRINK, *KILL_RUN]
+    subprocess.run([*base, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=600)
+    rng = random.Random(0)
+    run_dir, kills, resumes = tmp_path / "killed", 0, 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for _ in range(12):
+        args = [*base, f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={last}"] if last.exists() else [])
+        resumes += last.exists()
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(3.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        _, stderr = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+        for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+            load_file(ckpt)  # every checkpoint on disk loads: none was left half-written
+    else:
+        subprocess.run([*base, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"], cwd=tmp_path, env=env, check=True,
+                       capture_output=True, timeout=600)
+    print(f"[kill test] {kills} kills, {resumes} resumes, 0 unreadable checkpoints")
+    assert kills >= 3 and resumes >= 1, (kills, resumes)
+    assert not list((run_dir / "checkpoints").glob(".*tmp-*"))  # no temp files left behind
+    full = load_file(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    resumed = load_file(last)
+    assert resumed["global_step"] == full["global_step"] == 12
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
