@@ -256,8 +256,11 @@ def test_latent_checkpoint_is_self_contained(tmp_path, vae_ckpt, monkeypatch):
     before, _ = load_model(ckpt)
     shutil.rmtree(vae_copy.parent)  # the VAE run directory is deleted
     after, _ = load_model(ckpt)
+    from_weights, _ = load_model(ckpt.parent / "model.safetensors")  # the weights-only artefact carries it too
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(after.sample(2, x_T=noise, progress=False), before.sample(2, x_T=noise, progress=False))
+    expected = before.sample(2, x_T=noise, progress=False)
+    torch.testing.assert_close(after.sample(2, x_T=noise, progress=False), expected)
+    torch.testing.assert_close(from_weights.sample(2, x_T=noise, progress=False), expected)
     out = tmp_path / "samples"
     sample_run(compose_config("sample", [f"ckpt={ckpt}", "n=2", "sampler.steps=2", f"out={out}"], tmp_path / "s"))
     assert (out / "grid.png").is_file()

@@ -6,11 +6,12 @@ import pickle
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from diffexp.checkpoints import CONFIG_KEY, CheckpointError, load_file, read_checkpoint
-from tests.conftest import SHRINK, run_script
+from tests.conftest import SHRINK, compose_config, run_script
 
 MARKER_NAME = "pwned"
 
@@ -89,13 +90,14 @@ def test_truncated_and_foreign_files_are_clear_errors(tiny_checkpoint, tmp_path)
 
 
 def test_atomic_save_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
-    from diffexp.lit.checkpoint_io import atomic_torch_save, remove_stale_temp_files
+    from diffexp.checkpoints import atomic_torch_save
+    from diffexp.lit.checkpoint_io import remove_stale_temp_files
 
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)
 
     def dies(obj, f):
-        f.write(b"partial")
+        Path(f).write_bytes(b"partial")
         raise KeyboardInterrupt  # killed while writing
 
     monkeypatch.setattr(torch, "save", dies)
@@ -182,6 +184,25 @@ def test_sample_with_out_makes_no_other_run_dir(tiny_checkpoint, tmp_path):
     assert (tmp_path / "samples" / "grid.png").is_file() and not (tmp_path / "logs").exists()
 
 
+def test_the_weights_only_artefact_samples_like_the_checkpoint(tiny_checkpoint, tmp_path):
+    """RUN/checkpoints/model.safetensors (EMA weights + config as metadata, no pickle) gives sample.py the same
+    images as last.ckpt."""
+    from safetensors import safe_open
+
+    from diffexp.sample import run as sample_run
+
+    artefact = tiny_checkpoint.parent / "model.safetensors"
+    with safe_open(str(artefact), framework="pt") as f:
+        assert CONFIG_KEY in f.metadata() and any(k.startswith("net.") for k in f.keys())
+    images = {}
+    for name, path in (("ckpt", tiny_checkpoint), ("weights", artefact)):
+        out = tmp_path / name
+        sample_run(compose_config("sample", [f"ckpt={path}", "n=4", "sampler.steps=3", f"out={out}", "progress=false"],
+                                  tmp_path / f"s_{name}"))
+        images[name] = np.load(out / "samples.npz")["images"]
+    np.testing.assert_array_equal(images["ckpt"], images["weights"])
+
+
 def test_payload_class_is_picklable():
     """The test's own payload really would run (so the tests above prove something)."""
     marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"diffexp-payload-{os.getpid()}"
@@ -192,7 +213,7 @@ def test_payload_class_is_picklable():
 
 # --- killed at any moment --------------------------------------------------------------------------------------
 KILL_RUN = ["data=shapes", "data.num_train=16", "data.num_val=8", "unet.channel_mult=[1,2]",  # 2 steps per epoch
-            "trainer.max_steps=12", "eval_every=100", "callbacks.model_checkpoint.every_n_train_steps=2",
+            "trainer.max_steps=40", "eval_every=1000", "callbacks.model_checkpoint.every_n_train_steps=2",
             "paths.latest_link=null"]
 
 
@@ -218,11 +239,15 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path):
     rng = random.Random(0)
     run_dir, kills, resumes = tmp_path / "killed", 0, 0
     last = run_dir / "checkpoints" / "last.ckpt"
-    for _ in range(12):
+    for _ in range(15):
         args = [*base, f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={last}"] if last.exists() else [])
         resumes += last.exists()
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(3.0, 9.0))
+        written = len(list(run_dir.glob("checkpoints/*.ckpt")))
+        goal = written + rng.randint(1, 6)  # kill after a few more checkpoint writes, at a random moment around one
+        while proc.poll() is None and len(list(run_dir.glob("checkpoints/*.ckpt"))) < goal:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -240,6 +265,80 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path):
     assert not list((run_dir / "checkpoints").glob(".*tmp-*"))  # no temp files left behind
     full = load_file(tmp_path / "full" / "checkpoints" / "last.ckpt")
     resumed = load_file(last)
-    assert resumed["global_step"] == full["global_step"] == 12
+    assert resumed["global_step"] == full["global_step"] == 40
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+# --- bad input: one paragraph, no traceback, exit status 2 ----------------------------------------------------
+BAD_INPUT = [
+    ("train.py", ["model.optimizer.lr=-1"], "model.optimizer.lr must be a positive number"),
+    ("train.py", ["model.min_snr_gamma=-5"], "model.min_snr_gamma must be positive"),
+    ("train.py", ["unet.channel_mult=[]"], "unet.channel_mult=[] must list"),
+    ("train.py", ["ckpt_path={text}"], "not a readable checkpoint"),
+    ("train.py", ["ckpt_path={tiny}", "unet.base_channels=16"], "another shape than this config builds"),
+    ("train.py", ["eval_every=0"], "eval_every must be a positive"),
+    ("train.py", ["conditioning.p_uncond=2"], "conditioning.p_uncond must lie in [0, 1]"),
+    ("train.py", ["data=image_folder", "data.root={tmp}/no-such-dir"], "is not a directory"),
+    ("sample.py", ["ckpt={text}"], "not a readable checkpoint"),
+    ("sample.py", ["ckpt={vae}"], "not a diffusion model"),
+    ("sample.py", ["ckpt={tiny}", "out={text}"], "is a file"),
+    ("sample.py", ["ckpt={tiny}", "n=abc"], "n must be a positive number"),
+    ("sample.py", ["ckpt={tiny}", "device=cuda:7"], "device="),
+    ("sample.py", ["ckpt={tiny}", "prompt=a red circle"], "not text-conditioned"),
+    ("sample.py", ["ckpt={tiny}", "sampler.steps=0"], "sampler.steps must be a positive integer"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,fragment", BAD_INPUT, ids=[" ".join(a)[:40] for _, a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_paragraph(script, args, fragment, tmp_path, tiny_checkpoint, vae_ckpt):
+    (tmp_path / "textdir").mkdir()
+    text = tmp_path / "textdir" / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    filled = [a.format(text=text, tiny=tiny_checkpoint, vae=vae_ckpt, tmp=tmp_path) for a in args]
+    extra = [f"hydra.run.dir={tmp_path / 'run'}", *SHRINK] if script == "train.py" else [f"hydra.run.dir={tmp_path / 'run'}"]
+    if script == "sample.py" and not any(a.startswith("out=") for a in filled):
+        extra.append(f"out={tmp_path / 'out'}")
+    result = run_script(script, *extra, *filled, cwd=tmp_path, timeout=600)
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+# --- image folders: broken files, 16-bit images, captions ---------------------------------------------------------
+def test_image_folder_checks_its_files(tmp_path):
+    from PIL import Image
+
+    from diffexp.data import ImageFolderDataModule
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / f"ok{i}.png")
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(root / "deep16.png")  # mid-grey, 16 bit
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).convert("P").save(root / "palette.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).convert("CMYK").save(root / "cmyk.jpg")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+    def module(**kw):
+        return ImageFolderDataModule(str(root), image_size=8, val_fraction=0.2, num_workers=0, random_flip=False, **kw)
+
+    with pytest.raises(ValueError, match=r"1 of 10 images cannot be read: broken.png.*skip_unreadable=true"):
+        module().setup()
+    with pytest.warns(UserWarning, match="leaving out 1 unreadable"):
+        dm = module(skip_unreadable=True)
+        dm.setup()
+    files = dm.dataset("train").files + dm.dataset("val").files
+    assert len(files) == 9 and root / "broken.png" not in files
+    from diffexp.data.image_folder import open_image
+
+    grey = np.asarray(open_image(root / "deep16.png", 1))
+    assert abs(int(grey.mean()) - 128) <= 1  # scaled from 16 bit, not clipped to white
+    assert open_image(root / "cmyk.jpg", 3).mode == "RGB" and open_image(root / "palette.png", 3).mode == "RGB"
+
+    (root / "broken.png").unlink()
+    (root / "metadata.jsonl").write_text('{"file_name": "ok0.png", "text": "a dark square"}\n')
+    with pytest.raises(ValueError, match=r"no caption for 8 of 9 images.*allow_missing_captions=true"):
+        module().setup()
+    dm = module(allow_missing_captions=True)
+    assert sorted(set(dm.captions("train") + dm.captions("val"))) == ["", "a dark square"]

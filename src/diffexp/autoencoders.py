@@ -152,14 +152,14 @@ class DiffusersAutoencoder(FrozenAutoencoder):
             if local_files_only is None:
                 local_files_only = hub_offline()
             try:
-                self.model = model_cls.from_pretrained(name_or_path, subfolder=subfolder,
-                                                       local_files_only=local_files_only)
+                self.model = model_cls.from_pretrained(name_or_path, subfolder=subfolder, use_safetensors=True,
+                                                       local_files_only=local_files_only)  # never pickle files
             except (OSError, ValueError) as e:
                 raise FileNotFoundError(
                     f"VAE {name_or_path!r} could not be loaded ({e.__class__.__name__}). Offline, download it on a "
                     f"machine with internet (huggingface-cli download {name_or_path}) into the HF cache "
                     f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or set vae.name_or_path to a local "
-                    f"folder holding its config.json and weights"
+                    f"folder holding its config.json and safetensors weights (pickled .bin weights are never loaded)"
                 ) from None
             name = f"{kind}:{name_or_path}"
         cfg = self.model.config

@@ -9,8 +9,12 @@ Each checkpoint carries its composed run config under :data:`CONFIG_KEY` and the
 from __future__ import annotations
 
 import copy
+import json
+import os
 import pickle
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,6 +54,9 @@ class CheckpointError(ValueError):
 def load_file(path: str | Path, option: str = "ckpt") -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, never code; a clear
     :class:`CheckpointError` (naming ``option``) for a file that is not a readable checkpoint."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{option}={str(path)!r} is not a readable checkpoint (not a file torch.save wrote, or "
+                              f"one cut short)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -91,6 +98,78 @@ def non_finite_tensors(state: dict) -> list[str]:
     return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+TEMP_MARK = ".tmp-"
+WEIGHTS_NAME = "model.safetensors"
+EXTRA_STATE_KEY = "diffexp_extra_state"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (a rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(temp)`` into a temp file in the same directory, fsync, then os.replace: ``path`` is either the old
+    file or the complete new one, whatever moment the process is killed (a temp file in another filesystem,
+    such as $TMPDIR on tmpfs, would make the final move a copy that a kill can truncate)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_weights(state_dict: dict, run_config: dict, path: str | Path) -> Path:
+    """The weights-only artefact (``RUN/checkpoints/model.safetensors``): the tensors of ``state_dict`` in
+    safetensors (which cannot hold code), the run config, the format version and the non-tensor module state
+    (a learned tokenizer's vocabulary, monitoring captions) as JSON metadata. ``sample.py ckpt=`` reads it."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
+    extra = {k: v for k, v in state_dict.items() if not torch.is_tensor(v)}
+    metadata = {CONFIG_KEY: json.dumps(run_config), FORMAT_KEY: str(FORMAT), EXTRA_STATE_KEY: json.dumps(extra)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_weights(path: Path, option: str = "ckpt") -> dict:
+    """A weights-only artefact (:func:`save_weights`) as a checkpoint dict {config, format, state_dict}."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{option}={str(path)!r} is not a readable safetensors file ({type(e).__name__})") from None
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{option}={str(path)!r} carries no diffexp config; was it written by train.py?")
+    state.update(json.loads(metadata.get(EXTRA_STATE_KEY, "{}")))
+    return {CONFIG_KEY: json.loads(metadata[CONFIG_KEY]), FORMAT_KEY: int(metadata.get(FORMAT_KEY, FORMAT)),
+            "state_dict": state}
+
+
 def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict:
     """The checkpoint dict at ``path`` in the current layout, read without running code and with its stored
     config checked against :data:`ALLOWED_TARGETS`; a clear error (naming ``option``) if it is missing, not
@@ -99,7 +178,7 @@ def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{option}={str(path)!r} does not exist; pass a checkpoint written by train.py, "
                                 f"e.g. {option}=logs/train/latest/checkpoints/last.ckpt")
-    checkpoint = load_file(path, option)
+    checkpoint = read_weights(path, option) if path.suffix == ".safetensors" else load_file(path, option)
     if CONFIG_KEY not in checkpoint:
         raise ValueError(f"{option}={str(path)!r} carries no diffexp config (key {CONFIG_KEY!r}); "
                          f"was it written by train.py?")

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.cache import weights_fingerprint
-from diffexp.checkpoints import CheckpointError, load_file
+from diffexp.callbacks.ema import ema_weights
+from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, load_file, save_weights
 from diffexp.config import build_model, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
@@ -143,10 +144,22 @@ def run(cfg: DictConfig) -> float | None:
                        f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
     log_full_config(loggers, cfg, extra=scale)
     prepare_ddp_children(trainer)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")), weights_only=True)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RuntimeError as error:
+        if ckpt_path is None or "Error(s) in loading state_dict" not in str(error):
+            raise
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), "")
+        raise CheckpointError(f"ckpt_path={ckpt_path!r} holds a model of another shape than this config builds "
+                              f"({detail[:200]}); resume with the overrides it was trained with (its run directory's "
+                              f".hydra/overrides.yaml)") from None
     replicas = check_replicas(model)
     if trainer.is_global_zero:
         update_run_info(run_dir, {"replica_weight_digests": replicas})
+        with ema_weights(trainer, model):  # the weights to share: EMA when it is on
+            save_weights(model.state_dict(), model.run_config, run_dir / "checkpoints" / WEIGHTS_NAME)
     hint = wandb_sync_hint(loggers, cfg) if trainer.is_global_zero else None
     if hint:
         rank_zero_info(f"[diffexp] offline W&B run; upload it with: {hint}")

@@ -9,13 +9,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 class EpochSeededSampler(Sampler):
     """A random permutation of range(n) that depends only on (seed, epoch).
 
-    Lightning calls :meth:`set_epoch` before each epoch (as for ``DistributedSampler``), so the data
-    order of a run is a function of its seed: a run resumed at an epoch boundary sees exactly the
-    batches an uninterrupted run sees.
+    Lightning calls :meth:`set_epoch` before each epoch (as for ``DistributedSampler``). With ``epoch_fn``
+    the epoch is instead read when an epoch's iteration starts (the datamodule passes "optimizer steps done
+    / steps per epoch"), so the data order is a function of the seed and the training progress alone: a run
+    resumed at an epoch boundary, even after several resumes, sees exactly the batches an uninterrupted run
+    sees (Lightning's own epoch counter can be off by one after chained resumes).
     """
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, epoch_fn=None):
+        self.n, self.seed, self.epoch, self.epoch_fn = n, seed, 0, epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -24,7 +26,8 @@ class EpochSeededSampler(Sampler):
         return self.n
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
@@ -97,11 +100,21 @@ class ImageDataModule(L.LightningDataModule):
         return getattr(self.dataset(split), "captions", None)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        drop_last = shuffle and len(dataset) >= self.batch_size
+        trainer = self.trainer
+
+        def epoch_from_progress() -> int:
+            """Epochs completed, counted in optimizer steps (per rank: DDP shards the data, ceil(n / W) each)."""
+            per_rank = -(-len(dataset) // trainer.world_size)
+            batches = per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size)
+            return trainer.global_step * trainer.accumulate_grad_batches // max(1, batches)
+
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
+            sampler=EpochSeededSampler(len(dataset), self.seed, epoch_from_progress if trainer else None)
+            if shuffle else None,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

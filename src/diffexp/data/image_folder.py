@@ -2,14 +2,39 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from diffexp.data.base import ImageDataModule, split_indices
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+def open_image(path: Path, channels: int) -> Image.Image:
+    """The image at ``path`` as 8-bit L (``channels`` 1) or RGB: 16-bit and 32-bit integer grayscale are scaled
+    to 0..255 (not clipped, which would turn them white); palette, CMYK and alpha images are converted by PIL."""
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):  # I;16, I;16B, I (32-bit): values up to 65535
+            array = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
+        return img.convert("L" if channels == 1 else "RGB")
+
+
+def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
+    """(file, reason) for each file PIL cannot open and verify."""
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:  # PIL raises many kinds for broken files
+            bad.append((path, f"{type(e).__name__}: {e}"[:120]))
+    return bad
 
 
 class FolderDataset(Dataset):
@@ -32,9 +57,7 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        path = self.files[i]
-        with Image.open(path) as img:
-            image = self.transform(img.convert("L" if self.channels == 1 else "RGB"))
+        image = self.transform(open_image(self.files[i], self.channels))
         item = {"image": image}
         if self.captions is not None:
             item["caption"] = self.captions[i]
@@ -59,15 +82,24 @@ def read_metadata(root: Path) -> dict[str, str] | None:
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Images found recursively under ``root``, center-cropped to ``image_size``, split train/val."""
+    """Images found recursively under ``root``, center-cropped to ``image_size``, split train/val.
+
+    Every file is checked before training: unreadable ones are an error listing them (``skip_unreadable``
+    leaves them out instead, with a warning). With a ``metadata.jsonl``, every image needs a caption
+    (``allow_missing_captions`` gives the others the empty caption, i.e. unconditional examples).
+    """
 
     name = "image_folder"
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3, batch_size: int = 64,
-                 val_fraction: float = 0.05, num_workers: int = 2, random_flip: bool = True, seed: int = 0):
+                 val_fraction: float = 0.05, num_workers: int = 2, random_flip: bool = True, seed: int = 0,
+                 skip_unreadable: bool = False, allow_missing_captions: bool = False):
         super().__init__(image_size=image_size, channels=channels, batch_size=batch_size, num_workers=num_workers,
                          seed=seed)
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.root, self.val_fraction, self.random_flip = Path(root), val_fraction, random_flip
+        self.skip_unreadable, self.allow_missing_captions = skip_unreadable, allow_missing_captions
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -78,7 +110,24 @@ class ImageFolderDataModule(ImageDataModule):
         if len(files) < 2:
             raise FileNotFoundError(f"data.root={str(self.root)!r} holds {len(files)} images; need at least 2 "
                                     f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        bad = unreadable_images(files)
+        if bad:
+            listing = "; ".join(f"{p.relative_to(self.root)} ({why})" for p, why in bad[:5])
+            if not self.skip_unreadable:
+                raise ValueError(f"data.root={str(self.root)!r}: {len(bad)} of {len(files)} images cannot be read: "
+                                 f"{listing}{' ...' if len(bad) > 5 else ''}. Remove them, or pass "
+                                 f"data.skip_unreadable=true to leave them out")
+            warnings.warn(f"data.skip_unreadable: leaving out {len(bad)} unreadable images: {listing}", stacklevel=2)
+            files = [p for p in files if p not in {b for b, _ in bad}]
         captions = read_metadata(self.root)
+        if captions is not None:
+            missing = [p.relative_to(self.root).as_posix() for p in files
+                       if p.relative_to(self.root).as_posix() not in captions]
+            if missing and not self.allow_missing_captions:
+                raise ValueError(f"data.root={str(self.root)!r}: metadata.jsonl has no caption for {len(missing)} of "
+                                 f"{len(files)} images (e.g. {missing[:3]}); add them (file_name is the path "
+                                 f"relative to data.root), or pass data.allow_missing_captions=true to give them "
+                                 f"the empty caption")
         train_idx, val_idx = split_indices(len(files), self.val_fraction, self.seed)
         make = lambda idx, flip: FolderDataset([files[i] for i in idx.tolist()], captions, self.image_size,  # noqa: E731
                                                self.channels, flip, self.root)

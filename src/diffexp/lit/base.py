@@ -26,6 +26,9 @@ class TrainingModule(L.LightningModule):
 
     def __init__(self, optimizer: Callable | None = None, lr_scheduler: Callable | None = None):
         super().__init__()
+        lr = getattr(optimizer, "keywords", {}).get("lr") if optimizer is not None else None
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"model.optimizer.lr must be a positive number, got {lr!r}")
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler or linear_warmup
         self.run_config: dict | None = None

@@ -4,45 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffexp.checkpoints import load_file
-
-TEMP_MARK = ".tmp-"
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory entry (a rename) to disk where the OS allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace: ``path`` is either the old file
-    or the complete new one, whatever moment the process is killed (a temp file in another filesystem, such
-    as $TMPDIR on tmpfs, would make the final move a copy that a kill can truncate)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+from diffexp.checkpoints import TEMP_MARK, atomic_torch_save, load_file
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

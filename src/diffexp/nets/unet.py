@@ -51,6 +51,9 @@ class UNet(nn.Module):
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
+        if not channel_mult or any(not isinstance(m, int) or m <= 0 for m in channel_mult):
+            raise ValueError(f"unet.channel_mult={list(channel_mult)} must list one positive integer per resolution "
+                             f"level, e.g. [1, 2, 2]")
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             raise ValueError(

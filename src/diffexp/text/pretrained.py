@@ -49,12 +49,14 @@ class PretrainedTextEncoder(Frozen, TextEncoder):
         model_cls = {"minilm": AutoModel, "clip": CLIPTextModel, "t5": T5EncoderModel}[kind]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
-            self.model = model_cls.from_pretrained(name_or_path, local_files_only=local_files_only)
+            # safetensors only: a pickled weights file (pytorch_model.bin) could run code when loaded
+            self.model = model_cls.from_pretrained(name_or_path, local_files_only=local_files_only, use_safetensors=True)
         except OSError as e:
             raise FileNotFoundError(
                 f"text encoder {name_or_path!r} ({kind}) could not be loaded: {e.__class__.__name__}. Offline, download it "
                 f"on a machine with internet (huggingface-cli download {name_or_path}) into the HF cache, or set "
-                f"text_encoder.name_or_path to a local folder with its config, tokenizer and weights"
+                f"text_encoder.name_or_path to a local folder with its config, tokenizer and safetensors weights "
+                f"(pickled .bin weights are never loaded)"
             ) from None
         self.freeze()
         self.kind, self.name_or_path, self.max_length, self.use_cache = kind, name_or_path, max_length, cache
