@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import traceback
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -125,6 +126,10 @@ def update_latest_link(run_dir: Path, link: Path) -> None:
         os.replace(tmp, link)
     except OSError:
         pass
+
+
+# The datamodules' samplers continue a resumed epoch where it stopped (data/base.py), which Lightning cannot see.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -26,9 +26,9 @@ class EpochSeededSampler(Sampler):
         return self.n
 
     def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        epoch, skip = self.epoch_fn() if self.epoch_fn is not None else (self.epoch, 0)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(torch.randperm(self.n, generator=generator).tolist()[skip:])
 
 
 class TensorImageDataset(Dataset):
@@ -103,11 +103,14 @@ class ImageDataModule(L.LightningDataModule):
         drop_last = shuffle and len(dataset) >= self.batch_size
         trainer = self.trainer
 
-        def epoch_from_progress() -> int:
-            """Epochs completed, counted in optimizer steps (per rank: DDP shards the data, ceil(n / W) each)."""
+        def epoch_from_progress() -> tuple[int, int]:
+            """(epoch, items to skip) from the batches trained so far (optimizer steps x accumulation; per rank:
+            DDP shards the data, ceil(n / W) each): at an epoch start the skip is 0; a run resumed in mid-epoch
+            goes on with the rest of that epoch's permutation."""
             per_rank = -(-len(dataset) // trainer.world_size)
-            batches = per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size)
-            return trainer.global_step * trainer.accumulate_grad_batches // max(1, batches)
+            batches = max(1, per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size))
+            epoch, done = divmod(trainer.global_step * trainer.accumulate_grad_batches, batches)
+            return epoch, done * self.batch_size * trainer.world_size
 
         return DataLoader(
             dataset,
