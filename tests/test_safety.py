@@ -77,6 +77,28 @@ def test_a_hostile_target_in_the_stored_config_is_refused(tiny_checkpoint, tmp_p
     assert not marker.exists()
 
 
+def test_interpolations_and_unsafe_files_are_never_worked_around(tiny_checkpoint, tmp_path):
+    """A stored config with ${...} (which could pull a hostile node into a checked one) is refused, and a resume
+    never falls back past a file that could run code."""
+    from diffexp.checkpoints import UnsafeCheckpointError
+    from diffexp.train import resume_checkpoint
+
+    checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    config = dict(checkpoint[CONFIG_KEY])
+    config["unet"] = {**config["unet"], "dropout": "${evil}"}
+    config["evil"] = {"_target_": "builtins.open", "_args_": [str(tmp_path / MARKER_NAME), "w"]}
+    torch.save({**checkpoint, CONFIG_KEY: config}, tmp_path / "interp.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="interpolation"):
+        read_checkpoint(tmp_path / "interp.ckpt")
+    ckpts = tmp_path / "run"
+    ckpts.mkdir()
+    torch.save({"step": 2}, ckpts / "step0000002.ckpt")
+    poisoned(tiny_checkpoint, ckpts / "last.ckpt", tmp_path / MARKER_NAME)
+    with pytest.raises(UnsafeCheckpointError, match="could run code"):
+        resume_checkpoint(str(ckpts / "last.ckpt"))
+    assert not (tmp_path / MARKER_NAME).exists()
+
+
 def test_truncated_and_foreign_files_are_clear_errors(tiny_checkpoint, tmp_path):
     data = tiny_checkpoint.read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
@@ -106,7 +128,9 @@ def test_atomic_save_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_file(path) == {"step": 1} and not list(tmp_path.glob(".*tmp-*"))
     (tmp_path / ".last.ckpt.tmp-999999").write_bytes(b"left by a killed writer")
+    (tmp_path / f".step.ckpt.tmp-{os.getppid()}").write_bytes(b"a live writer's")  # its process runs: kept
     assert [p.name for p in remove_stale_temp_files(tmp_path)] == [".last.ckpt.tmp-999999"]
+    assert (tmp_path / f".step.ckpt.tmp-{os.getppid()}").exists()
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):

@@ -14,7 +14,7 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-from diffexp.config import instantiate
+from diffexp.config import data_of_run
 from diffexp.metrics import evaluate
 from diffexp.samplers import SAMPLERS
 from diffexp.sample import draw_samples, load_model
@@ -54,7 +54,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metrics = evaluate(args.metrics, images, instantiate(train_cfg.data))
+            metrics = evaluate(args.metrics, images, data_of_run(train_cfg))
         row = {"sampler": label, "n": args.n, "sampling_seconds": round(seconds, 1),
                "images_per_second": round(args.n / seconds, 1)}
         for name, value in metrics.items():

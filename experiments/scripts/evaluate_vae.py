@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from diffexp.config import instantiate
+from diffexp.config import data_of_run
 from diffexp.autoencoders import load_autoencoder
 from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.images import save_grid
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = OmegaConf.create(read_checkpoint(args.ckpt, "--ckpt")[CONFIG_KEY])
     net = load_autoencoder(args.ckpt)
-    datamodule = instantiate(cfg.data)
+    datamodule = data_of_run(cfg)
     datamodule.setup("fit")
     n = min(args.n, len(datamodule.val_set))
     images = torch.stack([datamodule.val_set[i]["image"] for i in range(n)])

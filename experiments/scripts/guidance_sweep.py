@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from diffexp.config import instantiate  # noqa: E402
+from diffexp.config import data_of_run  # noqa: E402
 from diffexp.data.shapes import make_shapes  # noqa: E402
 from diffexp.metrics import build_feature_extractor, extract_features, frechet_distance, reference_features  # noqa: E402
 from diffexp.metrics.adherence import caption_adherence  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, cfg = load_model(args.ckpt, device=args.device)
-    dm = instantiate(cfg.data)
+    dm = data_of_run(cfg)
     dm.setup("fit")
     holdout = [tuple(p) for p in dm.holdout]
     _, seen_captions, _ = make_shapes(args.n, seed=777, exclude=holdout)

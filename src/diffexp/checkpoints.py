@@ -51,6 +51,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, not ours, unsafe or non-finite."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose loading could run code (never loaded, never skipped over silently)."""
+
+
 def load_file(path: str | Path, option: str = "ckpt") -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, never code; a clear
     :class:`CheckpointError` (naming ``option``) for a file that is not a readable checkpoint."""
@@ -60,7 +64,7 @@ def load_file(path: str | Path, option: str = "ckpt") -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{option}={str(path)!r} holds objects other than tensors and plain data, which could "
+        raise UnsafeCheckpointError(f"{option}={str(path)!r} holds objects other than tensors and plain data, which could "
                               f"run code when loaded, so it was not loaded ({str(e).splitlines()[0][:160]})") from None
     except Exception as e:  # truncated zip, a text file, ...: torch raises many kinds
         raise CheckpointError(f"{option}={str(path)!r} is not a readable checkpoint (truncated or not a torch file: "
@@ -78,10 +82,13 @@ def check_targets(cfg: dict, option: str = "ckpt", nodes=MODEL_NODES) -> None:
     allowed = ALLOWED_TARGETS | {f"{c.__module__}.{c.__qualname__}" for c in SAMPLERS.values()}
 
     def walk(node, where):
+        if isinstance(node, str) and "${" in node:
+            raise UnsafeCheckpointError(f"{option}: the stored config holds an interpolation at {where} ({node[:60]!r}); "
+                                        f"train.py stores resolved configs, so this file was edited; refusing it")
         if isinstance(node, dict):
             target = node.get("_target_")
             if target is not None and target not in allowed:
-                raise CheckpointError(f"{option}: the stored config names _target_={target!r} at {where}, which is not "
+                raise UnsafeCheckpointError(f"{option}: the stored config names _target_={target!r} at {where}, which is not "
                                       f"one of the classes a diffexp model is built from; refusing to instantiate it")
             for key, value in node.items():
                 walk(value, f"{where}.{key}")
@@ -91,6 +98,22 @@ def check_targets(cfg: dict, option: str = "ckpt", nodes=MODEL_NODES) -> None:
 
     for key in nodes:
         walk(cfg.get(key), key)
+    for key, value in cfg.items():  # an interpolation anywhere could pull a hostile node into a checked one
+        if key not in nodes:
+            walk_strings(value, key, option)
+
+
+def walk_strings(node, where: str, option: str) -> None:
+    """Refuse ``${...}`` interpolations anywhere in ``node``."""
+    if isinstance(node, str) and "${" in node:
+        raise UnsafeCheckpointError(f"{option}: the stored config holds an interpolation at {where} ({node[:60]!r}); "
+                                    f"train.py stores resolved configs, so this file was edited; refusing it")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            walk_strings(value, f"{where}.{key}", option)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            walk_strings(value, f"{where}[{i}]", option)
 
 
 def non_finite_tensors(state: dict) -> list[str]:
@@ -148,6 +171,9 @@ def save_weights(state_dict: dict, run_config: dict, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]})")
     extra = {k: v for k, v in state_dict.items() if not torch.is_tensor(v)}
     metadata = {CONFIG_KEY: json.dumps(run_config), FORMAT_KEY: str(FORMAT), EXTRA_STATE_KEY: json.dumps(extra)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -19,12 +19,18 @@ def instantiate(cfg, **kwargs):
         cause = wrapped.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
+        if isinstance(cause, TypeError) and ("unexpected keyword" in str(cause) or "required positional" in str(cause)):
+            raise OptionError(f"{cfg.get('_target_', 'a config node') if hasattr(cfg, 'get') else cfg}: {cause}") from None
         if isinstance(cause, (ValueError, TypeError, FileNotFoundError, KeyError)):
             raise cause from None
         raise
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
+class OptionError(TypeError):
+    """A config holds an option the object it builds does not take (a user's override or preset)."""
+
+
+USER_ERRORS = (ValueError, OptionError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 @contextmanager
@@ -39,8 +45,7 @@ def reported_errors():
     except (*USER_ERRORS, DivergenceError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"error: {message}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr, flush=True)
+        print(f"error: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -51,6 +56,17 @@ def short(target: str) -> str:
 
 def has_target(node) -> bool:
     return isinstance(node, DictConfig) and "_target_" in node
+
+
+def data_of_run(cfg: DictConfig, from_checkpoint: bool = True):
+    """The datamodule of a run config; from a checkpoint's stored config only through the allow-listed targets."""
+    if from_checkpoint:
+        from omegaconf import OmegaConf
+
+        from diffexp.checkpoints import check_targets
+
+        check_targets(OmegaConf.to_container(cfg), "ckpt", nodes=("data",))
+    return instantiate(cfg.data)
 
 
 def build_autoencoder(vae_cfg: DictConfig, from_checkpoint: bool):
@@ -83,7 +99,7 @@ def build_model(cfg: DictConfig, datamodule=None, from_checkpoint: bool = False)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
-        raise TypeError(f"model={cfg.model._target_}: {e}. The composed model config holds an option this model does "
+        raise OptionError(f"model={cfg.model._target_}: {e}. The composed model config holds an option this model does "
                         f"not take, often set by the experiment preset (the default, quickstart, configures "
                         f"diffusion); model=vae goes with experiment=shapes_vae") from None
 
@@ -93,7 +109,7 @@ def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: boo
     encoder = instantiate(cfg.text_encoder) if has_target(cfg.get("text_encoder")) else None
     with open_dict(cfg):
         if "num_classes" in cfg.conditioning and cfg.conditioning.num_classes is None:
-            datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
+            datamodule = datamodule if datamodule is not None else data_of_run(cfg, from_checkpoint)
             cfg.conditioning.num_classes = datamodule.num_classes
         if encoder is not None and "encoder" not in cfg.conditioning:
             raise ValueError(f"a text encoder is set ({short(cfg.text_encoder._target_)}) but the conditioning "

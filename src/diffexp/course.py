@@ -82,10 +82,11 @@ def unet_preset(name: str, image_size: int, in_channels: int, context_dim: int |
 
 
 def data_of(cfg: DictConfig):
-    """The datamodule of a training config (e.g. the reference data for FID in :func:`diffexp.metrics.evaluate`)."""
-    from diffexp.config import instantiate
+    """The datamodule of a checkpoint's training config (e.g. the reference data for FID in
+    :func:`diffexp.metrics.evaluate`), built only through allow-listed targets."""
+    from diffexp.config import data_of_run
 
-    return instantiate(cfg.data)
+    return data_of_run(cfg)
 
 
 def load(ckpt: str | Path, use_ema: bool = True):

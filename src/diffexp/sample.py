@@ -1,8 +1,8 @@
 """sample.py's run(cfg): rebuild a model from its checkpoint alone, sample, write grid.png and samples.npz."""
 from __future__ import annotations
 
+import fcntl
 import json
-import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.callbacks.ema import ema_state_from_checkpoint
-from diffexp.checkpoints import CONFIG_KEY, CheckpointError, check_targets, non_finite_tensors, read_checkpoint
-from diffexp.config import build_model, instantiate
+from diffexp.checkpoints import CONFIG_KEY, CheckpointError, non_finite_tensors, read_checkpoint
+from diffexp.config import build_model, data_of_run, instantiate
 from diffexp.images import save_grid, to_uint8_nhwc
 from diffexp.lit import DiffusionModel
 
@@ -65,28 +65,28 @@ LOCK_NAME = ".sample.lock"
 
 @contextmanager
 def claimed_out_dir(out: str | Path, overwrite: bool):
-    """The output directory, claimed for this run with a create-exclusive lock file (so two sample.py runs on one
-    ``out=`` cannot interleave) and refusing to overwrite earlier samples unless ``overwrite``."""
+    """The output directory, claimed for this run with an exclusive lock (so two sample.py runs on one ``out=``
+    cannot interleave) and refusing to overwrite earlier samples unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={str(out)!r} is a file; pass a directory for grid.png and samples.npz")
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / LOCK_NAME
+    lock = open(out / LOCK_NAME, "w")  # an flock dies with its process: a killed run blocks no one
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise FileExistsError(f"another sample.py is writing to out={str(out)!r} (it holds {LOCK_NAME}); wait for it "
-                              f"or choose another out=DIR (delete {lock} if no sample.py is running)") from None
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FileExistsError(f"another sample.py is writing to out={str(out)!r}; wait for it or choose another "
+                              f"out=DIR") from None
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         existing = [name for name in OUTPUTS if (out / name).exists()]
         if existing and not overwrite:
             raise FileExistsError(f"out={str(out)!r} already holds {existing}; choose another out=DIR or pass "
                                   f"overwrite=true")
         yield out
     finally:
-        lock.unlink(missing_ok=True)
+        (out / LOCK_NAME).unlink(missing_ok=True)
+        lock.close()
 
 
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
@@ -179,9 +179,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     if cfg.get("metrics"):
         from diffexp.metrics import evaluate, needs_reference
 
-        if needs_reference(cfg.metrics):
-            check_targets(OmegaConf.to_container(train_cfg), "ckpt", nodes=("data",))
-        datamodule = instantiate(train_cfg.data) if needs_reference(cfg.metrics) else None
+        datamodule = data_of_run(train_cfg) if needs_reference(cfg.metrics) else None
         summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

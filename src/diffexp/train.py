@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp.cache import weights_fingerprint
 from diffexp.callbacks.ema import ema_weights
-from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, load_file, save_weights
+from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, UnsafeCheckpointError, load_file, save_weights
 from diffexp.config import build_model, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
@@ -47,6 +47,8 @@ def resume_checkpoint(ckpt_path: str | None) -> str | None:
     try:
         load_file(ckpt_path, "ckpt_path")
         return ckpt_path
+    except UnsafeCheckpointError:
+        raise  # never skipped over: someone put a file that could run code here
     except CheckpointError as error:
         problem = error
     others = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if p.resolve() != Path(ckpt_path).resolve()),

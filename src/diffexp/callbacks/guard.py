@@ -35,8 +35,7 @@ class DivergenceGuard(Callback):
         if self._bad is None:
             self._bad = torch.zeros((), dtype=torch.bool, device=bad.device)
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
-        self._first_bad_step = torch.where(bad & ~self._bad, torch.tensor(trainer.global_step, device=bad.device),
-                                           self._first_bad_step)
+        self._first_bad_step = torch.where(bad & ~self._bad, trainer.global_step, self._first_bad_step)  # no host copy
         self._bad |= bad
         every = self.check_every_n_steps or trainer.log_every_n_steps or 1
         if trainer.global_step % every == 0:
@@ -54,8 +53,22 @@ class DivergenceGuard(Callback):
             f"add warm-up (model.lr_scheduler.warmup_steps) or gradient clipping (trainer.gradient_clip_val)")
 
     def check_loss(self, trainer) -> None:
-        if self._bad is not None and bool(self._bad):
-            self.fail(trainer, f"the training loss was NaN/inf at step {int(self._first_bad_step)}")
+        if self._bad is None:
+            return
+        bad = self._bad
+        if trainer.world_size > 1:  # every rank stops together (one raising alone would hang the others)
+            bad = trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        if bool(bad):
+            step = int(self._first_bad_step) if bool(self._bad) else -1
+            self.fail(trainer, f"the training loss was NaN/inf at step {step}" if step >= 0 else
+                      "the training loss was NaN/inf on another rank")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The last steps after the last check: no NaN weights are exported or reported as a success."""
+        self.check_loss(trainer)
+        bad = [name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            self.fail(trainer, f"{len(bad)} weight tensors hold NaN/inf at the end of training (e.g. {bad[0]})")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self.check_loss(trainer)

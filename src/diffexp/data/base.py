@@ -104,13 +104,17 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
 
         def epoch_from_progress() -> tuple[int, int]:
-            """(epoch, items to skip) from the batches trained so far (optimizer steps x accumulation; per rank:
-            DDP shards the data, ceil(n / W) each): at an epoch start the skip is 0; a run resumed in mid-epoch
-            goes on with the rest of that epoch's permutation."""
+            """(epoch, items to skip) from the optimizer steps done: an epoch of B batches per rank (DDP shards
+            the data, ceil(n / W) each) takes ceil(B / accumulate) steps (Lightning steps on an epoch's last
+            batch). At an epoch start the skip is 0; a single-process run resumed in mid-epoch goes on with the
+            rest of that epoch's permutation (under DDP Lightning's sampler wrapper needs the full epoch: the
+            resumed epoch starts over)."""
             per_rank = -(-len(dataset) // trainer.world_size)
             batches = max(1, per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size))
-            epoch, done = divmod(trainer.global_step * trainer.accumulate_grad_batches, batches)
-            return epoch, done * self.batch_size * trainer.world_size
+            accumulate = trainer.accumulate_grad_batches
+            epoch, steps = divmod(trainer.global_step, -(-batches // accumulate))
+            skip = steps * accumulate * self.batch_size if trainer.world_size == 1 else 0
+            return epoch, skip
 
         return DataLoader(
             dataset,

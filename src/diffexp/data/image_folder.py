@@ -20,18 +20,18 @@ def open_image(path: Path, channels: int) -> Image.Image:
     with Image.open(path) as img:
         if img.mode.startswith("I"):  # I;16, I;16B, I (32-bit): values up to 65535
             array = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0  # 32-bit "I": by range
             img = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
         return img.convert("L" if channels == 1 else "RGB")
 
 
 def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
-    """(file, reason) for each file PIL cannot open and verify."""
+    """(file, reason) for each file PIL cannot open and decode."""
     bad = []
     for path in files:
         try:
             with Image.open(path) as img:
-                img.verify()
+                img.load()  # decodes the pixels: a truncated file fails here, not in a worker mid-training
         except Exception as e:  # PIL raises many kinds for broken files
             bad.append((path, f"{type(e).__name__}: {e}"[:120]))
     return bad

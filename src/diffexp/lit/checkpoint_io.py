@@ -9,11 +9,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from diffexp.checkpoints import TEMP_MARK, atomic_torch_save, load_file
 
 
+def writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
-    """Delete temp files left in ``directory`` by writers that were killed (not this process's)."""
+    """Delete temp files left in ``directory`` by writers that were killed: those whose process (the pid in
+    the name) no longer runs; a live writer's file is left alone."""
     removed = []
     for tmp in Path(directory).glob(f".*{TEMP_MARK}*"):
-        if not tmp.name.endswith(f"{TEMP_MARK}{os.getpid()}"):
+        pid = tmp.name.rsplit(TEMP_MARK, 1)[1]
+        if not pid.isdigit() or not writer_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
