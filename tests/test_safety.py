@@ -366,3 +366,40 @@ def test_image_folder_checks_its_files(tmp_path):
         module().setup()
     dm = module(allow_missing_captions=True)
     assert sorted(set(dm.captions("train") + dm.captions("val"))) == ["", "a dark square"]
+
+
+def test_evaluation_weights_with_a_payload_never_run(tmp_path, monkeypatch):
+    """Inception (FID/KID/IS) and LPIPS backbone files come from caches users fill by hand: torch-fidelity and
+    torchvision would unpickle them with weights_only=False, diffexp reads them safely first."""
+    from diffexp.metrics import InceptionFeatures, lpips_model
+    from diffexp.metrics.features import INCEPTION_FILE
+
+    marker = tmp_path / MARKER_NAME
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    torch.save({"fc.weight": torch.zeros(1), "extra": Payload(marker)}, tmp_path / "checkpoints" / INCEPTION_FILE)
+    torch.save({"features.0.weight": Payload(marker)}, tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    with pytest.raises(CheckpointError, match="metrics.inception_weights.*could run code"):
+        InceptionFeatures("2048")
+    with pytest.raises(CheckpointError, match="alexnet-owt-7be5be79.pth.*could run code"):
+        lpips_model("alex")
+    assert not marker.exists()
+
+
+def test_lpips_backbone_read_safely_matches_lpips_own_loading(tmp_path, monkeypatch):
+    import lpips
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    from diffexp.metrics import lpips_distance, lpips_model
+
+    ours = lpips_model("alex")
+    theirs = lpips.LPIPS(net="alex", verbose=False).eval()  # torchvision reads the same cached file
+    x, y = torch.rand(2, 4, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(lpips_distance(ours, x, y), lpips_distance(theirs, x, y), rtol=0, atol=0)
+    random_backbone = lpips_model("alex", pretrained_backbone=False)
+    assert not torch.allclose(lpips_distance(random_backbone, x, y), lpips_distance(ours, x, y))

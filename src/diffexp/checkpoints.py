@@ -55,10 +55,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint whose loading could run code (never loaded, never skipped over silently)."""
 
 
-def load_file(path: str | Path, option: str = "ckpt") -> dict:
+def load_file(path: str | Path, option: str = "ckpt", legacy_format: bool = False) -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, never code; a clear
-    :class:`CheckpointError` (naming ``option``) for a file that is not a readable checkpoint."""
-    if Path(path).is_file() and not zipfile.is_zipfile(path):
+    :class:`CheckpointError` (naming ``option``) for a file that is not a readable checkpoint. ``legacy_format``
+    also accepts torch's pre-1.6 (non-zip) files, as some published weights are."""
+    if not legacy_format and Path(path).is_file() and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{option}={str(path)!r} is not a readable checkpoint (not a file torch.save wrote, or "
                               f"one cut short)")
     try:

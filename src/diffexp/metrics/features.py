@@ -55,9 +55,14 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        from diffexp.checkpoints import load_file
+
         self.feature = feature
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feature],
-                                               feature_extractor_weights_path=str(inception_weights_path(weights_path)))
+        path = inception_weights_path(weights_path)
+        # torch-fidelity unpickles the file with weights_only=False: read it safely first, so a file holding
+        # anything but tensors is refused before it gets there
+        load_file(path, option="metrics.inception_weights", legacy_format=True)
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feature], feature_extractor_weights_path=str(path))
         self.num_features = 1008 if feature == "logits_unbiased" else int(feature)
 
     def train(self, mode: bool = True):

@@ -86,20 +86,36 @@ def classifier_report(classifier, images: torch.Tensor, threshold: float = 0.9, 
     }
 
 
-def lpips_model(net: str = "alex", pretrained_backbone: bool = True):
-    """``lpips.LPIPS`` in eval mode. The backbone comes from torchvision's cache; without it, a clear error."""
-    import lpips
+LPIPS_BACKBONES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),
+                   "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth")}
 
+
+def lpips_model(net: str = "alex", pretrained_backbone: bool = True):
+    """``lpips.LPIPS`` in eval mode (Zhang et al. 2018). The ImageNet backbone comes from torchvision's cache
+    file, read here with ``weights_only=True`` (torchvision itself would unpickle it with ``weights_only=False``);
+    without the file, a clear error. The linear heads ship inside the ``lpips`` package."""
+    import lpips
+    import torchvision
+
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
+    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
     if pretrained_backbone:
-        files = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-        if net not in files:
-            raise ValueError(f"LPIPS net must be one of {sorted(files)}, got {net!r}")
-        path = Path(torch.hub.get_dir()) / "checkpoints" / files[net]
+        from diffexp.checkpoints import load_file
+
+        arch, file = LPIPS_BACKBONES[net]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / file
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS needs torchvision's {net} weights at {path}; download them on a machine "
-                                    f"with internet (e.g. torchvision.models.{ {'alex': 'alexnet', 'vgg': 'vgg16', 'squeeze': 'squeezenet1_1'}[net]}"
-                                    f"(weights='DEFAULT')) and copy the file there")
-    return lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False).eval()
+                                    f"with internet (e.g. torchvision.models.{arch}(weights='DEFAULT')) and copy the "
+                                    f"file there")
+        backbone = getattr(torchvision.models, arch)()
+        backbone.load_state_dict(load_file(path, option=f"LPIPS backbone {file}", legacy_format=True))
+        # lpips splits torchvision's ``features`` into slices whose children are named by their index there
+        for piece in model.net.children():
+            for index, layer in piece.named_children():
+                layer.load_state_dict(backbone.features[int(index)].state_dict())
+    return model
 
 
 @torch.no_grad()
