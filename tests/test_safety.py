@@ -134,6 +134,7 @@ def test_atomic_save_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    from diffexp.lit.checkpoint_io import SafeCheckpointIO
     from diffexp.train import resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
@@ -143,7 +144,12 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     (ckpts / "last.ckpt").write_bytes((ckpts / "step0000004.ckpt").read_bytes()[:100])
     os.utime(ckpts / "step0000002.ckpt", (1, 1))
     with pytest.warns(UserWarning, match="step0000004.ckpt"):
-        assert resume_checkpoint(str(ckpts / "last.ckpt")) == str(ckpts / "step0000004.ckpt")
+        path, contents = resume_checkpoint(str(ckpts / "last.ckpt"))
+    assert path == str(ckpts / "step0000004.ckpt") and contents == {"step": 4}
+    io = SafeCheckpointIO()  # the file read here is handed to Lightning, not read a second time
+    io.preload(path, contents)
+    assert io.load_checkpoint(path) is contents and io.load_checkpoint(path) == contents
+    assert io.load_checkpoint(path) is not contents
     for p in ckpts.glob("step*"):
         p.write_text("broken")
     with pytest.raises(CheckpointError, match="no other checkpoint"):
@@ -292,6 +298,70 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path):
     assert resumed["global_step"] == full["global_step"] == 60
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("n,world_size,limit,step,expect_epoch,expect_skip", [
+    (32, 1, None, 6, 1, 16),  # 4 batches of 8 per epoch: step 6 is the 3rd batch of epoch 1
+    (32, 1, 3, 4, 1, 8),      # limit_train_batches=3: epochs of 3 steps
+    (34, 2, None, 3, 1, 8),   # 2 ranks: 17 items each, 2 full batches per epoch
+    (35, 3, None, 4, 4, 0),   # 3 ranks: 12 items each (one padded), 1 batch per epoch
+])
+def test_data_order_is_a_function_of_progress(n, world_size, limit, step, expect_epoch, expect_skip):
+    """Each rank's loader yields its share of the epoch's permutation (padded and strided as torch's
+    DistributedSampler), less the items the optimizer steps already consumed."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from diffexp.data.base import ImageDataModule, TensorImageDataset
+
+    dataset = TensorImageDataset(torch.zeros(n, 1, 2, 2))
+    per_rank = -(-n // world_size)
+    batches = per_rank // 8 if limit is None else limit
+    for rank in range(world_size):
+        dm = ImageDataModule(batch_size=8, seed=5)
+        dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, global_step=step,
+                                     accumulate_grad_batches=1, num_training_batches=batches)
+        sampler = dm._loader(dataset, shuffle=True).sampler
+        assert isinstance(sampler, DistributedSampler)  # so Lightning does not wrap it
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003 + expect_epoch)).tolist()
+        padded = (order * 2)[:per_rank * world_size]
+        assert list(sampler) == padded[rank::world_size][expect_skip:]
+        assert len(sampler) == per_rank
+
+
+def _resume_matches(tmp_path, overrides, resume_from: str, compare: list[str]):
+    """Train ``overrides`` uninterrupted and again resumed from the uninterrupted run's ``resume_from``
+    checkpoint: the ``compare`` checkpoints hold bit-identical weights."""
+    base = [*SHRINK, *overrides, "eval_every=1000", "paths.latest_link=null"]
+    run_script("train.py", *base, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path, check=True)
+    start = tmp_path / "full" / "checkpoints" / resume_from
+    run_script("train.py", *base, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={start}", cwd=tmp_path,
+               check=True)
+    for name in compare:
+        full = load_file(tmp_path / "full" / "checkpoints" / name)
+        resumed = load_file(tmp_path / "resumed" / "checkpoints" / name)
+        assert resumed["global_step"] == full["global_step"]
+        for key, value in full["state_dict"].items():
+            assert torch.equal(value, resumed["state_dict"][key]), (name, key)
+
+
+@pytest.mark.slow
+def test_ddp_resume_in_mid_epoch_is_exact(tmp_path):
+    """2 CPU processes, 32 images in batches of 8: 2 steps per epoch and rank, so step 3 is mid-epoch."""
+    _resume_matches(tmp_path, ["trainer=ddp_cpu", "data=shapes", "data.num_train=32", "data.num_val=8",
+                               "unet.channel_mult=[1,2]", "trainer.max_steps=8",
+                               "callbacks.model_checkpoint.every_n_train_steps=3"],
+                    "step0000003.ckpt", ["step0000006.ckpt", "last.ckpt"])
+
+
+@pytest.mark.slow
+def test_resume_with_limited_epochs_is_exact(tmp_path):
+    """``trainer.limit_train_batches=3`` of 4 batches: epochs of 3 steps, so step 4 is mid-epoch."""
+    _resume_matches(tmp_path, ["data=shapes", "data.num_train=32", "data.num_val=8", "unet.channel_mult=[1,2]",
+                               "trainer.max_steps=8", "+trainer.limit_train_batches=3",
+                               "callbacks.model_checkpoint.every_n_train_steps=4"],
+                    "step0000004.ckpt", ["step0000008.ckpt"])
 
 
 # --- bad input: one paragraph, no traceback, exit status 2 ----------------------------------------------------

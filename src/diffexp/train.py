@@ -21,6 +21,7 @@ from diffexp.config import build_model, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
 from diffexp.lit import DiffusionModel
+from diffexp.lit.checkpoint_io import SafeCheckpointIO
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
 from diffexp.runinfo import update_run_info, write_run_info
 
@@ -38,15 +39,14 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
                                 f"(e.g. logs/train/runs/<run>/checkpoints/last.ckpt) or leave it null")
 
 
-def resume_checkpoint(ckpt_path: str | None) -> str | None:
-    """``ckpt_path`` if it loads; else the newest loadable checkpoint beside it (saying so), else a clear error.
-    A checkpoint that does not load is one cut short by a crash, or not a checkpoint at all."""
+def resume_checkpoint(ckpt_path: str | None) -> tuple[str | None, dict | None]:
+    """(path, contents) of ``ckpt_path`` if it loads; else of the newest loadable checkpoint beside it (saying
+    so); else a clear error. A checkpoint that does not load is one cut short by a crash, or not a checkpoint."""
     if ckpt_path is None:
-        return None
+        return None, None
     check_ckpt_path(ckpt_path)
     try:
-        load_file(ckpt_path, "ckpt_path")
-        return ckpt_path
+        return ckpt_path, load_file(ckpt_path, "ckpt_path")
     except UnsafeCheckpointError:
         raise  # never skipped over: someone put a file that could run code here
     except CheckpointError as error:
@@ -55,11 +55,11 @@ def resume_checkpoint(ckpt_path: str | None) -> str | None:
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for candidate in others:
         try:
-            load_file(candidate, "ckpt_path")
+            checkpoint = load_file(candidate, "ckpt_path")
         except CheckpointError:
             continue
         rank_zero_warn(f"{problem}. Resuming from the newest checkpoint that loads instead: {candidate}")
-        return str(candidate)
+        return str(candidate), checkpoint
     raise CheckpointError(f"{problem}; no other checkpoint in {Path(ckpt_path).parent} loads either")
 
 
@@ -151,7 +151,10 @@ def run(cfg: DictConfig) -> float | None:
                        f" per device x {scale['world_size']} devices x {scale['accumulate_grad_batches']} accumulated")
     log_full_config(loggers, cfg, extra=scale)
     prepare_ddp_children(trainer)
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"))
+    ckpt_path, checkpoint = resume_checkpoint(cfg.get("ckpt_path"))
+    if checkpoint is not None and isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO):
+        trainer.strategy.checkpoint_io.preload(ckpt_path, checkpoint)
+    del checkpoint
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except RuntimeError as error:

@@ -1,34 +1,36 @@
 """Shared pieces of the data modules."""
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochSeededSampler(Sampler):
-    """A random permutation of range(n) that depends only on (seed, epoch).
+class EpochSeededSampler(DistributedSampler):
+    """One rank's share of a random permutation of range(n) that depends only on (seed, epoch).
 
-    Lightning calls :meth:`set_epoch` before each epoch (as for ``DistributedSampler``). With ``epoch_fn``
-    the epoch is instead read when an epoch's iteration starts (the datamodule passes "optimizer steps done
-    / steps per epoch"), so the data order is a function of the seed and the training progress alone: a run
-    resumed at an epoch boundary, even after several resumes, sees exactly the batches an uninterrupted run
-    sees (Lightning's own epoch counter can be off by one after chained resumes).
+    As torch's ``DistributedSampler`` (which it is, so Lightning does not wrap it): the permutation is padded
+    by repeating its start to a multiple of ``num_replicas`` and rank r takes every ``num_replicas``-th item
+    from r. Lightning calls :meth:`set_epoch` before each epoch. With ``progress`` the epoch is instead read
+    when an epoch's iteration starts, with a number of this rank's items to skip (the datamodule passes them
+    from the optimizer steps done): the data order is a function of the seed and the training progress
+    alone, so a run resumed at any checkpoint -- mid-epoch, after several resumes, under DDP -- sees exactly
+    the batches an uninterrupted run sees (Lightning's own epoch counter can be off by one after chained
+    resumes, and its loaders restart an interrupted epoch from its first batch).
     """
 
-    def __init__(self, n: int, seed: int = 0, epoch_fn=None):
-        self.n, self.seed, self.epoch, self.epoch_fn = n, seed, 0, epoch_fn
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
+    def __init__(self, n: int, seed: int = 0, progress=None, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.n, self.progress = n, progress
 
     def __iter__(self):
-        epoch, skip = self.epoch_fn() if self.epoch_fn is not None else (self.epoch, 0)
+        epoch, skip = self.progress() if self.progress is not None else (self.epoch, 0)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist()[skip:])
+        order = torch.randperm(self.n, generator=generator).tolist()
+        order += (order * (-(-self.total_size // max(1, self.n))))[:self.total_size - self.n]  # pad as torch does
+        return iter(order[self.rank:self.total_size:self.num_replicas][skip:])
 
 
 class TensorImageDataset(Dataset):
@@ -104,23 +106,27 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
 
         def epoch_from_progress() -> tuple[int, int]:
-            """(epoch, items to skip) from the optimizer steps done: an epoch of B batches per rank (DDP shards
-            the data, ceil(n / W) each) takes ceil(B / accumulate) steps (Lightning steps on an epoch's last
-            batch). At an epoch start the skip is 0; a single-process run resumed in mid-epoch goes on with the
-            rest of that epoch's permutation (under DDP Lightning's sampler wrapper needs the full epoch: the
-            resumed epoch starts over)."""
-            per_rank = -(-len(dataset) // trainer.world_size)
-            batches = max(1, per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size))
+            """(epoch, this rank's items to skip) from the optimizer steps done. An epoch of B batches per rank
+            (DDP shards the data, ceil(n / W) items each; ``trainer.limit_train_batches`` may cut it) takes
+            ceil(B / accumulate) optimizer steps (Lightning also steps on an epoch's last batch); a run resumed
+            in mid-epoch goes on with the rest of that epoch's order."""
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches):  # before Lightning has measured the loader
+                per_rank = -(-len(dataset) // trainer.world_size)
+                batches = max(1, per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size))
             accumulate = trainer.accumulate_grad_batches
-            epoch, steps = divmod(trainer.global_step, -(-batches // accumulate))
-            skip = steps * accumulate * self.batch_size if trainer.world_size == 1 else 0
-            return epoch, skip
+            epoch, steps = divmod(trainer.global_step, -(-int(batches) // accumulate))
+            return epoch, steps * accumulate * self.batch_size
 
+        sampler = None
+        if shuffle:
+            sampler = EpochSeededSampler(len(dataset), self.seed, epoch_from_progress if trainer else None,
+                                         num_replicas=trainer.world_size if trainer else 1,
+                                         rank=trainer.global_rank if trainer else 0)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed, epoch_from_progress if trainer else None)
-            if shuffle else None,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

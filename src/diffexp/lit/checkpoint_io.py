@@ -38,6 +38,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def __init__(self):
         super().__init__()
         self._cleaned: set[Path] = set()
+        self._preloaded: tuple[Path, dict] | None = None
+
+    def preload(self, path, checkpoint: dict) -> None:
+        """Hand over a checkpoint already read (and checked) from ``path``: its next load is not read twice."""
+        self._preloaded = (Path(path).resolve(), checkpoint)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -51,4 +56,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        if self._preloaded is not None and self._preloaded[0] == Path(path).resolve():
+            checkpoint, self._preloaded = self._preloaded[1], None
+            return checkpoint
         return load_file(path, "ckpt_path")
