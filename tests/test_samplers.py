@@ -19,7 +19,7 @@ def gaussian_denoiser(schedule, mu, sigma, prediction_type):
     abar = schedule.alphas_cumprod
 
     def model_fn(x, t):
-        ab = abar[t].view(-1, 1, 1, 1).to(x)
+        ab = (alpha_bar_at(abar, t.double()) if t.is_floating_point() else abar[t]).view(-1, 1, 1, 1).to(x)
         var = ab * sigma**2 + 1 - ab
         eps = (1 - ab).sqrt() * (x - ab.sqrt() * mu) / var
         x0 = mu + ab.sqrt() * sigma**2 * (x - ab.sqrt() * mu) / var
@@ -237,7 +237,7 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="variance_type"):
         DDPMSampler(s, variance_type="learned")
     with pytest.raises(ValueError, match="not a known sampler"):
-        get_sampler("euler", s)
+        get_sampler("lms", s)
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         DDIMSampler(get_schedule("linear", T, rescale_zero_terminal_snr=True), prediction_type="epsilon")
 

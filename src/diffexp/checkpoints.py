@@ -34,7 +34,9 @@ RENAMED_PREFIXES = {"text_encoder.": "conditioner.encoder.", "latent_scale": "sp
 ALLOWED_TARGETS = frozenset({
     "diffexp.lit.DiffusionModel", "diffexp.lit.VAETraining", "diffexp.lit.base.linear_warmup",
     "diffexp.nets.UNet", "diffexp.nets.AutoencoderKL", "diffexp.schedules.get_schedule",
-    "diffexp.samplers.DDIMSampler", "diffexp.samplers.DDPMSampler",
+    "diffexp.samplers.DDIMSampler", "diffexp.samplers.DDPMSampler", "diffexp.samplers.DPMSolver2M",
+    "diffexp.samplers.DPMSolver3M", "diffexp.samplers.DPMSolver2MSDE", "diffexp.samplers.UniPCSampler",
+    "diffexp.samplers.EulerSampler", "diffexp.samplers.HeunSampler", "diffexp.samplers.EulerAncestralSampler",
     "diffexp.spaces.PixelSpace", "diffexp.spaces.LatentSpace",
     "diffexp.conditioning.Unconditional", "diffexp.conditioning.ClassConditioner", "diffexp.conditioning.TextConditioner",
     "diffexp.text.LearnedTextEncoder", "diffexp.text.PretrainedTextEncoder",

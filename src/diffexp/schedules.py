@@ -137,3 +137,32 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: float | torch.Tensor) -> torch
     log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
     sigma = torch.exp((1 - w) * log_sigma[low] + w * log_sigma[high])
     return torch.where(w == 0, alphas_cumprod[low], 1 / (1 + sigma**2))  # exact (and no 0 * inf) at integers
+
+
+def sigmas_of(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t), the noise level of x_t / sqrt(abar_t) (Karras et al. 2022's
+    variables: x_t / sqrt(abar_t) = x_0 + sigma_t eps); inf where abar_t = 0."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def timestep_at_sigma(alphas_cumprod: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """The real timestep t in [0, T-1] whose sigma is ``sigma``: the inverse of :func:`alpha_bar_at` (log sigma
+    linear in t between the integer timesteps around it; sigma is clamped to the schedule's range)."""
+    log_sigmas = sigmas_of(alphas_cumprod).log()
+    finite = log_sigmas[torch.isfinite(log_sigmas)]
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log().clamp(finite[0], finite[-1])
+    high = torch.searchsorted(finite, log_sigma.reshape(-1)).clamp(1, len(finite) - 1).reshape(log_sigma.shape)
+    low = high - 1
+    w = (log_sigma - finite[low]) / (finite[high] - finite[low])
+    return low.double() + w
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min, equally spaced in sigma^(1/rho) (Karras et al. 2022,
+    eq. 5; rho = 7 there): sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    if not math.isfinite(sigma_max):
+        raise ValueError("Karras sigma spacing needs a finite largest sigma; this schedule has zero terminal SNR "
+                         "(sigma = inf at t = T-1): use sampler.timestep_spacing=trailing")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    high, low = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (high + ramp * (low - high)) ** rho

@@ -9,6 +9,7 @@ step (inpainting).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffexp.diffusion import check_prediction_type, prediction_to_x0_eps, x0_eps_from_prediction
+from diffexp.samplers.spacing import spaced_timesteps
 from diffexp.schedules import NoiseSchedule, alpha_bar_at
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # model_fn(x_t, t) -> prediction
@@ -74,6 +76,27 @@ class Denoiser:
         if float(t).is_integer():
             return float(self.alphas_cumprod[int(t)])
         return float(alpha_bar_at(self.alphas_cumprod, t))
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)): x_t = alpha_t x_0 + sigma_t eps."""
+        abar = self.alpha_bar(t)
+        return abar**0.5, (1 - abar) ** 0.5
+
+    def log_snr_half(self, t: float) -> float:
+        """lambda_t = log(alpha_t / sigma_t), half the log-SNR (Lu et al. 2022): +inf at t = -1 (clean data),
+        -inf where abar_t = 0 (zero terminal SNR)."""
+        abar = self.alpha_bar(t)
+        if abar >= 1:
+            return math.inf
+        if abar <= 0:
+            return -math.inf
+        return 0.5 * math.log(abar / (1 - abar))
+
+    def sigma(self, t: float) -> float:
+        """Karras et al. (2022)'s sigma_t = sqrt((1 - abar_t) / abar_t): x_t / alpha_t = x_0 + sigma_t eps;
+        0 at t = -1, inf where abar_t = 0."""
+        abar = self.alpha_bar(t)
+        return math.inf if abar <= 0 else ((1 - abar) / abar) ** 0.5
 
     def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         """The raw prediction of the model at (x_t, t): one model evaluation."""
@@ -158,6 +181,11 @@ class Sampler:
         """``model_fn`` wrapped for :meth:`step` with this sampler's schedule, prediction type and clipping."""
         return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample)
 
+    def steps_left(self, t: float) -> int:
+        """How many steps of this sampler remain from timestep ``t`` on, this one included (1 on the last)."""
+        ts = self.timesteps.tolist()
+        return len(ts) - ts.index(t)
+
     def step(self, denoiser: Denoiser, x_t: torch.Tensor, t, t_prev, generator: torch.Generator | None = None,
              state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One reverse update x_t -> x_{t_prev} (t_prev = -1 on the last step); returns (x_prev, predicted x_0).
@@ -217,3 +245,20 @@ class Sampler:
             traj.sample, traj.nfe = x, denoiser.nfe
             return traj
         return x
+
+
+class SpacedSampler(Sampler):
+    """A sampler visiting ``steps`` timesteps chosen by ``timestep_spacing`` (leading, trailing, linspace or
+    karras: :func:`diffexp.samplers.spacing.spaced_timesteps`); ``default_spacing`` when not given."""
+
+    default_spacing = "leading"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int = 50, timestep_spacing: str | None = None, **kwargs):
+        super().__init__(schedule, **kwargs)
+        self.steps = steps
+        self.timestep_spacing = timestep_spacing or self.default_spacing
+        self._timesteps = spaced_timesteps(schedule.num_timesteps, steps, self.timestep_spacing, self.alphas_cumprod)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._timesteps

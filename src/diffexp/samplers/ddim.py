@@ -1,31 +1,24 @@
 """DDIM sampling (Song, Meng & Ermon 2021, eq. 12)."""
 from __future__ import annotations
 
-import torch
-
-from diffexp.samplers.base import Sampler, randn
-from diffexp.samplers.spacing import spaced_timesteps
+from diffexp.samplers.base import SpacedSampler, randn
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(SpacedSampler):
     """Deterministic (eta = 0) to DDPM-like (eta = 1) sampling on ``steps`` spaced timesteps.
 
     For consecutive visited timesteps t > t' (t' taken from the timestep list, abar_{-1} = 1):
         sigma  = eta * sqrt((1 - abar_t') / (1 - abar_t)) * sqrt(1 - abar_t / abar_t')
         x_t'   = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
+    With eta = 0 this is Euler's method on the probability-flow ODE in Karras et al.'s variables
+    (x / sqrt(abar) against sigma): :class:`~diffexp.samplers.euler.EulerSampler` on the same timesteps.
     """
 
     def __init__(self, schedule, steps: int = 50, eta: float = 0.0, timestep_spacing: str = "leading", **kwargs):
-        super().__init__(schedule, **kwargs)
+        super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"sampler.eta must lie in [0, 1], got {eta}")
         self.eta = eta
-        self.steps = steps
-        self._timesteps = spaced_timesteps(schedule.num_timesteps, steps, timestep_spacing)
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self._timesteps
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, eps = denoiser(x_t, t)

@@ -1,15 +1,12 @@
 """DDPM ancestral sampling (Ho et al. 2020, Alg. 2)."""
 from __future__ import annotations
 
-import torch
-
-from diffexp.samplers.base import Sampler, randn
-from diffexp.samplers.spacing import spaced_timesteps
+from diffexp.samplers.base import SpacedSampler, randn
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(SpacedSampler):
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x_0) with x_0 predicted by the model.
 
     For consecutive visited timesteps t > t' (t' = t - 1 when ``steps`` is None, all T steps):
@@ -22,16 +19,11 @@ class DDPMSampler(Sampler):
 
     def __init__(self, schedule, steps: int | None = None, variance_type: str = "fixed_small",
                  timestep_spacing: str = "leading", **kwargs):
-        super().__init__(schedule, **kwargs)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"sampler.variance_type={variance_type!r}; choose one of {list(VARIANCE_TYPES)}")
+        super().__init__(schedule, steps=steps if steps is not None else schedule.num_timesteps,
+                         timestep_spacing=timestep_spacing, **kwargs)
         self.variance_type = variance_type
-        T = schedule.num_timesteps
-        self._timesteps = spaced_timesteps(T, steps if steps is not None else T, timestep_spacing)
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self._timesteps
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, _ = denoiser(x_t, t)
