@@ -59,7 +59,7 @@ class DPMSolverPlusPlus(SpacedSampler):
 
     def update(self, denoiser, x, s, t, history, order, noise=None):
         """x at ``t`` from x at ``s`` and the x0 ``history`` [(lambda, x0), ...] (newest last)."""
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = denoiser.alpha_sigma(s), denoiser.alpha_sigma(t)
+        sigma_s, (alpha_t, sigma_t) = denoiser.alpha_sigma(s)[1], denoiser.alpha_sigma(t)
         lam_s, lam_t = history[-1][0], denoiser.log_snr_half(t)
         h = lam_t - lam_s
         eta_h = self.eta * h if self.eta > 0 else 0.0

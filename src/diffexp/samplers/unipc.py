@@ -53,7 +53,7 @@ class UniPCSampler(SpacedSampler):
     @staticmethod
     def unified_update(denoiser, x, s, t, history, order, new=None):
         """UniP (``new`` None) or UniC (``new`` = (lambda_t, x0 at the predicted x_t)) from ``s`` to ``t``."""
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = denoiser.alpha_sigma(s), denoiser.alpha_sigma(t)
+        sigma_s, (alpha_t, sigma_t) = denoiser.alpha_sigma(s)[1], denoiser.alpha_sigma(t)
         lam_s0, m0 = history[-1]
         h = denoiser.log_snr_half(t) - lam_s0
         hh = -h
