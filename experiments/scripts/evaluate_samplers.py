@@ -1,9 +1,14 @@
-"""Evaluate one checkpoint with several samplers on domain features; write a JSON + markdown table.
+"""Evaluate one checkpoint with several samplers on domain features; write a JSON + markdown table (+ a plot).
 
     python experiments/scripts/evaluate_samplers.py --ckpt logs/train/latest/checkpoints/last.ckpt --n 1000
+    python experiments/scripts/evaluate_samplers.py --ckpt ... --n 1000 --nfe 5 8 10 15 20 50 \
+        --solvers ddim dpmpp_2m dpmpp_3m dpmpp_2m_sde unipc euler heun euler_ancestral --references
 
-Rows: DDPM-1000, DDIM-50, DDIM-20, DDIM-10 (override with --samplers ddim:50 ...). Every row
-draws the same N samples' starting noise (seed), and reports sampling wall time.
+Rows: ``--samplers`` (``ddim:50`` = DDIM with 50 steps; default DDPM-1000, DDIM-50/20/10), or with ``--nfe`` every
+solver of ``--solvers`` at each number of model evaluations (Heun: the nearest odd NFE, 2 steps - 1), plus with
+``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral).
+Every row starts from the same noise x_T (one batch of N drawn from ``--seed``) and reports sampling wall time and
+the NFE; with ``--nfe`` a plot of the first metric against NFE (log x) is written next to the table.
 """
 from __future__ import annotations
 
@@ -33,29 +38,73 @@ def parse_sampler(spec: str):
     return f"{name.upper()}-{steps or 'all'}", partial(SAMPLERS[name], **kwargs)
 
 
+def steps_for(name: str, nfe: int) -> int:
+    """Sampler steps spending about ``nfe`` model evaluations (Heun: 2 per step, 1 on the last)."""
+    return max(2, round((nfe + 1) / 2)) if name == "heun" else nfe
+
+
+def grid_specs(solvers: list[str], nfes: list[int], references: bool) -> list[str]:
+    specs = [f"{name}:{steps_for(name, nfe)}" for name in solvers for nfe in nfes]
+    return specs + (["ddim:1000", "ddpm:1000"] if references else [])
+
+
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    """``metric`` against NFE (log x), one line per sampler; the 1000-step references as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_name: dict[str, list] = {}
+    for row in rows:
+        if row["steps"] == 1000:
+            ax.axhline(row[metric], ls="--", lw=1, color="k" if row["name"] == "ddim" else "tab:gray",
+                       label=f"{row['name'].upper()}-1000 ({'ODE' if row['name'] == 'ddim' else 'ancestral'})")
+        else:
+            by_name.setdefault(row["name"], []).append((row["nfe"], row[metric]))
+    for name, points in by_name.items():
+        points.sort()
+        ax.plot(*zip(*points), marker="o", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model evaluations (NFE)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="logs/train/latest/checkpoints/last.ckpt")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=None, help="default N: one batch, the same x_T for every row")
     parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:50", "ddim:20", "ddim:10"])
+    parser.add_argument("--nfe", nargs="+", type=int, help="an NFE grid: every --solvers entry at each NFE")
+    parser.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"])
+    parser.add_argument("--references", action="store_true", help="add DDIM-1000 and DDPM-1000 rows")
     parser.add_argument("--metrics", nargs="+", default=["fid_digits", "kid_digits", "digits_classifier"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
     args = parser.parse_args()
 
     model, train_cfg = load_model(args.ckpt, device=args.device)
+    specs = grid_specs(args.solvers, args.nfe, args.references) if args.nfe else args.samplers
     rows = []
-    for spec in args.samplers:
+    for spec in specs:
         label, sampler = parse_sampler(spec)
         start = time.perf_counter()
-        images = draw_samples(model, args.n, sampler, args.seed, args.batch_size, progress=False)
+        images = draw_samples(model, args.n, sampler, args.seed, args.batch_size or args.n, progress=False)
         seconds = time.perf_counter() - start
+        built = model.make_sampler(sampler)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             metrics = evaluate(args.metrics, images, data_of_run(train_cfg))
-        row = {"sampler": label, "n": args.n, "sampling_seconds": round(seconds, 1),
+        row = {"sampler": label, "name": spec.partition(":")[0], "steps": len(built.timesteps), "nfe": built.nfe(),
+               "spacing": getattr(built, "timestep_spacing", None), "n": args.n, "sampling_seconds": round(seconds, 1),
                "images_per_second": round(args.n / seconds, 1)}
         for name, value in metrics.items():
             if "value" in value:
@@ -74,6 +123,8 @@ def main() -> None:
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.nfe:
+        plot(rows, args.metrics[0], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -67,8 +68,10 @@ def load_file(path: str | Path, option: str = "ckpt", legacy_format: bool = Fals
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it names {found.group(1)})" if found else ""
         raise UnsafeCheckpointError(f"{option}={str(path)!r} holds objects other than tensors and plain data, which could "
-                              f"run code when loaded, so it was not loaded ({str(e).splitlines()[0][:160]})") from None
+                                    f"run code when loaded, so it was not loaded{what}") from None
     except Exception as e:  # truncated zip, a text file, ...: torch raises many kinds
         raise CheckpointError(f"{option}={str(path)!r} is not a readable checkpoint (truncated or not a torch file: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -147,6 +150,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (some writers create 0600 files)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -199,6 +205,9 @@ def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict:
     config checked against :data:`ALLOWED_TARGETS`; a clear error (naming ``option``) if it is missing, not
     ours or unsafe."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{option}={str(path)!r} is a directory; pass a checkpoint file in it, e.g. "
+                                f"{option}={str(path / 'last.ckpt')!r} or model.safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"{option}={str(path)!r} does not exist; pass a checkpoint written by train.py, "
                                 f"e.g. {option}=logs/train/latest/checkpoints/last.ckpt")

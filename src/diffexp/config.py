@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from diffexp.errors import MissingPackageError
 
@@ -41,7 +42,7 @@ def instantiate(cfg, **kwargs):
         if isinstance(cause, TypeError) and ("unexpected keyword" in str(cause) or "required positional" in str(cause)):
             raise OptionError(f"{cfg.get('_target_', 'a config node') if hasattr(cfg, 'get') else cfg}: {cause}") from None
         if isinstance(cause, (TypeError, MisconfigurationException)):
-            hint = ""
+            hint = " (a value of the wrong type among its options?)" if isinstance(cause, TypeError) else ""
             if where == "trainer":
                 presets = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
                 hint = f" (trainer presets: {', '.join(presets)}; on a machine without a GPU use trainer=cpu)" if presets else ""
@@ -55,7 +56,8 @@ class OptionError(TypeError):
     """A config holds an option the object it builds does not take (a user's override or preset)."""
 
 
-USER_ERRORS = (ValueError, OptionError, FileNotFoundError, FileExistsError, PermissionError, MissingPackageError)
+USER_ERRORS = (ValueError, OptionError, FileNotFoundError, FileExistsError, PermissionError, MissingPackageError,
+               MissingMandatoryValue)
 
 
 @contextmanager
@@ -70,8 +72,32 @@ def reported_errors():
     except (*USER_ERRORS, DivergenceError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(error, MissingMandatoryValue):
+            error = f"{error.full_key} must be given (it has no default): add {error.full_key}=... to the command"
         print(f"error: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def check_number(option: str, value, *, integer: bool = False, minimum: float | None = None,
+                 positive: bool = False, maximum: float | None = None, allow_none: bool = False):
+    """``value`` if it is a number of the kind asked for (an int for ``integer``, > 0 for ``positive``, in
+    [minimum, maximum]); otherwise a ValueError naming ``option`` and what is allowed."""
+    if value is None and allow_none:
+        return value
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (not positive or value > 0) and (minimum is None or value >= minimum)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        wanted = "an integer" if integer else "a number"
+        if positive:
+            wanted = f"a positive {wanted.split()[-1]}"
+        if minimum is not None and maximum is not None:
+            wanted += f" in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            wanted += f" >= {minimum}"
+        raise ValueError(f"{option} must be {wanted}{' or null' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def short(target: str) -> str:

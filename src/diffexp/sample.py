@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.checkpoints import CONFIG_KEY, CheckpointError, non_finite_tensors, read_checkpoint
-from diffexp.config import build_model, data_of_run, instantiate
+from diffexp.config import build_model, check_number, data_of_run, instantiate
 from diffexp.images import save_grid, to_uint8_nhwc
 from diffexp.lit import DiffusionModel
 
@@ -149,6 +149,18 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("ckpt=PATH is required (a checkpoint written by train.py)")
     if not isinstance(cfg.n, int) or isinstance(cfg.n, bool) or cfg.n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {cfg.n!r}")
+    check_number("seed", cfg.seed, integer=True)
+    check_number("batch_size", cfg.batch_size, integer=True, positive=True)
+    check_number("guidance_scale", cfg.get("guidance_scale"), minimum=0, allow_none=True)
+    check_number("guidance_rescale", cfg.get("guidance_rescale"), minimum=0, maximum=1, allow_none=True)
+    check_number("grid_scale", cfg.grid_scale, integer=True, positive=True)
+    check_number("grid_max", cfg.grid_max, integer=True, positive=True)
+    if not isinstance(cfg.use_ema, bool):
+        raise ValueError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+    if cfg.get("metrics"):
+        from diffexp.metrics import check_metric_names
+
+        check_metric_names(cfg.metrics)  # before sampling, not after
     device = resolve_device(cfg.device)
     with claimed_out_dir(cfg.out, cfg.overwrite) as out:
         return sample_into(cfg, out, device)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffexp.cache import weights_fingerprint
 from diffexp.callbacks.ema import ema_weights
 from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, UnsafeCheckpointError, load_file, save_weights
-from diffexp.config import build_model, instantiate
+from diffexp.config import build_model, check_number, instantiate
 from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
                                  threads_for_this_task)
 from diffexp.lit import DiffusionModel
@@ -34,6 +34,13 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
+    if ckpt_path is not None and Path(ckpt_path).is_dir():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is a directory; pass the .ckpt file to resume from, e.g. "
+                                f"{str(Path(ckpt_path) / 'last.ckpt')!r}")
+    if ckpt_path is not None and Path(ckpt_path).suffix == ".safetensors":
+        raise ValueError(f"ckpt_path={ckpt_path!r} holds weights only (no optimizer or loop state), so training cannot "
+                         f"resume from it; resume from a .ckpt file of the run (e.g. last.ckpt beside it), or sample "
+                         f"from it with sample.py ckpt=")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a .ckpt file to resume "
                                 f"(e.g. logs/train/runs/<run>/checkpoints/last.ckpt) or leave it null")
@@ -53,14 +60,20 @@ def resume_checkpoint(ckpt_path: str | None) -> tuple[str | None, dict | None]:
         problem = error
     others = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if p.resolve() != Path(ckpt_path).resolve()),
                     key=lambda p: p.stat().st_mtime, reverse=True)
+    unsafe = []
     for candidate in others:
         try:
             checkpoint = load_file(candidate, "ckpt_path")
+        except UnsafeCheckpointError:
+            unsafe.append(candidate.name)  # never loaded, and said so below
+            continue
         except CheckpointError:
             continue
-        rank_zero_warn(f"{problem}. Resuming from the newest checkpoint that loads instead: {candidate}")
+        skipped = f" (skipped, as they could run code: {', '.join(unsafe)})" if unsafe else ""
+        rank_zero_warn(f"{problem}. Resuming from the newest checkpoint that loads instead: {candidate}{skipped}")
         return str(candidate), checkpoint
-    raise CheckpointError(f"{problem}; no other checkpoint in {Path(ckpt_path).parent} loads either")
+    skipped = f"; refused as they could run code: {', '.join(unsafe)}" if unsafe else ""
+    raise CheckpointError(f"{problem}; no other checkpoint in {Path(ckpt_path).parent} loads either{skipped}")
 
 
 def build(cfg: DictConfig):
@@ -139,6 +152,7 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     set_rank_for_logging(cfg.trainer.get("devices"))
     threads_for_this_task()
+    check_number("seed", cfg.seed, integer=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rank_zero_info(f"[diffexp] seed {cfg.seed}")
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))

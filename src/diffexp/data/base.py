@@ -80,10 +80,12 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, image_size: int = 32, channels: int = 3, batch_size: int = 128, num_workers: int = 0,
                  seed: int = 0):
         super().__init__()
-        if image_size <= 0:
-            raise ValueError(f"data.image_size must be positive, got {image_size}")
-        if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        for option, value in (("batch_size", batch_size), ("image_size", image_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a non-negative integer (0: load in the main process), "
+                             f"got {num_workers!r}")
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: Dataset | None = None

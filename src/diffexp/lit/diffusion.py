@@ -69,6 +69,11 @@ class DiffusionModel(TrainingModule):
             raise ValueError(f"model.min_snr_gamma must be positive or null, got {min_snr_gamma}")
         self.min_snr_gamma = min_snr_gamma
         self.sampler_factory = sampler or partial(DDIMSampler, steps=50)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"model.guidance_scale must be a number >= 0 (1: no guidance), got {guidance_scale!r}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"model.guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.noise_seed = noise_seed
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)

@@ -61,6 +61,8 @@ class UNet(nn.Module):
                 f"it must be divisible by 2**{len(channel_mult) - 1} = {factor} "
                 f"(change data.image_size or unet.channel_mult)"
             )
+        if not isinstance(base_channels, int) or isinstance(base_channels, bool) or base_channels <= 0:
+            raise ValueError(f"unet.base_channels must be a positive integer, got {base_channels!r}")
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         bad = [r for r in attention_resolutions if r not in resolutions]
         if bad:
