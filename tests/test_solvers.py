@@ -191,3 +191,49 @@ def test_nfe_of_heun_and_bad_settings():
                                    ("dpmpp_2m", {"timestep_spacing": "exponential"}, "timestep_spacing")]:
         with pytest.raises(ValueError, match=fragment):
             get_sampler(name, schedule=schedule, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_has_a_config_of_its_name(name, tmp_path):
+    """``sampler=<name>`` composes and builds the registered class; ``course.sampler(model, name)`` does too."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", [f"sampler={name}", "sampler.progress=false"], tmp_path)
+    sampler = instantiate(cfg.sampler)(schedule=get_schedule("linear", T))
+    assert type(sampler) is SAMPLERS[name]
+    assert getattr(sampler, "timestep_spacing", "karras") == ("leading" if name in ("ddim", "ddpm") else "karras")
+
+
+def test_course_sampler_and_sample_with_a_solver(tmp_path):
+    from diffexp import course
+    from diffexp.config import build_model, data_of_run
+    from tests.conftest import SHRINK, compose_config
+
+    cfg = compose_config("train", SHRINK, tmp_path)
+    model = build_model(cfg, data_of_run(cfg, from_checkpoint=False))
+    sampler = course.sampler(model, "heun", steps=4)
+    assert type(sampler) is SAMPLERS["heun"] and sampler.prediction_type == model.prediction_type
+    images = model.sample(2, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="not a known sampler"):
+        course.sampler(model, "dpm++")
+
+
+@pytest.mark.slow
+def test_sample_py_with_a_few_step_solver(tiny_checkpoint, tmp_path):
+    """As a user types it: sample.py sampler=dpmpp_2m sampler.steps=10; metrics.json carries the NFE."""
+    import json
+
+    from tests.conftest import run_script
+
+    out = tmp_path / "dpm"
+    run_script("sample.py", f"ckpt={tiny_checkpoint}", "sampler=dpmpp_2m", "sampler.steps=10", "n=8",
+               f"out={out}", "metrics=[digits_classifier]", cwd=tmp_path, check=True)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["nfe"] == 10 and summary["sampler"]["_target_"] == "diffexp.samplers.DPMSolver2M"
+    out = tmp_path / "heun"
+    run_script("sample.py", f"ckpt={tiny_checkpoint}", "sampler=heun", "sampler.steps=5", "n=4",
+               f"out={out}", "metrics=[digits_classifier]", cwd=tmp_path, check=True)
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 9

@@ -95,3 +95,15 @@ def load(ckpt: str | Path, use_ema: bool = True):
     from diffexp.sample import load_model
 
     return load_model(ckpt, use_ema=use_ema)
+
+
+def sampler(model, name: str = "dpmpp_2m", steps: int = 10, **options):
+    """The sampler ``name`` (the names of ``sampler=`` on the command line: ddim, dpmpp_2m, unipc, heun, ...) with
+    ``steps`` steps, for ``model``'s schedule and prediction type; ``options`` as in ``conf/sampler/<name>.yaml``."""
+    from functools import partial
+
+    from diffexp.samplers import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is not a known sampler; choose one of {sorted(SAMPLERS)}")
+    return model.make_sampler(partial(SAMPLERS[name], steps=steps, progress=False, **options))
