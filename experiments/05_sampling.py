@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 5. Sampling: DDPM, DDIM and the score view
+# # 5. Sampling: DDPM, DDIM, the score view and few-step ODE solvers
 #
 # A trained $\epsilon_\theta$ turns noise into images by running the process backwards.
 # **DDPM** (Ho et al. 2020) takes all T = 1000 stochastic steps. **DDIM** (Song et al. 2021) uses the
@@ -27,7 +27,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from diffexp.course import data_of, load, notebook_settings, train
+from diffexp.course import data_of, load, notebook_settings, sampler as make_sampler, train
 from diffexp.diffusion import prediction_to_x0_eps
 from diffexp.metrics.evaluate import evaluate
 from diffexp.sample import draw_samples
@@ -82,23 +82,66 @@ x0_hat, eps_hat = prediction_to_x0_eps(eps_from_score, x_t, t, abar, "epsilon")
 print("x0_hat = E[x0|x_t] = sqrt(abar) x_t:", torch.allclose(x0_hat, abar[t].sqrt().view(-1, 1, 1, 1) * x_t, atol=1e-5))
 
 # %% [markdown]
-# ## Quality against the number of steps
-# Fewer DDIM steps are faster; quality degrades gracefully. `fid_digits` compares the samples'
-# features (from the committed digits classifier) with the training set's.
+# ## The probability-flow ODE and few-step solvers
+# Every marginal $p_t$ of the forward process is also reached by a deterministic path: in the variables
+# $y = x_t/\sqrt{\bar\alpha_t}$ and $\sigma_t = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$ the probability-flow ODE is
+# simply $dy/d\sigma = \varepsilon_\theta(x_t, t)$ (Karras et al. 2022). **DDIM (eta = 0) is Euler's method on
+# this ODE**: $y' = y + (\sigma'-\sigma)\,\hat\varepsilon = \hat x_0 + \sigma'\hat\varepsilon$. Euler is first order:
+# its error shrinks only like 1/steps, which is why DDIM-10 looks worse than DDIM-50. Higher-order solvers reuse
+# model outputs: **Heun** corrects each step with a second evaluation at its end (2 per step), **DPM-Solver++(2M)**
+# (Lu et al. 2022) and **UniPC** (Zhao et al. 2023) extrapolate from the previous step's $\hat x_0$ (one
+# evaluation per step), integrating the linear part exactly in $\lambda = \log(\alpha_t/\sigma_t)$.
+# *Where* the steps go matters as much: Karras spacing ($\sigma^{1/7}$ uniform) puts more of them at low noise.
+
+# %%
+x_T = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+euler = make_sampler(model, "euler", steps=10, timestep_spacing="leading")
+ddim10 = DDIMSampler(model.schedule, steps=10, **kw)
+print("Euler on the ODE == DDIM:", torch.allclose(model.sample(2, sampler=euler, x_T=x_T),
+                                                    model.sample(2, sampler=ddim10, x_T=x_T), atol=1e-5))
+ode = {"DDIM-10": ddim10, "DPM-Solver++(2M)-10": make_sampler(model, "dpmpp_2m", steps=10),
+       f"DDPM-{ddpm_steps}": DDPMSampler(model.schedule, steps=ddpm_steps, **kw)}
+trajs = trajectories(model, ode, n=2, seed=1)
+fig = trajectory_figure(trajs, frames=6)
+fig.savefig(FIGURES / "05_ddim_dpm_ddpm.png", dpi=70, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## Quality against the number of model evaluations
+# `fid_digits` compares the samples' features (from the committed digits classifier) with the training
+# set's. Every row starts from the same noise; NFE counts model evaluations (Heun: 2 per step, 1 on the last).
 
 # %%
 n = 32 if FAST else 256
 rows = []
-grid = (("ddim", [5, 10]), ("ddpm", [20])) if FAST else (("ddim", [5, 10, 20, 50]), ("ddpm", [1000]))
+grid = (("ddim", [5, 10]), ("dpmpp_2m", [5, 10]), ("ddpm", [20])) if FAST else (
+    ("ddim", [5, 10, 20, 50]), ("dpmpp_2m", [5, 10, 20]), ("unipc", [5, 10, 20]), ("heun", [3, 5, 10]),
+    ("ddpm", [1000]))
 for sampler_name, steps_list in grid:
     for s in steps_list:
-        sampler = (DDIMSampler(model.schedule, steps=s, **kw) if sampler_name == "ddim"
-                   else DDPMSampler(model.schedule, steps=s, **kw))
+        sampler = make_sampler(model, sampler_name, steps=s)
         start = time.perf_counter()
         images = draw_samples(model, n, sampler, seed=0, batch_size=500, progress=False)
         seconds = time.perf_counter() - start
         fid = evaluate(["fid_digits"], images, data_of(cfg))["fid_digits"]["value"]
-        rows.append({"sampler": sampler_name, "steps": s, "fid_digits": fid, "seconds": seconds})
-        print(f"{sampler_name}-{s:4d}: fid_digits {fid:.3f}  {seconds:.1f} s for {n} images")
-fig = quality_vs_steps_figure(rows, "fid_digits")
+        rows.append({"sampler": sampler_name, "nfe": sampler.nfe(), "fid_digits": fid, "seconds": seconds})
+        print(f"{sampler_name:9s} NFE {sampler.nfe():4d}: fid_digits {fid:.3f}  {seconds:.1f} s for {n} images")
+fig = quality_vs_steps_figure(rows, "fid_digits", x="nfe")
 plt.show()
+
+# %% [markdown]
+# The same comparison on the full quickstart model with N = 1,000 (README, `experiments/results/quickstart_solvers.*`,
+# made by `experiments/scripts/evaluate_samplers.py --nfe ...`): the dashed lines are DDIM-1000 (the ODE's
+# converged result) and DDPM-1000.
+
+# %%
+from PIL import Image
+
+from diffexp.config import CONF_DIR
+
+measured = CONF_DIR.parent / "experiments" / "results" / "quickstart_solvers.png"
+if measured.is_file():
+    plt.figure(figsize=(7, 4.5))
+    plt.imshow(Image.open(measured))
+    plt.axis("off")
+    plt.show()
