@@ -247,6 +247,13 @@ class Sampler:
         return x
 
 
+def checked_eta(eta: float) -> float:
+    """``sampler.eta``, the share of fresh noise per step: 0 (deterministic) to 1 (as much as the forward process)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"sampler.eta must lie in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 class SpacedSampler(Sampler):
     """A sampler visiting ``steps`` timesteps chosen by ``timestep_spacing`` (leading, trailing, linspace or
     karras: :func:`diffexp.samplers.spacing.spaced_timesteps`); ``default_spacing`` when not given."""

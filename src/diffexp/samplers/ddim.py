@@ -1,7 +1,7 @@
 """DDIM sampling (Song, Meng & Ermon 2021, eq. 12)."""
 from __future__ import annotations
 
-from diffexp.samplers.base import SpacedSampler, randn
+from diffexp.samplers.base import SpacedSampler, checked_eta, randn
 
 
 class DDIMSampler(SpacedSampler):
@@ -16,9 +16,7 @@ class DDIMSampler(SpacedSampler):
 
     def __init__(self, schedule, steps: int = 50, eta: float = 0.0, timestep_spacing: str = "leading", **kwargs):
         super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"sampler.eta must lie in [0, 1], got {eta}")
-        self.eta = eta
+        self.eta = checked_eta(eta)
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, eps = denoiser(x_t, t)

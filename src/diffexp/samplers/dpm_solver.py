@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from diffexp.samplers.base import SpacedSampler, randn
+from diffexp.samplers.base import SpacedSampler, checked_eta, randn
 
 
 class DPMSolverPlusPlus(SpacedSampler):
@@ -34,11 +34,9 @@ class DPMSolverPlusPlus(SpacedSampler):
                  lower_order_final: bool = True, timestep_spacing: str | None = None, **kwargs):
         super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         self.order = self.default_order if order is None else order
-        self.eta = self.default_eta if eta is None else eta
+        self.eta = checked_eta(self.default_eta if eta is None else eta)
         if self.order not in (1, 2, 3):
             raise ValueError(f"sampler.order must be 1, 2 or 3, got {self.order!r}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"sampler.eta must lie in [0, 1], got {self.eta}")
         if self.eta > 0 and self.order == 3:
             raise ValueError("the stochastic DPM-Solver++ (sampler.eta > 0) has orders 1 and 2, not 3")
         self.lower_order_final = lower_order_final

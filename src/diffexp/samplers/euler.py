@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from diffexp.samplers.base import SpacedSampler, randn
+from diffexp.samplers.base import SpacedSampler, checked_eta, randn
 from diffexp.schedules import alpha_bar_at
 
 
@@ -71,9 +71,7 @@ class EulerAncestralSampler(EulerSampler):
 
     def __init__(self, schedule, steps: int = 20, eta: float = 1.0, timestep_spacing: str | None = None, **kwargs):
         super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"sampler.eta must lie in [0, 1], got {eta}")
-        self.eta = eta
+        self.eta = checked_eta(eta)
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, eps = denoiser(x_t, t)
