@@ -237,3 +237,30 @@ def test_sample_py_with_a_few_step_solver(tiny_checkpoint, tmp_path):
     run_script("sample.py", f"ckpt={tiny_checkpoint}", "sampler=heun", "sampler.steps=5", "n=4",
                f"out={out}", "metrics=[digits_classifier]", cwd=tmp_path, check=True)
     assert json.loads((out / "metrics.json").read_text())["nfe"] == 9
+
+
+@pytest.mark.slow
+def test_evaluate_samplers_nfe_grid_and_resume(tiny_checkpoint, tmp_path):
+    """The benchmark script: a grid of solvers x NFE plus reference rows, tables after every row, a plot, and
+    --resume adding only what is missing."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, user_env
+
+    out = tmp_path / "grid"
+    base = [sys.executable, str(ROOT / "experiments" / "scripts" / "evaluate_samplers.py"), "--ckpt",
+            str(tiny_checkpoint), "--n", "8", "--metrics", "fid_digits", "--out", str(out)]
+    run = lambda *extra: subprocess.run([*base, *extra], cwd=tmp_path, env=user_env(tmp_path), capture_output=True,
+                                        text=True, timeout=900)
+    result = run("--nfe", "3", "5", "--solvers", "ddim", "heun", "--references", "ddim:6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["name"], r["nfe"], r["reference"]) for r in rows] == [
+        ("ddim", 3, False), ("ddim", 5, False), ("heun", 3, False), ("heun", 5, False), ("ddim", 6, True)]
+    assert all(r["n"] == 8 and r["fid_digits"] > 0 for r in rows) and out.with_suffix(".png").is_file()
+    result = run("--nfe", "3", "5", "--solvers", "ddim", "heun", "--references", "ddim:6", "ddim:7", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert again[:5] == rows and again[5]["sampler"] == "DDIM-7" and len(again) == 6

@@ -6,7 +6,8 @@
 
 Rows: ``--samplers`` (``ddim:50`` = DDIM with 50 steps; default DDPM-1000, DDIM-50/20/10), or with ``--nfe`` every
 solver of ``--solvers`` at each number of model evaluations (Heun: the nearest odd NFE, 2 steps - 1), plus with
-``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral).
+``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral), or the
+reference rows given. Tables are rewritten after every row; ``--resume`` adds only the rows missing from ``--out``.
 Every row starts from the same noise x_T (one batch of N drawn from ``--seed``) and reports sampling wall time and
 the NFE; with ``--nfe`` a plot of the first metric against NFE (log x) is written next to the table.
 """
@@ -43,9 +44,21 @@ def steps_for(name: str, nfe: int) -> int:
     return max(2, round((nfe + 1) / 2)) if name == "heun" else nfe
 
 
-def grid_specs(solvers: list[str], nfes: list[int], references: bool) -> list[str]:
-    specs = [f"{name}:{steps_for(name, nfe)}" for name in solvers for nfe in nfes]
-    return specs + (["ddim:1000", "ddpm:1000"] if references else [])
+REFERENCES = ["ddim:1000", "ddpm:1000"]
+
+
+def grid_specs(solvers: list[str], nfes: list[int]) -> list[str]:
+    return [f"{name}:{steps_for(name, nfe)}" for name in solvers for nfe in nfes]
+
+
+def write_tables(rows: list[dict], out: Path, header: dict) -> None:
+    """``out``.json and ``out``.md (rewritten after every row, so a stopped run keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], metric: str, path: Path) -> None:
@@ -57,10 +70,11 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_name: dict[str, list] = {}
+    styles = iter([("k", "--"), ("tab:gray", "--"), ("k", ":"), ("tab:gray", ":")])
     for row in rows:
-        if row["steps"] == 1000:
-            ax.axhline(row[metric], ls="--", lw=1, color="k" if row["name"] == "ddim" else "tab:gray",
-                       label=f"{row['name'].upper()}-1000 ({'ODE' if row['name'] == 'ddim' else 'ancestral'})")
+        if row.get("reference"):
+            color, ls = next(styles)
+            ax.axhline(row[metric], ls=ls, lw=1, color=color, label=f"{row['sampler']} (reference)")
         else:
             by_name.setdefault(row["name"], []).append((row["nfe"], row[metric]))
     for name, points in by_name.items():
@@ -85,17 +99,25 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:50", "ddim:20", "ddim:10"])
     parser.add_argument("--nfe", nargs="+", type=int, help="an NFE grid: every --solvers entry at each NFE")
     parser.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"])
-    parser.add_argument("--references", action="store_true", help="add DDIM-1000 and DDPM-1000 rows")
+    parser.add_argument("--references", nargs="*", default=None,
+                        help="reference rows (plotted as lines): alone DDIM-1000 and DDPM-1000, or specs such as ddim:1000")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and add the missing ones")
     parser.add_argument("--metrics", nargs="+", default=["fid_digits", "kid_digits", "digits_classifier"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
     args = parser.parse_args()
 
     model, train_cfg = load_model(args.ckpt, device=args.device)
-    specs = grid_specs(args.solvers, args.nfe, args.references) if args.nfe else args.samplers
-    rows = []
-    for spec in specs:
+    specs = grid_specs(args.solvers, args.nfe) if args.nfe else list(args.samplers)
+    references = (args.references or REFERENCES) if args.references is not None else []
+    out = Path(args.out)
+    header = {"ckpt": args.ckpt, "seed": args.seed}
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.resume and out.with_suffix(".json").is_file() else []
+    done = {r["sampler"] for r in rows}
+    for spec in specs + references:
         label, sampler = parse_sampler(spec)
+        if label in done:
+            continue
         start = time.perf_counter()
         images = draw_samples(model, args.n, sampler, args.seed, args.batch_size or args.n, progress=False)
         seconds = time.perf_counter() - start
@@ -105,7 +127,7 @@ def main() -> None:
             metrics = evaluate(args.metrics, images, data_of_run(train_cfg))
         row = {"sampler": label, "name": spec.partition(":")[0], "steps": len(built.timesteps), "nfe": built.nfe(),
                "spacing": getattr(built, "timestep_spacing", None), "n": args.n, "sampling_seconds": round(seconds, 1),
-               "images_per_second": round(args.n / seconds, 1)}
+               "images_per_second": round(args.n / seconds, 1), "reference": spec in references}
         for name, value in metrics.items():
             if "value" in value:
                 row[name] = round(value["value"], 4)
@@ -114,15 +136,8 @@ def main() -> None:
                 row[f"{name}_classes"] = value["classes_present"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"ckpt": args.ckpt, "seed": args.seed, "rows": rows}, indent=2))
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_tables(rows, out, header)
+    print(out.with_suffix(".md").read_text())
     if args.nfe:
         plot(rows, args.metrics[0], out.with_suffix(".png"))
 
