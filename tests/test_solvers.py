@@ -264,3 +264,36 @@ def test_evaluate_samplers_nfe_grid_and_resume(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert again[:5] == rows and again[5]["sampler"] == "DDIM-7" and len(again) == 6
+
+
+def test_trailing_spacing_has_exactly_the_steps_asked_for():
+    """T - i T/steps by arange gains a step for some counts (61, 103, ...) through float rounding; not here."""
+    for steps in range(1, T + 1):
+        ts = spaced_timesteps(T, steps, "trailing")
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0 and (ts[:-1] > ts[1:]).all(), steps
+
+
+def test_unipc_keeps_what_a_step_hook_wrote_and_ends_first_order():
+    schedule = get_schedule("linear", T)
+    sampler = get_sampler("unipc", schedule=schedule, steps=6, progress=False)
+    denoiser, state = sampler.denoiser(toy_model), {}
+    ts = sampler.timesteps.tolist()
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    predicted, _ = sampler.step(denoiser, x, ts[0], ts[1], state=state)
+    hooked = predicted.clone()
+    hooked[0] = 0.25  # what an inpainting hook writes into the known region
+    sampler.step(denoiser, hooked, ts[1], ts[2], state=state)
+    assert torch.equal(state["x"][0], hooked[0])  # the corrector left the hook's values
+    assert not torch.equal(state["x"][1], hooked[1])  # and corrected the rest
+    no_lower = get_sampler("unipc", schedule=schedule, steps=6, lower_order_final=False, progress=False)
+    assert torch.isfinite(no_lower.sample(toy_model, x_T=x)).all()
+
+
+def test_course_sampler_options():
+    from types import SimpleNamespace
+
+    from diffexp import course
+
+    model = SimpleNamespace(make_sampler=lambda factory: factory(schedule=get_schedule("linear", T)))
+    assert len(course.sampler(model, "ddpm").timesteps) == T  # the sampler's own default steps
+    assert course.sampler(model, "unipc", steps=7, progress=True, order=3).progress is True

@@ -5,10 +5,12 @@
         --solvers ddim dpmpp_2m dpmpp_3m dpmpp_2m_sde unipc euler heun euler_ancestral --references
 
 Rows: ``--samplers`` (``ddim:50`` = DDIM with 50 steps; default DDPM-1000, DDIM-50/20/10), or with ``--nfe`` every
-solver of ``--solvers`` at each number of model evaluations (Heun: the nearest odd NFE, 2 steps - 1), plus with
+solver of ``--solvers`` at each number of model evaluations (Heun: steps = round((NFE + 1) / 2), Python's round
+with halves to even, so NFE 2 steps - 1 = 5, 7, 11, 15, 19, 51 for the grid 5 8 10 15 20 50), plus with
 ``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral), or the
 reference rows given. Tables are rewritten after every row; ``--resume`` adds only the rows missing from ``--out``.
-Every row starts from the same noise x_T (one batch of N drawn from ``--seed``) and reports sampling wall time and
+Every row starts from the same noise x_T (one batch of N drawn from ``--seed``; with a smaller ``--batch-size`` the
+stochastic samplers' draws shift later batches' x_T) and reports sampling wall time and
 the NFE; with ``--nfe`` a plot of the first metric against NFE (log x) is written next to the table.
 """
 from __future__ import annotations

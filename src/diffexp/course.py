@@ -97,13 +97,17 @@ def load(ckpt: str | Path, use_ema: bool = True):
     return load_model(ckpt, use_ema=use_ema)
 
 
-def sampler(model, name: str = "dpmpp_2m", steps: int = 10, **options):
-    """The sampler ``name`` (the names of ``sampler=`` on the command line: ddim, dpmpp_2m, unipc, heun, ...) with
-    ``steps`` steps, for ``model``'s schedule and prediction type; ``options`` as in ``conf/sampler/<name>.yaml``."""
+def sampler(model, name: str = "dpmpp_2m", steps: int | None = None, **options):
+    """The sampler ``name`` (the names of ``sampler=`` on the command line: ddim, dpmpp_2m, unipc, heun, ...) for
+    ``model``'s schedule and prediction type, with ``steps`` steps (None: the sampler's default) and ``options``
+    as in ``conf/sampler/<name>.yaml``; no progress bar unless ``progress=True``."""
     from functools import partial
 
     from diffexp.samplers import SAMPLERS
 
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not a known sampler; choose one of {sorted(SAMPLERS)}")
-    return model.make_sampler(partial(SAMPLERS[name], steps=steps, progress=False, **options))
+    options.setdefault("progress", False)
+    if steps is not None:
+        options["steps"] = steps
+    return model.make_sampler(partial(SAMPLERS[name], **options))

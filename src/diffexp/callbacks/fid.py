@@ -60,6 +60,8 @@ class FIDCallback(PeriodicCallback):
         if not isinstance(pl_module, SamplingModule):
             raise ValueError(f"callbacks.fid samples from a diffusion model, but {type(pl_module).__name__} does not "
                              f"sample; leave fid out (model=vae goes with callbacks=vae)")
+        if self.sampler is not None:
+            pl_module.make_sampler(self.sampler)  # a sampler setting this model cannot use fails now, not mid-run
         for name in sorted({parse_metric(m).features for m in self.metrics}):
             if name != "inception" and trainer.datamodule.name != name:
                 raise ValueError(f"callbacks.fid.metrics uses {name} features, but data={trainer.datamodule.name}")

@@ -48,8 +48,8 @@ class HeunSampler(EulerSampler):
         super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         if float(alpha_bar_at(self.alphas_cumprod, float(self.timesteps[0]))) == 0.0:
             raise ValueError("sampler=heun cannot start at infinite noise (zero terminal SNR with a spacing that "
-                             "starts at t = T-1); use sampler.timestep_spacing=leading or linspace, or another "
-                             "sampler (dpmpp_2m, unipc, euler, ddim)")
+                             "starts at t = T-1); use sampler.timestep_spacing=leading, or another sampler "
+                             "(dpmpp_2m, unipc, euler, ddim) with trailing spacing")
 
     def nfe(self, start_step: int = 0) -> int:
         return 2 * (len(self.timesteps) - start_step) - 1

@@ -26,8 +26,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading",
         raise ValueError(f"sampler.steps={steps} exceeds the schedule's num_timesteps={num_timesteps}")
     if spacing == "leading":
         ts = torch.arange(steps, dtype=torch.float64) * (num_timesteps // steps)
-    elif spacing == "trailing":
-        ts = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64)).flip(0) - 1
+    elif spacing == "trailing":  # T - i T/steps for i < steps (arange's float end could add a step)
+        ts = torch.round(num_timesteps - torch.arange(steps, dtype=torch.float64) * (num_timesteps / steps)).flip(0) - 1
     elif spacing == "linspace":
         ts = torch.round(torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64))
     elif spacing == "karras":

@@ -13,7 +13,8 @@ r_k = (lambda_k - lambda_s0) / h over the earlier points:
 where rho solves R rho = b with R_ik = r_k^(i-1) and b_i = i! phi_(i+1)(hh) / B(h) (phi_1 = (e^hh - 1)/hh,
 phi_(k+1) = (phi_k - 1/k!)/hh); order-2 prediction uses rho = 1/2, order-1 correction rho^c = 1/2
 (the paper's choices, as diffusers). The first step is first order; ``lower_order_final`` lowers the order
-to the number of steps left (the last step, to sigma = 0, is first order and returns the x0 prediction).
+to the number of steps left; the last step, to sigma = 0, is always first order (it returns the x0 prediction).
+Where an ``on_step`` hook replaced part of the predicted x (inpainting), the corrector leaves those values.
 """
 from __future__ import annotations
 
@@ -41,14 +42,19 @@ class UniPCSampler(SpacedSampler):
         history = state.setdefault("history", [])  # (lambda, x0) at the points visited, newest last
         lam = denoiser.log_snr_half(t)
         if self.corrector and history:
-            x_t = self.unified_update(denoiser, state["x"], state["t"], t, history, state["order"], (lam, x0))
+            corrected = self.unified_update(denoiser, state["x"], state["t"], t, history, state["order"], (lam, x0))
+            # where an on_step hook replaced the predicted x (inpainting), its values stay
+            x_t = torch.where(x_t == state["predicted"], corrected, x_t)
         history.append((lam, x0))
         del history[:-self.order]
         order = min(self.order, len(history))
         if self.lower_order_final:
             order = min(order, self.steps_left(t))
-        state.update(x=x_t, t=t, order=order)
-        return self.unified_update(denoiser, x_t, t, t_prev, history, order), x0
+        if t_prev < 0:
+            order = 1  # to sigma = 0 a higher order extrapolates (h = inf): the step returns the x0 prediction
+        predicted = self.unified_update(denoiser, x_t, t, t_prev, history, order)
+        state.update(x=x_t, t=t, order=order, predicted=predicted)
+        return predicted, x0
 
     @staticmethod
     def unified_update(denoiser, x, s, t, history, order, new=None):
