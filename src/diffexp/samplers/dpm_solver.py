@@ -69,11 +69,10 @@ class DPMSolverPlusPlus(SpacedSampler):
             if order == 2:
                 x_t = x_t + (0.5 * alpha_t * decay) * D1
             else:
-                D1_prev = slope(history[-2], history[-3], h)
+                D1_prev = slope(history[-2], history[-3], h)  # slopes are already divided by r0, r1
                 r0, r1 = (history[-1][0] - history[-2][0]) / h, (history[-2][0] - history[-3][0]) / h
-                D1_0, D1_1 = D1, D1_prev  # slopes already divided by r0, r1
-                D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
-                D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+                D2 = (1.0 / (r0 + r1)) * (D1 - D1_prev)
+                D1 = D1 + r0 * D2
                 phi_1 = math.expm1(-h)
                 x_t = x_t + (alpha_t * (phi_1 / h + 1.0)) * D1 - (alpha_t * ((phi_1 + h) / h**2 - 0.5)) * D2
         if noise is not None and sigma_t > 0:

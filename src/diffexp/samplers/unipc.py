@@ -72,7 +72,7 @@ class UniPCSampler(SpacedSampler):
                 ratios.append(r)
                 slopes.append((x0_k - m0) / r)
         x_t = (sigma_t / sigma_s) * x - (alpha_t * phi) * m0
-        rows = [r for r in ratios] + [1.0]
+        rows = ratios + [1.0]
         n = len(rows) if new is not None else len(ratios)
         b, h_phi_k, factorial = [], phi / hh - 1.0 if math.isfinite(hh) else -1.0, 1
         for i in range(1, len(rows) + 1):
