@@ -12,6 +12,12 @@ reference rows given. Tables are rewritten after every row; ``--resume`` adds on
 Every row starts from the same noise x_T (one batch of N drawn from ``--seed``; with a smaller ``--batch-size`` the
 stochastic samplers' draws shift later batches' x_T) and reports sampling wall time and
 the NFE; with ``--nfe`` a plot of the first metric against NFE (log x) is written next to the table.
+
+Text-conditioned models sample the run's validation captions (cycled to N) with classifier-free guidance
+``--guidance``; on shapes each row also gets caption adherence (:func:`diffexp.metrics.adherence.caption_adherence`):
+
+    python experiments/scripts/evaluate_samplers.py --ckpt RUN/checkpoints/last.ckpt --n 500 --nfe 5 10 20 50 \
+        --solvers ddim dpmpp_2m unipc --guidance 3 --metrics fid_shapes --out experiments/results/shapes_solvers
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 
 from diffexp.config import data_of_run
 from diffexp.metrics import evaluate
+from diffexp.metrics.adherence import caption_adherence
 from diffexp.samplers import SAMPLERS
 from diffexp.sample import draw_samples, load_model
 
@@ -31,14 +38,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_sampler(spec: str):
-    """``ddpm`` or ``ddim:50`` -> (label, partial sampler)."""
-    name, _, steps = spec.partition(":")
+    """``ddpm``, ``ddim:50`` or ``dpmpp_2m:10:trailing`` (a timestep spacing) -> (label, partial sampler)."""
+    name, _, rest = spec.partition(":")
+    steps, _, spacing = rest.partition(":")
     if name not in SAMPLERS:
         raise ValueError(f"--samplers entry {spec!r}: sampler must be one of {sorted(SAMPLERS)}")
     kwargs = {"progress": False}
     if steps:
         kwargs["steps"] = int(steps)
-    return f"{name.upper()}-{steps or 'all'}", partial(SAMPLERS[name], **kwargs)
+    if spacing:
+        kwargs["timestep_spacing"] = spacing
+    return f"{name.upper()}-{steps or 'all'}" + (f"-{spacing}" if spacing else ""), partial(SAMPLERS[name], **kwargs)
 
 
 def steps_for(name: str, nfe: int) -> int:
@@ -47,6 +57,14 @@ def steps_for(name: str, nfe: int) -> int:
 
 
 REFERENCES = ["ddim:1000", "ddpm:1000"]
+
+
+def conditions_for(model, datamodule, n: int) -> dict | None:
+    """The conditions of N samples: for a text model the run's validation captions cycled to N, else none."""
+    if "captions" not in model.conditioner.keys:
+        return None
+    captions = datamodule.captions("val")
+    return {"captions": [captions[i % len(captions)] for i in range(n)]}
 
 
 def grid_specs(solvers: list[str], nfes: list[int]) -> list[str]:
@@ -105,6 +123,8 @@ def main() -> None:
                         help="reference rows (plotted as lines): alone DDIM-1000 and DDPM-1000, or specs such as ddim:1000")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and add the missing ones")
     parser.add_argument("--metrics", nargs="+", default=["fid_digits", "kid_digits", "digits_classifier"])
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale for conditional models (default: the model's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
     args = parser.parse_args()
@@ -113,7 +133,9 @@ def main() -> None:
     specs = grid_specs(args.solvers, args.nfe) if args.nfe else list(args.samplers)
     references = (args.references or REFERENCES) if args.references is not None else []
     out = Path(args.out)
-    header = {"ckpt": args.ckpt, "seed": args.seed}
+    header = {"ckpt": args.ckpt, "seed": args.seed, "guidance_scale": args.guidance}
+    datamodule = data_of_run(train_cfg)
+    conditions = conditions_for(model, datamodule, args.n)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.resume and out.with_suffix(".json").is_file() else []
     done = {r["sampler"] for r in rows}
     for spec in specs + references:
@@ -121,13 +143,15 @@ def main() -> None:
         if label in done:
             continue
         start = time.perf_counter()
-        images = draw_samples(model, args.n, sampler, args.seed, args.batch_size or args.n, progress=False)
+        images = draw_samples(model, args.n, sampler, args.seed, args.batch_size or args.n, conditions=conditions,
+                              progress=False, guidance_scale=args.guidance)
         seconds = time.perf_counter() - start
         built = model.make_sampler(sampler)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metrics = evaluate(args.metrics, images, data_of_run(train_cfg))
-        row = {"sampler": label, "name": spec.partition(":")[0], "steps": len(built.timesteps), "nfe": built.nfe(),
+            metrics = evaluate(args.metrics, images, datamodule)
+        name = spec.partition(":")[0] + (f" ({built.timestep_spacing})" if spec.count(":") > 1 else "")
+        row = {"sampler": label, "name": name, "steps": len(built.timesteps), "nfe": built.nfe(),
                "spacing": getattr(built, "timestep_spacing", None), "n": args.n, "sampling_seconds": round(seconds, 1),
                "images_per_second": round(args.n / seconds, 1), "reference": spec in references}
         for name, value in metrics.items():
@@ -136,6 +160,8 @@ def main() -> None:
             else:
                 row[f"{name}_confident"] = value["confident_fraction"]
                 row[f"{name}_classes"] = value["classes_present"]
+        if conditions and datamodule.name == "shapes":
+            row["adherence"] = caption_adherence(images, conditions["captions"])["adherence"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_tables(rows, out, header)
