@@ -17,6 +17,7 @@ from diffexp.checkpoints import CONFIG_KEY, CheckpointError, non_finite_tensors,
 from diffexp.config import build_model, check_number, data_of_run, instantiate
 from diffexp.images import save_grid, to_uint8_nhwc
 from diffexp.lit import DiffusionModel
+from diffexp.lit.diffusion import COMPILE_MODES, check_precision
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -91,11 +92,12 @@ def claimed_out_dir(out: str | Path, overwrite: bool):
 
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
                  progress: bool = True, guidance_scale: float | None = None,
-                 guidance_rescale: float | None = None) -> torch.Tensor:
+                 guidance_rescale: float | None = None, batch_seconds: list | None = None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
-    which); conditional models use classifier-free guidance.
+    which); conditional models use classifier-free guidance. ``batch_seconds``, if given, receives each batch's
+    wall time (the first includes compilation when the net is compiled).
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -107,8 +109,11 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         cond = {k: v[start:start + m] for k, v in (conditions or {}).items()}
+        start_time = time.perf_counter()
         chunks.append(model.sample(m, sampler=sampler, generator=generator, progress=progress,
                                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond).cpu())
+        if batch_seconds is not None:
+            batch_seconds.append(time.perf_counter() - start_time)
     return torch.cat(chunks)
 
 
@@ -157,6 +162,11 @@ def run(cfg: DictConfig) -> dict:
     check_number("grid_max", cfg.grid_max, integer=True, positive=True)
     if not isinstance(cfg.use_ema, bool):
         raise ValueError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+    check_precision(cfg.get("precision", "auto"), "precision")
+    if not isinstance(cfg.get("compile", False), bool):
+        raise ValueError(f"compile must be true or false, got {cfg.compile!r}")
+    if cfg.get("compile_mode") not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.get("metrics"):
         from diffexp.metrics import check_metric_names
 
@@ -168,13 +178,17 @@ def run(cfg: DictConfig) -> dict:
 
 def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    precision = cfg.get("precision", "auto")
+    model.sample_precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    if cfg.get("compile", False):
+        model.speed_up(compile=True, mode=cfg.get("compile_mode"))
     sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
-    start = time.perf_counter()
+    start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
-                          cfg.get("guidance_scale"), cfg.get("guidance_rescale"))
+                          cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds)
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
@@ -183,7 +197,10 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     arrays = {"images": to_uint8_nhwc(images), **{NPZ_NAMES.get(k, k): np.array(v) for k, v in conditions.items()}}
     np.savez_compressed(out / "samples.npz", **arrays)
     captions = conditions.get("captions")
+    warm = cfg.n - min(cfg.n, cfg.batch_size)  # images after the first batch (which compiles, autotunes)
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
+               "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
+               "precision": model.sample_precision, "compile": bool(cfg.get("compile", False)), "device": str(device),
                "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,

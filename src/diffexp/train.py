@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -98,8 +99,28 @@ def build(cfg: DictConfig):
     for message in prepare_logger_configs(cfg):
         rank_zero_info(f"[diffexp] {message}")
     loggers = instantiate_dict(cfg.get("logger"))
+    callbacks += quiet_progress_bar(cfg.trainer, callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, callbacks, loggers, trainer
+
+
+def matmul_precision(value: str, trainer) -> str:
+    """``torch.set_float32_matmul_precision``'s value: ``auto`` -> ``high`` (TF32 matmuls) on a CUDA device,
+    ``highest`` (exact float32) elsewhere; ``highest`` | ``high`` | ``medium`` as given."""
+    allowed = ("auto", "highest", "high", "medium")
+    if value not in allowed:
+        raise ValueError(f"matmul_precision must be one of {list(allowed)}, got {value!r}")
+    if value == "auto":
+        return "high" if trainer.strategy.root_device.type == "cuda" else "highest"
+    return value
+
+
+def quiet_progress_bar(trainer_cfg: DictConfig, callbacks: list) -> list:
+    """A tqdm progress bar refreshed every ``log_every_n_steps`` steps (Lightning's default, Rich or tqdm, reads the
+    logged loss every step, which waits for the GPU each time), unless the config brings its own or none."""
+    if not trainer_cfg.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.get("log_every_n_steps") or 1)))]
 
 
 def effective_batch(cfg: DictConfig, trainer) -> dict:
@@ -155,8 +176,8 @@ def run(cfg: DictConfig) -> float | None:
     check_number("seed", cfg.seed, integer=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rank_zero_info(f"[diffexp] seed {cfg.seed}")
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, model, callbacks, loggers, trainer = build(cfg)
+    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "highest"), trainer))
     scale = effective_batch(cfg, trainer)
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg.seed, extra=scale)

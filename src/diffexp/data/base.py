@@ -5,7 +5,7 @@ import math
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -52,6 +52,59 @@ class TensorImageDataset(Dataset):
         if self.captions is not None:
             item["caption"] = self.captions[i]
         return item
+
+    def batch(self, indices: list[int]) -> dict:
+        """A whole batch by one indexing operation per tensor (served by the datamodules' loaders through
+        :class:`BatchedDataset`)."""
+        index = torch.as_tensor(indices, device=self.images.device)
+        batch = {"image": self.images[index]}
+        if self.labels is not None:
+            batch["label"] = self.labels[index]
+        if self.captions is not None:
+            batch["caption"] = [self.captions[i] for i in indices]
+        return batch
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.images, self.labels) if t is not None)
+
+    def to(self, device) -> "TensorImageDataset":
+        """Move the tensors to ``device`` (in place; returns self)."""
+        self.images = self.images.to(device)
+        self.labels = self.labels.to(device) if self.labels is not None else None
+        return self
+
+
+class BatchedDataset(Dataset):
+    """``dataset`` whose DataLoader fetches a batch with one ``dataset.batch(indices)`` call instead of one
+    ``__getitem__`` per item (torch's ``__getitems__`` protocol; pair it with :func:`collate_batch`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return self.dataset.batch(indices)
+
+
+def collate_batch(items):
+    """The DataLoader's collate function: a batch already built by a dataset's ``__getitems__`` as is, else
+    torch's ``default_collate`` of the items."""
+    return items if isinstance(items, dict) else default_collate(items)
+
+
+def device_resident(dataset: Dataset, device: torch.device, share: float = 0.25) -> bool:
+    """Whether to serve ``dataset`` from ``device`` memory: a tensor dataset (one with ``to`` and ``nbytes``) on a
+    CUDA device, taking at most ``share`` of its free memory."""
+    if device.type != "cuda" or not hasattr(dataset, "to") or getattr(dataset, "nbytes", None) is None:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return dataset.nbytes <= share * free
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,18 +173,26 @@ class ImageDataModule(L.LightningDataModule):
             epoch, steps = divmod(trainer.global_step, -(-int(batches) // accumulate))
             return epoch, steps * accumulate * self.batch_size
 
+        strategy = getattr(trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        on_device = device_resident(dataset, device)
+        if on_device:  # indexed on the GPU: no workers, no pinning, no host-to-device copy per batch
+            dataset.to(device)
+        workers = 0 if on_device else self.num_workers
         sampler = None
         if shuffle:
             sampler = EpochSeededSampler(len(dataset), self.seed, epoch_from_progress if trainer else None,
                                          num_replicas=trainer.world_size if trainer else 1,
                                          rank=trainer.global_rank if trainer else 0)
         return DataLoader(
-            dataset,
+            BatchedDataset(dataset) if hasattr(dataset, "batch") else dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda" and not on_device,
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -26,6 +26,26 @@ class LatentDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {**self.dataset[i], "latent": self.latents[i]}
 
+    def batch(self, indices: list[int]) -> dict | list[dict]:
+        """A batch by indexing (see :meth:`diffexp.data.TensorImageDataset.batch`) when the inner dataset can;
+        else the items (collated as usual)."""
+        if not hasattr(self.dataset, "batch"):
+            return [self[i] for i in indices]
+        batch = self.dataset.batch(indices)
+        return {**batch, "latent": self.latents[torch.as_tensor(indices, device=self.latents.device)]}
+
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes of latents and images; None (not movable) when the inner dataset is not a tensor dataset."""
+        inner = getattr(self.dataset, "nbytes", None)
+        return None if inner is None else self.latents.nbytes + inner
+
+    def to(self, device) -> "LatentDataset":
+        self.latents = self.latents.to(device)
+        if hasattr(self.dataset, "to"):
+            self.dataset.to(device)
+        return self
+
 
 @torch.no_grad()
 def encode_dataset(dataset: Dataset, autoencoder, device: torch.device | str = "cpu", batch_size: int = 256,

@@ -19,6 +19,16 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
+def fused_option(factory: Callable, params: list[torch.Tensor]) -> dict:
+    """``{"fused": True}`` for torch's Adam/AdamW when every parameter is on a CUDA device and the config does not
+    set ``fused`` or ``foreach`` itself (one kernel for the whole update instead of one per tensor group)."""
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {})
+    if func not in (torch.optim.Adam, torch.optim.AdamW) or "fused" in keywords or "foreach" in keywords:
+        return {}
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
 class TrainingModule(L.LightningModule):
     """Base: ``optimizer`` (a partial taking the trainable parameters) and ``lr_scheduler`` (a partial taking
     the optimizer, stepped every optimizer step); ``run_config`` (the composed config) is saved in every
@@ -34,9 +44,25 @@ class TrainingModule(L.LightningModule):
         self.run_config: dict | None = None
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        params = [p for p in self.parameters() if p.requires_grad]
+        scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")  # fp16: a GradScaler
+        optimizer = self.optimizer_factory(params, **({} if scaled else fused_option(self.optimizer_factory, params)))
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping; a fused optimizer without a gradient scaler (fp32, bf16) is clipped here
+        directly, since Lightning's mixed-precision plugin refuses every fused optimizer (one that unscales
+        fp16 gradients itself could not be clipped first; without a scaler there is nothing to unscale)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -15,6 +15,15 @@ from diffexp.samplers import DDIMSampler, Sampler, Trajectory, fixed_noise
 from diffexp.schedules import NoiseSchedule
 from diffexp.spaces import PixelSpace
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def check_precision(value, option: str) -> str:
+    if value not in PRECISIONS:
+        raise ValueError(f"{option} must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
+
 
 class DiffusionModel(TrainingModule):
     """Trains ``net`` to denoise: loss = w(t) * || net(x_t, t, **cond) - target ||^2 with t ~ U{0..T-1}.
@@ -40,6 +49,14 @@ class DiffusionModel(TrainingModule):
         optimizer, lr_scheduler: partials (:class:`diffexp.lit.base.TrainingModule`).
         guidance_scale, guidance_rescale: defaults for :meth:`sample` on conditional models.
         noise_seed: seeds the per-step timestep/noise streams (:meth:`step_generator`; train.py passes ``seed``).
+        compile: ``torch.compile`` the denoiser in place (``nn.Module.compile``: state-dict keys unchanged, so EMA,
+            checkpoints, DDP and resume see the plain net): ``auto`` = when training on a CUDA device.
+        compile_mode: torch.compile's ``mode`` (null: its default; ``reduce-overhead`` adds CUDA graphs,
+            ``max-autotune`` searches kernels longer).
+        channels_last: keep the denoiser's weights and inputs in channels-last memory format.
+        sample_precision: precision of the denoiser calls in :meth:`sample` (the sampler's arithmetic stays fp32):
+            ``auto`` = the Trainer's (bf16 under ``bf16-mixed``), fp32 outside a Trainer; ``bf16`` | ``fp16`` |
+            ``fp32``.
     """
 
     def __init__(
@@ -56,6 +73,10 @@ class DiffusionModel(TrainingModule):
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
         noise_seed: int = 0,
+        compile: bool | str = "auto",
+        compile_mode: str | None = None,
+        channels_last: bool = False,
+        sample_precision: str = "auto",
     ):
         super().__init__(optimizer, lr_scheduler)
         self.net = net
@@ -76,6 +97,14 @@ class DiffusionModel(TrainingModule):
             raise ValueError(f"model.guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.noise_seed = noise_seed
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"model.compile must be true, false or auto (on when training on a CUDA GPU), got {compile!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {list(COMPILE_MODES)}, got {compile_mode!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"model.channels_last must be true or false, got {channels_last!r}")
+        self.compile_net, self.compile_mode, self.channels_last = compile, compile_mode, channels_last
+        self.sample_precision = check_precision(sample_precision, "model.sample_precision")
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
         self.register_buffer("snr", schedule.snr.float(), persistent=False)
         self.make_sampler()  # bad sampler settings fail now, not at the first sample grid
@@ -85,10 +114,21 @@ class DiffusionModel(TrainingModule):
         return self.net(x_t, t, **cond)
 
     def setup(self, stage: str) -> None:
-        """Fit the conditioner to the data (e.g. a learned tokenizer's vocabulary, monitoring captions)."""
+        """Fit the conditioner to the data (e.g. a learned tokenizer's vocabulary, monitoring captions); apply
+        the memory format and compilation (``compile=auto``: on a CUDA device)."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None:
             self.conditioner.fit(datamodule)
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        self.speed_up(compile=on_cuda if self.compile_net == "auto" else self.compile_net)
+
+    def speed_up(self, compile: bool = True, mode: str | None = None) -> None:
+        """Channels-last weights (if configured) and ``torch.compile`` of the denoiser in place (once; keys and
+        parameters stay those of the plain net). ``mode`` defaults to ``compile_mode``."""
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile(mode=mode or self.compile_mode)
 
     def on_fit_start(self) -> None:
         """Fit the space to the training data (e.g. the latent scale); the datamodule is set up by now."""
@@ -113,6 +153,8 @@ class DiffusionModel(TrainingModule):
         t = torch.randint(0, self.schedule.num_timesteps, (n,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = q_sample(x0, t, noise, self.alphas_cumprod)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         target = training_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
         cond = self.conditioner.from_batch(batch, drop_conditioning, generator, self.device)
         pred = self.net(x_t, t, **cond)
@@ -137,7 +179,7 @@ class DiffusionModel(TrainingModule):
         try:
             given = self.conditioner.check_conditions(conditions)
             encode = self.conditioner.encode if given else (lambda _, n, device: self.conditioner.null(n, device))
-            pred = self.net(x_t, t, **encode(given, len(x_t), self.device))
+            pred = self.net_at(self.sample_precision)(x_t, t, **encode(given, len(x_t), self.device))
             return prediction_to_x0_eps(pred, x_t, t, self.alphas_cumprod, self.prediction_type)[0]
         finally:
             self.train(was_training)
@@ -156,6 +198,29 @@ class DiffusionModel(TrainingModule):
                           "sample with clip_sample=false", stacklevel=2)
             sampler = sampler.with_options(clip_sample=False)
         return sampler
+
+    def resolved_precision(self, precision: str = "auto") -> str:
+        """``auto``: the Trainer's mixed precision when attached (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16),
+        else fp32; other values as given."""
+        if check_precision(precision, "precision") != "auto":
+            return precision
+        trainer_precision = str(self.trainer.precision) if self._trainer is not None else ""
+        return "bf16" if "bf16" in trainer_precision else "fp16" if trainer_precision.startswith("16") else "fp32"
+
+    def net_at(self, precision: str = "auto") -> Callable:
+        """The denoiser called under autocast at ``precision`` (:meth:`resolved_precision`), returning fp32;
+        the plain net for fp32. CPU autocast supports bf16 only, so fp16 runs in fp32 there."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.resolved_precision(precision))
+        device_type = self.device.type
+        if dtype is None or (device_type == "cpu" and dtype == torch.float16):
+            return self.net
+        net = self.net
+
+        def low_precision_net(x, t, **kwargs):
+            with torch.autocast(device_type, dtype=dtype):
+                return net(x, t, **kwargs).float()
+
+        return low_precision_net
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -182,6 +247,7 @@ class DiffusionModel(TrainingModule):
         guidance_rescale: float | None = None,
         start_step: int = 0,
         on_step=None,
+        precision: str | None = None,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -191,13 +257,15 @@ class DiffusionModel(TrainingModule):
         1 = none). With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped,
         as images (latent models decode them). ``start_step``/``on_step`` go to the sampler
         (:meth:`diffexp.samplers.Sampler.sample`) and act in the model's space (``space.encode`` of an image).
+        ``precision`` (default ``sample_precision``) is that of the denoiser calls; the sampler computes in fp32.
         """
         was_training = self.training
         self.eval()
         try:
             scale = self.guidance_scale if guidance_scale is None else guidance_scale
             rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
-            model_fn = self.conditioner.model_fn(self.net, n, conditions, scale, rescale, self.device)
+            net = self.net_at(precision or self.sample_precision)
+            model_fn = self.conditioner.model_fn(net, n, conditions, scale, rescale, self.device)
             result = self.make_sampler(sampler).sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step)

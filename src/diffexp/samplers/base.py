@@ -68,6 +68,13 @@ class Denoiser:
         self.model_fn, self.alphas_cumprod = model_fn, alphas_cumprod
         self.prediction_type, self.clip_sample = prediction_type, clip_sample
         self.nfe = 0
+        self._alphas_device: torch.Tensor | None = None
+
+    def alphas_on(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod on ``device``, copied once per sampling run (a copy per step would wait for the GPU)."""
+        if self._alphas_device is None or self._alphas_device.device != device:
+            self._alphas_device = self.alphas_cumprod.to(device)
+        return self._alphas_device
 
     def alpha_bar(self, t: float) -> float:
         """abar_t, with abar_{-1} = 1 (the clean data before t = 0)."""
@@ -110,7 +117,7 @@ class Denoiser:
         """(x_0, eps) implied by ``model_output`` at t, x_0 optionally clipped."""
         if float(t).is_integer():
             t_batch = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
-            x0, eps = prediction_to_x0_eps(model_output, x_t, t_batch, self.alphas_cumprod, self.prediction_type)
+            x0, eps = prediction_to_x0_eps(model_output, x_t, t_batch, self.alphas_on(x_t.device), self.prediction_type)
         else:
             abar = torch.tensor(self.alpha_bar(t), dtype=x_t.dtype, device=x_t.device)
             x0, eps = x0_eps_from_prediction(model_output, x_t, abar, self.prediction_type)

@@ -1,0 +1,290 @@
+"""Training-step and sampling throughput of diffexp's U-Nets against diffusers.UNet2DModel of the same layout.
+
+For each preset (tiny, small, base) a ``UNet2DModel`` with the same layout is built (levels and widths, res blocks
+per level, self-attention at the same resolutions, time injection by scale-shift or addition, 32 norm groups,
+the same dropout; for ``base`` this is google/ddpm-cifar10-32's layout). Both run the same step (forward, MSE on
+epsilon, backward, AdamW, fused on CUDA) on the same batch in each mode:
+
+- ``fp32``: exact float32 (TF32 off); ``tf32``: float32 with TF32 matmuls/convolutions;
+- ``bf16``: bf16 autocast; ``bf16_channels_last``: plus channels-last weights and inputs;
+- ``bf16_compile``: plus ``torch.compile`` (default mode).
+
+FLOPs per step come from ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward), the share of the
+device's dense bf16 peak from :data:`PEAK_BF16_DENSE` (by device name). Rounds alternate ours/diffusers so drift
+in machine load hits both; the median round counts. ``--sample`` also times diffexp's samplers
+(``--samplers``, e.g. ddim:50) on ``--sample-batch`` images in fp32, bf16, bf16 + compile and bf16 + compile with
+CUDA graphs (``reduce-overhead``).
+
+    python experiments/bench/train_speed.py --presets tiny small --image-size 16 --channels 1 --batch 64 \\
+        --modes fp32 --json experiments/results/train_speed_cpu.json
+    python experiments/bench/train_speed.py --presets base --batch 256 --modes fp32 bf16 bf16_compile --sample \\
+        --json experiments/results/train_speed_h200.json          # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[2]
+MODES = ("fp32", "tf32", "bf16", "bf16_channels_last", "bf16_compile")
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets; the first name contained in
+# torch.cuda.get_device_name() wins, so more specific names come first.
+PEAK_BF16_DENSE = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "A6000": 155e12,
+}
+
+
+def device_peak(device: torch.device) -> tuple[str, float | None]:
+    """(device name, dense bf16 peak in FLOP/s or None when unknown, e.g. on the CPU)."""
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in PEAK_BF16_DENSE.items() if key in name), None)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def ours(preset: str, image_size: int, channels: int):
+    cfg = OmegaConf.load(ROOT / "conf" / "unet" / f"{preset}.yaml")
+    cfg.image_size, cfg.in_channels = image_size, channels
+    return instantiate(cfg), cfg
+
+
+def attention_levels(cfg, image_size: int) -> set[int]:
+    """The levels of our U-Net that hold self-attention (from ``attention_resolutions`` / ``attention_levels``)."""
+    levels = len(cfg.channel_mult)
+    resolutions = [image_size // 2**i for i in range(levels)]
+    chosen = {resolutions.index(r) for r in cfg.attention_resolutions}
+    return chosen | {lv % levels for lv in (cfg.attention_levels or [])}
+
+
+def diffusers_twin(cfg, image_size: int, channels: int) -> UNet2DModel:
+    """``UNet2DModel`` with our layout: the same widths, blocks per level, attention levels, time injection."""
+    attn = attention_levels(cfg, image_size)
+    levels = range(len(cfg.channel_mult))
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    heads_dim = min(widths[lv] for lv in attn | {len(widths) - 1}) // cfg.num_heads  # one width for all levels
+    return UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=cfg.num_res_blocks,
+        block_out_channels=widths, norm_num_groups=32, dropout=cfg.dropout,
+        down_block_types=["AttnDownBlock2D" if lv in attn else "DownBlock2D" for lv in levels],
+        up_block_types=["AttnUpBlock2D" if lv in attn else "UpBlock2D" for lv in reversed(levels)],
+        resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default", attention_head_dim=heads_dim)
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def prepare(net: torch.nn.Module, mode: str, device: torch.device):
+    """(net, forward(x, t) -> prediction, autocast context) for ``mode``."""
+    net = copy.deepcopy(net).to(device).train()
+    if "channels_last" in mode:
+        net = net.to(memory_format=torch.channels_last)
+    call = (lambda x, t: net(x, t).sample) if isinstance(net, UNet2DModel) else (lambda x, t: net(x, t))
+    if "compile" in mode:
+        compiled = torch.compile(net)
+        call = (lambda x, t: compiled(x, t).sample) if isinstance(net, UNet2DModel) else (lambda x, t: compiled(x, t))
+    bf16 = mode.startswith("bf16")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    return net, call, autocast
+
+
+def training_step_fn(net, mode: str, batch: int, image_size: int, channels: int, device: torch.device):
+    """One training step (forward, MSE on eps, backward, AdamW) of ``net`` in ``mode`` on a fixed batch."""
+    net, call, autocast = prepare(net, mode, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, image_size, image_size, generator=g).to(device)
+    if "channels_last" in mode:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    eps = torch.randn(x.shape, generator=g).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = torch.nn.functional.mse_loss(call(x, t).float(), eps)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def flops_per_step(net, batch: int, image_size: int, channels: int, device: torch.device) -> int:
+    """Forward + backward FLOPs of one training step at this batch (FlopCounterMode counts matmuls/convs)."""
+    net = copy.deepcopy(net).to(device).train()
+    x = torch.randn(batch, channels, image_size, image_size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(x, t)
+        (out.sample if isinstance(net, UNet2DModel) else out).square().mean().backward()
+    return counter.get_total_flops()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(step, items: int, steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Items per second over ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return items * steps / (time.perf_counter() - start)
+
+
+def train_rows(args, device: torch.device, peak: float | None, rows: list, save=lambda: None) -> list[dict]:
+    """Appends one row per (preset, mode) to ``rows``, calling ``save`` after each."""
+    for preset in args.presets:
+        torch.manual_seed(0)
+        net, cfg = ours(preset, args.image_size, args.channels)
+        twin = diffusers_twin(cfg, args.image_size, args.channels)
+        flops = {"ours": flops_per_step(net, args.batch, args.image_size, args.channels, device),
+                 "diffusers": flops_per_step(twin, args.batch, args.image_size, args.channels, device)}
+        for mode in args.modes:
+            set_tf32(mode != "fp32")
+            steps = {"ours": training_step_fn(net, mode, args.batch, args.image_size, args.channels, device),
+                     "diffusers": training_step_fn(twin, mode, args.batch, args.image_size, args.channels, device)}
+            runs = {"ours": [], "diffusers": []}
+            compile_seconds = {}
+            for name, step in steps.items():  # the first call compiles / autotunes: timed apart
+                start = time.perf_counter()
+                step()
+                synchronize(device)
+                compile_seconds[name] = round(time.perf_counter() - start, 1)
+            for _ in range(args.rounds):
+                for name, step in steps.items():
+                    runs[name].append(throughput(step, args.batch, args.steps, device))
+            row = {"preset": preset, "mode": mode, "batch": args.batch, "image_size": args.image_size,
+                   "params_ours": n_params(net), "params_diffusers": n_params(twin),
+                   "gflop_per_step_ours": round(flops["ours"] / 1e9, 1),
+                   "gflop_per_step_diffusers": round(flops["diffusers"] / 1e9, 1),
+                   "first_step_seconds": compile_seconds}
+            for name in runs:
+                img_s = statistics.median(runs[name])
+                row[f"{name}_img_s"] = round(img_s, 1)
+                if peak:
+                    row[f"{name}_share_of_bf16_peak"] = round(flops[name] / args.batch * img_s / peak, 4)
+            row["ratio"] = round(row["ours_img_s"] / row["diffusers_img_s"], 3)
+            rows.append(row)
+            save()
+            share = f" | peak share ours {row['ours_share_of_bf16_peak']:.1%}" if peak else ""
+            print(f"{preset:5s} {mode:19s} ours {row['ours_img_s']:9.1f} img/s | diffusers {row['diffusers_img_s']:9.1f}"
+                  f" img/s | ratio {row['ratio']:.2f}{share}", flush=True)
+            del steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    set_tf32(False)
+    return rows
+
+
+def sample_rows(args, device: torch.device, rows: list, save=lambda: None) -> list[dict]:
+    """Appends to ``rows``: diffexp's samplers through DiffusionModel.sample with the ``--sample-preset`` net (random weights: speed
+    does not depend on them) on ``--sample-batch`` images, per precision/compilation setting."""
+    from diffexp.lit import DiffusionModel
+    from diffexp.samplers import SAMPLERS
+    from diffexp.schedules import get_schedule
+
+    set_tf32(True)
+    settings = [("fp32", None), ("bf16", None)] + [("bf16", mode) for mode in args.sample_compile]
+    if device.type != "cuda":
+        settings = settings[:2]
+    for precision, compile_mode in settings:
+        torch.manual_seed(0)
+        net, _ = ours(args.sample_preset, args.image_size, args.channels)
+        model = DiffusionModel(net, get_schedule("linear"), compile=False).to(device)
+        if compile_mode:
+            model.speed_up(compile=True, mode=compile_mode)
+        for spec in args.samplers:
+            name, _, steps = spec.partition(":")
+            sampler = SAMPLERS[name](schedule=model.schedule, prediction_type="epsilon", steps=int(steps),
+                                     progress=False)
+
+            def run(model=model, sampler=sampler, precision=precision):
+                model.sample(args.sample_batch, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                             precision=precision)
+
+            start = time.perf_counter()
+            run()  # compiles / captures graphs
+            synchronize(device)
+            first = time.perf_counter() - start
+            img_s = statistics.median(throughput(run, args.sample_batch, 1, device, warmup=0)
+                                      for _ in range(args.sample_rounds))
+            row = {"preset": args.sample_preset, "sampler": spec, "nfe": sampler.nfe(), "batch": args.sample_batch,
+                   "precision": precision, "compile": compile_mode or False, "img_s": round(img_s, 1),
+                   "first_batch_seconds": round(first, 1)}
+            rows.append(row)
+            save()
+            print(f"sample {spec:12s} {precision} compile={compile_mode or False!s:16s} {img_s:8.1f} img/s "
+                  f"(first batch {first:.1f} s)", flush=True)
+        torch._dynamo.reset()  # the next setting compiles afresh
+    set_tf32(False)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sample", action="store_true", help="also time sampling")
+    parser.add_argument("--sample-preset", default="base")
+    parser.add_argument("--samplers", nargs="+", default=["ddim:50", "dpmpp_2m:10"])
+    parser.add_argument("--sample-batch", type=int, default=1024)
+    parser.add_argument("--sample-rounds", type=int, default=2)
+    parser.add_argument("--sample-compile", nargs="*", default=["default", "reduce-overhead"],
+                        help="torch.compile modes to time sampling with in bf16 (on a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    name, peak = device_peak(device)
+    print(f"device: {name}; dense bf16 peak: {peak / 1e12 if peak else 'unknown'} TFLOP/s; torch {torch.__version__}")
+    result = {"device": name, "peak_bf16_dense_flops": peak, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "train": [], "sample": []}
+
+    def save():  # after every row, so a run stopped at its time limit keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+
+    train_rows(args, device, peak, result["train"], save)
+    if args.sample:
+        sample_rows(args, device, result["sample"], save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
