@@ -75,12 +75,14 @@ def test_optuna_search_as_written(fresh_workdir):
 def test_quickstart_then_sampling_from_the_latest_link(fresh_workdir):
     """README command 1 after its install step: train (shrunk), then sample from logs/train/latest as written."""
     command = readme_command("pip install torch==2.14.1 torchvision==0.29.1 && pip install -e . && python train.py && "
-                             "python sample.py ckpt=logs/train/latest/checkpoints/last.ckpt n=256 "
+                             "python sample.py ckpt=logs/train/latest/checkpoints/last.ckpt n=256 sampler=dpmpp_2m "
                              "metrics=[digits_classifier,fid_digits,kid_digits]")
     train, sample = command.split(" && ")[2:]
     run_as_typed(train, fresh_workdir)
     run_as_typed(sample, fresh_workdir, shrink=False)
     outputs = list((fresh_workdir / "logs" / "sample" / "runs").glob("*/metrics.json"))
     assert len(outputs) == 1
-    metrics = json.loads(outputs[0].read_text())["metrics"]
+    summary = json.loads(outputs[0].read_text())
+    metrics = summary["metrics"]
     assert metrics["fid_digits"]["n"] == 256 and sum(metrics["digits_classifier"]["class_counts"]) == 256
+    assert summary["sampler"]["_target_"] == "diffexp.samplers.DPMSolver2M" and summary["nfe"] == 20

@@ -244,3 +244,20 @@ def test_benchmarks_run_on_the_cpu(tmp_path):
     parts = {r["part"] for r in result["budget"]}
     assert any(p.startswith("callback EMA") for p in parts) and any("start-up" in p for p in parts)
     assert abs(sum(r["seconds"] for r in result["budget"]) - result["wall_seconds"]) < 1.0
+
+
+def test_warmup_cosine_schedule():
+    """lr factor: linear warm-up, then (1 + cos(pi p)) / 2 scaled into [min_ratio, 1], flat after total_steps."""
+    import math
+
+    from diffexp.lit.base import warmup_cosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    factor = sched.lr_lambdas[0]
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+    assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    for bad in [{"warmup_steps": 10, "total_steps": 10}, {"total_steps": 100, "min_ratio": 2.0}]:
+        with pytest.raises(ValueError, match="model.lr_scheduler"):
+            warmup_cosine(opt, **bad)

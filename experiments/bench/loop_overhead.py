@@ -6,8 +6,8 @@ forward, diffusion loss, backward, gradient clipping as configured, optimizer an
 Lightning, no EMA, no callbacks, no data loader (batches prepared beforehand). Reports:
 
 - steady-state optimizer steps/s of the whole loop (``throughput.json`` of :class:`diffexp.callbacks.Throughput`,
-  from step ``skip_steps`` to the end, with validation, grids, checkpoints at the run's intervals) against the
-  bare step's, and the overhead in percent;
+  from step ``skip_steps`` to the last step, with validation, grids, checkpoints at the run's intervals) against
+  the bare step's, and the overhead in percent;
 - a time budget of the run: start-up (process start to the first training step: imports, config, data, model),
   the bare net steps, and the loop's parts from Lightning's SimpleProfiler (callbacks by name, validation,
   data fetching, optimizer step), wall time measured around the subprocess.
@@ -46,16 +46,20 @@ def parse_profile(text: str) -> dict[str, dict]:
     return rows
 
 
-def budget(profile: dict[str, dict], wall: float, startup: float, bare_step_s: float, steps: int) -> list[dict]:
-    """Where the wall time went: start-up, the bare net steps, then the profiled parts of the loop."""
+def budget(profile: dict[str, dict], wall: float, startup: float, first_step: float, bare_step_s: float,
+           steps: int) -> list[dict]:
+    """Where the wall time went: start-up, the first step (compilation), the bare net steps, then the profiled
+    parts of the loop."""
     def total(pattern: str) -> float:
         return sum(r["total_s"] for name, r in profile.items() if re.search(pattern, name))
 
     rows = [{"part": "start-up: imports, config, data, model, Trainer (to the first step)", "seconds": startup},
+            {"part": "first step beyond a bare step (compilation, autotuning)", "seconds": first_step - bare_step_s},
             {"part": f"net steps, bare (forward, loss, backward, clip, optimizer) x {steps}",
              "seconds": bare_step_s * steps}]
     training = total(r"^run_training_batch$")
-    rows.append({"part": "Lightning's training step around the bare step", "seconds": training - bare_step_s * steps})
+    rows.append({"part": "Lightning's training step around the bare step",
+                 "seconds": training - first_step - bare_step_s * (steps - 1)})
     for name, r in sorted(profile.items(), key=lambda kv: -kv[1]["total_s"]):
         if name.startswith("[Callback]") and r["total_s"] >= 0.05:  # checkpoint writes count in ModelCheckpoint's
             rows.append({"part": "callback " + re.sub(r"\{.*\}", "", name.removeprefix("[Callback]")),
@@ -152,7 +156,8 @@ def main() -> None:
     result = {**info, "overrides": args.overrides, "wall_seconds": round(wall, 1),
               "loop_steps_per_second": loop["steps_per_second"], "bare_steps_per_second": round(1 / bare, 3),
               "loop_overhead_percent": round(100 * (loop_step / bare - 1), 1),
-              "budget": budget(profile, wall, loop["stamps"]["first_step"] - launched, bare, total_steps),
+              "budget": budget(profile, wall, loop["stamps"]["first_step"] - launched,
+                               loop["stamps"]["first_step_end"] - loop["stamps"]["first_step"], bare, total_steps),
               "run_dir": str(run_dir)}
     print(json.dumps({k: v for k, v in result.items() if k != "budget"}, indent=2))
     print("| part | seconds | share |\n|---|---|---|")

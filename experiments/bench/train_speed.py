@@ -5,7 +5,8 @@ per level, self-attention at the same resolutions, time injection by scale-shift
 the same dropout; for ``base`` this is google/ddpm-cifar10-32's layout). Both run the same step (forward, MSE on
 epsilon, backward, AdamW, fused on CUDA) on the same batch in each mode:
 
-- ``fp32``: exact float32 (TF32 off); ``tf32``: float32 with TF32 matmuls/convolutions;
+- ``fp32``: exact float32 (TF32 off); ``channels_last``: the same with channels-last weights and inputs;
+  ``tf32``: float32 with TF32 matmuls/convolutions;
 - ``bf16``: bf16 autocast; ``bf16_channels_last``: plus channels-last weights and inputs;
 - ``bf16_compile``: plus ``torch.compile`` (default mode).
 
@@ -38,7 +39,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = ("fp32", "tf32", "bf16", "bf16_channels_last", "bf16_compile")
+MODES = ("fp32", "channels_last", "tf32", "bf16", "bf16_channels_last", "bf16_compile")
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets; the first name contained in
 # torch.cuda.get_device_name() wins, so more specific names come first.
@@ -167,7 +168,7 @@ def train_rows(args, device: torch.device, peak: float | None, rows: list, save=
         flops = {"ours": flops_per_step(net, args.batch, args.image_size, args.channels, device),
                  "diffusers": flops_per_step(twin, args.batch, args.image_size, args.channels, device)}
         for mode in args.modes:
-            set_tf32(mode != "fp32")
+            set_tf32(mode not in ("fp32", "channels_last"))
             steps = {"ours": training_step_fn(net, mode, args.batch, args.image_size, args.channels, device),
                      "diffusers": training_step_fn(twin, mode, args.batch, args.image_size, args.channels, device)}
             runs = {"ours": [], "diffusers": []}

@@ -33,7 +33,7 @@ RENAMED_PREFIXES = {"text_encoder.": "conditioner.encoder.", "latent_scale": "sp
 # model parts and the optimizers/data modules its configs use. Nothing that runs commands or reads arbitrary
 # files (a diffexp class that loads a file named in its arguments reads it with weights_only=True).
 ALLOWED_TARGETS = frozenset({
-    "diffexp.lit.DiffusionModel", "diffexp.lit.VAETraining", "diffexp.lit.base.linear_warmup",
+    "diffexp.lit.DiffusionModel", "diffexp.lit.VAETraining", "diffexp.lit.base.linear_warmup", "diffexp.lit.base.warmup_cosine",
     "diffexp.nets.UNet", "diffexp.nets.AutoencoderKL", "diffexp.schedules.get_schedule",
     "diffexp.samplers.DDIMSampler", "diffexp.samplers.DDPMSampler", "diffexp.samplers.DPMSolver2M",
     "diffexp.samplers.DPMSolver3M", "diffexp.samplers.DPMSolver2MSDE", "diffexp.samplers.UniPCSampler",

@@ -13,10 +13,12 @@ class Throughput(Callback):
     """Logs ``train/images_per_second`` every ``log_every_n_steps`` optimizer steps, from the host clock (no
     GPU synchronisation per step: the figure averages over the interval), and writes ``throughput.json`` to
     the run directory at the end: optimizer steps per second from step ``skip_steps`` (after compilation and
-    warm-up) to the end of training, synchronised at both ends, so it includes everything the loop does --
-    data loading, EMA, logging, grids, FID, validation and checkpoints at their configured intervals.
-    Wall-clock stamps (``time.time()``) of the fit start, the first step and the end are kept for start-up
-    accounting.
+    warm-up) to the last training step (``trainer.max_steps``; else the end of training), synchronised at both
+    ends, so it includes everything the loop does between them -- data loading, EMA, logging, and the grids,
+    FID, validation and checkpoints at their configured intervals -- but not the one-off work after the last
+    step (final grids, validation, checkpoint).
+    Wall-clock stamps (``time.time()``) of the fit start, the first step's start and end and the end of training
+    are kept for start-up accounting.
     """
 
     def __init__(self, skip_steps: int = 20):
@@ -26,6 +28,7 @@ class Throughput(Callback):
         self.stamps: dict[str, float] = {}
         self._window: tuple[int, float] | None = None
         self._start: tuple[int, float] | None = None
+        self._end: tuple[int, float] | None = None
 
     @staticmethod
     def _sync(pl_module) -> None:
@@ -40,6 +43,9 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, now = trainer.global_step, time.perf_counter()
+        if "first_step_end" not in self.stamps:  # the first step compiles / autotunes: its length, synchronised
+            self._sync(pl_module)
+            self.stamps["first_step_end"] = time.time()
         if self._start is None and step >= self.skip_steps:
             self._sync(pl_module)
             self._start = (step, time.perf_counter())
@@ -50,13 +56,17 @@ class Throughput(Callback):
             images = (step - self._window[0]) * len(batch["image"]) * trainer.world_size * trainer.accumulate_grad_batches
             pl_module.log("train/images_per_second", images / (now - self._window[1]), on_step=True, on_epoch=False)
             self._window = (step, now)
+        if 0 < trainer.max_steps <= step and self._end is None:  # the last step: stop the clock before end-of-run work
+            self._sync(pl_module)
+            self._end = (step, time.perf_counter())
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self.stamps["train_end"] = time.time()
         if self._start is None or not trainer.is_global_zero:
             return
-        steps, seconds = trainer.global_step - self._start[0], time.perf_counter() - self._start[1]
+        end_step, end_time = self._end or (trainer.global_step, time.perf_counter())
+        steps, seconds = end_step - self._start[0], end_time - self._start[1]
         result = {"from_step": self._start[0], "steps": steps, "seconds": round(seconds, 3),
                   "steps_per_second": round(steps / seconds, 4) if seconds > 0 else None, "stamps": self.stamps,
                   "world_size": trainer.world_size, "precision": str(trainer.precision)}

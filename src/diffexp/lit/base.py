@@ -2,6 +2,7 @@
 every checkpoint."""
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -27,6 +28,26 @@ def fused_option(factory: Callable, params: list[torch.Tensor]) -> dict:
     if func not in (torch.optim.Adam, torch.optim.AdamW) or "fused" in keywords or "foreach" in keywords:
         return {}
     return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr(step) = lr * min(1, (step + 1) / warmup_steps) during warm-up, then cosine decay (Loshchilov & Hutter
+    2017): lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2) with p = (step - warmup) / (total - warmup)
+    going from 0 to 1 at ``total_steps`` (and staying there after)."""
+    if warmup_steps < 0 or not isinstance(total_steps, int) or total_steps <= warmup_steps:
+        raise ValueError(f"model.lr_scheduler: need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps!r}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"model.lr_scheduler.min_ratio must lie in [0, 1], got {min_ratio}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class TrainingModule(L.LightningModule):
