@@ -264,6 +264,17 @@ def test_evaluate_samplers_nfe_grid_and_resume(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert again[:5] == rows and again[5]["sampler"] == "DDIM-7" and len(again) == 6
+    # bad input: one line naming the problem, exit 2, before sampling; the tables at --out are never replaced
+    written = out.with_suffix(".json").read_text()
+    for extra, message in [(["--samplers", "ddim:2", "dpmpp_2m:2:bogus", "--resume"], "timestep_spacing"),
+                           (["--samplers", "nosuch:5", "--resume"], "must be one of"),
+                           (["--samplers", "ddim:x", "--resume"], "positive integer"),
+                           (["--metrics", "nosuch", "--resume"], "nosuch"),
+                           (["--samplers", "ddim:2"], "already holds results")]:
+        result = run(*extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (
+            extra, result.stderr[-1500:])
+    assert out.with_suffix(".json").read_text() == written
 
 
 def test_trailing_spacing_has_exactly_the_steps_asked_for():

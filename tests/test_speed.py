@@ -167,6 +167,23 @@ def test_throughput_callback_writes_steady_state_figures(train_cfg, tmp_path):
     assert "train/images_per_second" in logged.splitlines()[0]
 
 
+def test_throughput_callback_says_when_the_run_is_too_short(train_cfg, tmp_path):
+    from diffexp.train import run
+
+    with pytest.warns(UserWarning, match="skip_steps=4"):
+        run(train_cfg("callbacks=[default,throughput]", "callbacks.throughput.skip_steps=4"))
+    assert not (tmp_path / "run" / "throughput.json").exists()
+
+
+def test_lr_schedule_settings_fail_when_the_model_is_built(train_cfg):
+    for overrides, message in [(["model.lr_scheduler.warmup_steps=x"], "warmup_steps must be an integer"),
+                               (["lr_scheduler@model.lr_scheduler=warmup_cosine"], "total_steps follows trainer.max_steps"),
+                               (["lr_scheduler@model.lr_scheduler=warmup_cosine", "model.lr_scheduler.warmup_steps=1",
+                                 "model.lr_scheduler.min_ratio=x"], "min_ratio must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            build(train_cfg(*overrides))
+
+
 def test_sample_options_are_checked(tiny_checkpoint, tmp_path):
     for override, message in [("precision=half", "precision must be one of"), ("compile=maybe", "compile must be"),
                               ("compile_mode=fast", "compile_mode must be one of")]:

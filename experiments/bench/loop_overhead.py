@@ -12,9 +12,9 @@ Lightning, no EMA, no callbacks, no data loader (batches prepared beforehand). R
   the bare net steps, and the loop's parts from Lightning's SimpleProfiler (callbacks by name, validation,
   data fetching, optimizer step), wall time measured around the subprocess.
 
-    python experiments/bench/loop_overhead.py experiment=quickstart --json experiments/results/loop_overhead_cpu.json
+    python experiments/bench/loop_overhead.py experiment=quickstart --json experiments/results/speed/loop_quickstart_cpu.json
     python experiments/bench/loop_overhead.py data=shapes unet=base data.batch_size=256 trainer=gpu \\
-        trainer.max_steps=300 eval_every=100 --json experiments/results/loop_overhead_h200.json
+        trainer.max_steps=300 eval_every=100 --json experiments/results/gpu/loop_overhead.json
 """
 from __future__ import annotations
 

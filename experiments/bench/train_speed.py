@@ -17,9 +17,9 @@ in machine load hits both; the median round counts. ``--sample`` also times diff
 CUDA graphs (``reduce-overhead``).
 
     python experiments/bench/train_speed.py --presets tiny small --image-size 16 --channels 1 --batch 64 \\
-        --modes fp32 --json experiments/results/train_speed_cpu.json
+        --modes fp32 --json experiments/results/speed/train_speed_cpu.json
     python experiments/bench/train_speed.py --presets base --batch 256 --modes fp32 bf16 bf16_compile --sample \\
-        --json experiments/results/train_speed_h200.json          # on a GPU
+        --json experiments/results/speed/train_speed_h200.json  # on a GPU
 """
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-from diffexp.config import data_of_run
-from diffexp.metrics import evaluate
+from diffexp.config import data_of_run, reported_errors
+from diffexp.metrics import check_metric_names, evaluate
 from diffexp.metrics.adherence import caption_adherence
 from diffexp.samplers import SAMPLERS
 from diffexp.sample import draw_samples, load_model
@@ -42,7 +42,9 @@ def parse_sampler(spec: str):
     name, _, rest = spec.partition(":")
     steps, _, spacing = rest.partition(":")
     if name not in SAMPLERS:
-        raise ValueError(f"--samplers entry {spec!r}: sampler must be one of {sorted(SAMPLERS)}")
+        raise ValueError(f"sampler spec {spec!r}: the sampler must be one of {sorted(SAMPLERS)}")
+    if steps and not (steps.isdigit() and int(steps) > 0):
+        raise ValueError(f"sampler spec {spec!r}: the steps after the first ':' must be a positive integer")
     kwargs = {"progress": False}
     if steps:
         kwargs["steps"] = int(steps)
@@ -127,12 +129,28 @@ def main() -> None:
                         help="classifier-free guidance scale for conditional models (default: the model's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quickstart_samplers"))
+    parser.add_argument("--overwrite", action="store_true", help="replace the tables at --out")
     args = parser.parse_args()
+    with reported_errors():
+        run(args)
 
-    model, train_cfg = load_model(args.ckpt, device=args.device)
+
+def run(args) -> None:
+    """Check every option before loading anything, then sample and score row by row."""
+    if args.n <= 0 or (args.batch_size is not None and args.batch_size <= 0):
+        raise ValueError(f"--n and --batch-size must be positive, got {args.n} and {args.batch_size}")
+    if args.nfe and min(args.nfe) <= 0:
+        raise ValueError(f"--nfe values must be positive, got {args.nfe}")
+    check_metric_names(args.metrics)
     specs = grid_specs(args.solvers, args.nfe) if args.nfe else list(args.samplers)
     references = (args.references or REFERENCES) if args.references is not None else []
     out = Path(args.out)
+    if out.with_suffix(".json").exists() and not (args.resume or args.overwrite):
+        raise FileExistsError(f"--out {str(out)!r} already holds results ({out.with_suffix('.json').name}); add rows "
+                              f"to it with --resume, replace it with --overwrite, or choose another --out")
+    model, train_cfg = load_model(args.ckpt, device=args.device)
+    for spec in specs + references:  # every spec builds (spacing, steps) before any sampling
+        model.make_sampler(parse_sampler(spec)[1])
     header = {"ckpt": args.ckpt, "seed": args.seed, "guidance_scale": args.guidance}
     datamodule = data_of_run(train_cfg)
     conditions = conditions_for(model, datamodule, args.n)

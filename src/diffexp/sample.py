@@ -182,6 +182,8 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     model.sample_precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
     if cfg.get("compile", False):
         model.speed_up(compile=True, mode=cfg.get("compile_mode"))
+    elif cfg.get("compile_mode"):
+        warnings.warn(f"compile_mode={cfg.compile_mode} has no effect without compile=true", stacklevel=2)
     sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
@@ -210,7 +212,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
 
         datamodule = data_of_run(train_cfg) if needs_reference(cfg.metrics) else None
         summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))  # timing, sampler and NFE even without metrics
     print(json.dumps(summary, indent=2))
     print(f"[diffexp] wrote {out / 'grid.png'} and {out / 'samples.npz'}")
     return summary

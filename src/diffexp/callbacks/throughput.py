@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class Throughput(Callback):
@@ -63,7 +64,11 @@ class Throughput(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self.stamps["train_end"] = time.time()
-        if self._start is None or not trainer.is_global_zero:
+        if self._start is None or (self._end or (trainer.global_step,))[0] <= self._start[0]:
+            rank_zero_warn(f"callbacks.throughput: the run ended at step {trainer.global_step}, before a steady-state "
+                           f"window after skip_steps={self.skip_steps}; no throughput.json written (lower skip_steps)")
+            return
+        if not trainer.is_global_zero:
             return
         end_step, end_time = self._end or (trainer.global_step, time.perf_counter())
         steps, seconds = end_step - self._start[0], end_time - self._start[1]

@@ -15,8 +15,8 @@ from diffexp.checkpoints import CONFIG_KEY, FORMAT, FORMAT_KEY
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(step) = lr * min(1, (step + 1) / warmup_steps): a linear warm-up, then constant
     (``model.lr_scheduler=...``, a partial called with the optimizer)."""
-    if warmup_steps < 0:
-        raise ValueError(f"model.lr_scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ValueError(f"model.lr_scheduler.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
@@ -35,11 +35,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total
     """lr(step) = lr * min(1, (step + 1) / warmup_steps) during warm-up, then cosine decay (Loshchilov & Hutter
     2017): lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2) with p = (step - warmup) / (total - warmup)
     going from 0 to 1 at ``total_steps`` (and staying there after)."""
-    if warmup_steps < 0 or not isinstance(total_steps, int) or total_steps <= warmup_steps:
+    for option, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"model.lr_scheduler.{option} must be an integer number of optimizer steps, got {value!r}")
+    if warmup_steps < 0 or total_steps <= warmup_steps:
         raise ValueError(f"model.lr_scheduler: need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
-                         f"total_steps={total_steps!r}")
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"model.lr_scheduler.min_ratio must lie in [0, 1], got {min_ratio}")
+                         f"total_steps={total_steps} (total_steps follows trainer.max_steps; for an epoch-bounded run "
+                         f"set model.lr_scheduler.total_steps yourself)")
+    if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"model.lr_scheduler.min_ratio must be a number in [0, 1], got {min_ratio!r}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -62,6 +66,8 @@ class TrainingModule(L.LightningModule):
             raise ValueError(f"model.optimizer.lr must be a positive number, got {lr!r}")
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler or linear_warmup
+        # bad schedule settings fail when the model is built, not when training starts
+        self.lr_scheduler_factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
         self.run_config: dict | None = None
 
     def configure_optimizers(self):
