@@ -184,6 +184,7 @@ def test_lr_schedule_settings_fail_when_the_model_is_built(train_cfg):
             build(train_cfg(*overrides))
 
 
+@pytest.mark.slow
 def test_sample_options_are_checked(tiny_checkpoint, tmp_path):
     for override, message in [("precision=half", "precision must be one of"), ("compile=maybe", "compile must be"),
                               ("compile_mode=fast", "compile_mode must be one of")]:
@@ -192,6 +193,7 @@ def test_sample_options_are_checked(tiny_checkpoint, tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]
 
 
+@pytest.mark.slow
 def test_sample_py_bf16_on_cpu(tiny_checkpoint, tmp_path):
     for precision in ("fp32", "bf16"):
         run_script("sample.py", f"ckpt={tiny_checkpoint}", "n=4", "batch_size=2", "sampler.steps=3",

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.checkpoints import CONFIG_KEY, CheckpointError, non_finite_tensors, read_checkpoint
 from diffexp.config import build_model, check_number, data_of_run, instantiate
-from diffexp.images import save_grid, to_uint8_nhwc
+from diffexp.images import load_image, save_grid, to_uint8_nhwc
 from diffexp.lit import DiffusionModel
-from diffexp.lit.diffusion import COMPILE_MODES, check_precision
+from diffexp.lit.diffusion import COMPILE_MODES, check_precision, edit_start
 
 
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -92,12 +92,14 @@ def claimed_out_dir(out: str | Path, overwrite: bool):
 
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
                  progress: bool = True, guidance_scale: float | None = None,
-                 guidance_rescale: float | None = None, batch_seconds: list | None = None) -> torch.Tensor:
+                 guidance_rescale: float | None = None, batch_seconds: list | None = None,
+                 init_images: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
     which); conditional models use classifier-free guidance. ``batch_seconds``, if given, receives each batch's
-    wall time (the first includes compilation when the net is compiled).
+    wall time (the first includes compilation when the net is compiled). With ``init_images`` (one per sample)
+    each is edited instead (:meth:`diffexp.lit.DiffusionModel.edit`, SDEdit at ``strength``).
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -110,8 +112,11 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         m = min(batch_size, n - start)
         cond = {k: v[start:start + m] for k, v in (conditions or {}).items()}
         start_time = time.perf_counter()
-        chunks.append(model.sample(m, sampler=sampler, generator=generator, progress=progress,
-                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond).cpu())
+        options = dict(progress=progress, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond)
+        if init_images is not None:
+            chunks.append(model.edit(init_images[start:start + m], strength, sampler, generator, **options).cpu())
+        else:
+            chunks.append(model.sample(m, sampler=sampler, generator=generator, **options).cpu())
         if batch_seconds is not None:
             batch_seconds.append(time.perf_counter() - start_time)
     return torch.cat(chunks)
@@ -135,6 +140,23 @@ def read_prompts(cfg, n: int) -> list[str] | None:
 
 
 NPZ_NAMES = {"class_labels": "labels"}  # condition name -> array name in samples.npz
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
+    """``init_image=``: one PNG/JPEG file or every one in a directory (sorted), resized to the model's images
+    (grayscale for 1-channel pixel models), in [-1, 1]; ``n`` must be a multiple of their number."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_image={str(path)!r} does not exist; pass a PNG/JPEG file or a directory of them")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"init_image={str(path)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    if n % len(files):
+        raise ValueError(f"n={n} must be a multiple of the {len(files)} init images (n edits per image: n / images)")
+    size = getattr(model.space, "image_size", None) or model.sample_shape[-1]
+    grayscale = model.space.bounded and model.sample_shape[0] == 1
+    return torch.stack([load_image(f, size=size, grayscale=grayscale) for f in files])
 
 
 def sampling_conditions(model, prompts: list[str] | None, n: int) -> dict:
@@ -160,6 +182,7 @@ def run(cfg: DictConfig) -> dict:
     check_number("guidance_rescale", cfg.get("guidance_rescale"), minimum=0, maximum=1, allow_none=True)
     check_number("grid_scale", cfg.grid_scale, integer=True, positive=True)
     check_number("grid_max", cfg.grid_max, integer=True, positive=True)
+    check_number("strength", cfg.get("strength", 0.6), minimum=0, maximum=1)
     if not isinstance(cfg.use_ema, bool):
         raise ValueError(f"use_ema must be true or false, got {cfg.use_ema!r}")
     check_precision(cfg.get("precision", "auto"), "precision")
@@ -188,14 +211,21 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
+    inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
     start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
-                          cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds)
+                          cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds,
+                          None if inputs is None else inputs.repeat_interleave(cfg.n // len(inputs), 0),
+                          cfg.get("strength", 0.6))
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
                       stacklevel=2)
-    save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
+    if inputs is not None:  # a row per input image: the input, then its edits
+        rows = torch.cat([inputs[:, None].cpu(), images.view(len(inputs), -1, *images.shape[1:])], dim=1)
+        save_grid(rows[: max(1, cfg.grid_max // rows.shape[1])], out / "grid.png", scale=cfg.grid_scale)
+    else:
+        save_grid(images[: cfg.grid_max], out / "grid.png", scale=cfg.grid_scale)
     arrays = {"images": to_uint8_nhwc(images), **{NPZ_NAMES.get(k, k): np.array(v) for k, v in conditions.items()}}
     np.savez_compressed(out / "samples.npz", **arrays)
     captions = conditions.get("captions")
@@ -203,8 +233,10 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
                "precision": model.sample_precision, "compile": bool(cfg.get("compile", False)), "device": str(device),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(),
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, cfg.get("strength", 0.6)) if inputs is not None else 0),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
+               "init_image": str(cfg.init_image) if inputs is not None else None,
+               "strength": cfg.get("strength", 0.6) if inputs is not None else None,
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
                "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):

@@ -12,11 +12,18 @@ from diffexp.conditioning import Conditioner, Unconditional
 from diffexp.diffusion import check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample, training_target
 from diffexp.lit.base import TrainingModule
 from diffexp.samplers import DDIMSampler, Sampler, Trajectory, fixed_noise
-from diffexp.schedules import NoiseSchedule
+from diffexp.samplers.base import randn
+from diffexp.schedules import NoiseSchedule, alpha_bar_at
 from diffexp.spaces import PixelSpace
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def edit_start(sampler: Sampler, strength: float) -> int:
+    """The step an SDEdit at ``strength`` starts from: the last round(strength * S) of the sampler's S steps run."""
+    steps = len(sampler.timesteps)
+    return steps - round(strength * steps)
 
 
 def check_precision(value, option: str) -> str:
@@ -277,6 +284,30 @@ class DiffusionModel(TrainingModule):
             return self.space.decode(result).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, strength: float, sampler: Callable[..., Sampler] | Sampler | None = None,
+             generator: torch.Generator | None = None, progress: bool | None = None, **sample_options) -> torch.Tensor:
+        """Image-to-image, SDEdit (Meng et al. 2022): ``images`` ([-1, 1], N x C x H x W) are encoded into the
+        model's space, noised by q(x_t | x_0) to the sampler's timestep at ``strength`` and denoised from there.
+
+        Of the sampler's S steps the last round(strength * S) run: strength 0 returns the images (through the
+        autoencoder for latent models), strength 1 starts at the first timestep t_0, where sqrt(abar_{t_0}) of
+        the image remains (0 with zero terminal SNR and trailing spacing: then it is sampling from the noise).
+        ``sample_options`` go to :meth:`sample` (conditions, guidance, precision); the noise comes from
+        ``generator`` (on its device, as in sampling).
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1] (0: the input, 1: from noise), got {strength!r}")
+        sampler = self.make_sampler(sampler)
+        x0 = self.space.encode(images.to(self.device))
+        start = edit_start(sampler, strength)
+        if start == len(sampler.timesteps):
+            return self.space.decode(x0).clamp(-1, 1)
+        abar = alpha_bar_at(self.schedule.alphas_cumprod, float(sampler.timesteps[start])).to(x0)
+        noise = randn(x0.shape, generator, self.device)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, progress=progress, **sample_options)
 
     # --- images for callbacks -------------------------------------------------------------------
     @torch.no_grad()
