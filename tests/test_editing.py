@@ -69,8 +69,35 @@ def test_sample_py_edits_init_images(tiny_checkpoint, tmp_path):
     assert summary["strength"] == 0.5 and summary["nfe"] == 2  # the last 2 of 4 steps and (tmp_path / "s5" / "grid.png").is_file()
     edits = np.load(tmp_path / "s5" / "samples.npz")["images"]
     assert edits.shape == (4, 16, 16, 1) and not np.array_equal(edits[0], edits[1])
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    run_script("sample.py", f"ckpt={tiny_checkpoint}", f"init_image={folder / 'b.png'}", f"mask={tmp_path / 'mask.png'}",
+               "strength=1", "n=2", "sampler.steps=4", f"out={tmp_path / 'inpaint'}", cwd=tmp_path, check=True)
+    filled = np.load(tmp_path / "inpaint" / "samples.npz")["images"][..., 0]
+    original = np.asarray(Image.open(folder / "b.png"))
+    assert (filled[:, mask == 0] == original[mask == 0]).all() and (filled[:, mask > 0] != original[mask > 0]).any()
     for override, message in [("n=3", "multiple of the 2 init images"), ("strength=1.5", "strength"),
                               (f"init_image={tmp_path / 'none'}", "does not exist")]:
         args = [f"ckpt={tiny_checkpoint}", f"init_image={folder}", "n=2", override, f"out={tmp_path / 'bad'}"]
         result = run_script("sample.py", *args, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]
+
+
+def test_inpainting_keeps_the_known_pixels_exactly():
+    model = model_with()
+    sampler = DDIMSampler(model.schedule, steps=8, progress=False)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1  # regenerate the centre
+    out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0))
+    known = mask.expand_as(images) == 0
+    assert torch.equal(out[known], images[known])
+    assert not torch.equal(out[~known], images[~known])
+    # nothing masked: the input; everything masked: an edit at strength 1 (DDIM draws no noise in its steps)
+    assert torch.equal(model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler), images)
+    full = model.inpaint(images, torch.ones(1, 1, 8, 8), sampler, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(full, model.edit(images, 1.0, sampler, generator=torch.Generator().manual_seed(3)))
+    for bad_mask, message in [(torch.zeros(1, 8, 8), "mask must be"), (torch.full((1, 1, 8, 8), 2.0), "mask values")]:
+        with pytest.raises(ValueError, match=message):
+            model.inpaint(images, bad_mask, sampler)

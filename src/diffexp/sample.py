@@ -93,13 +93,15 @@ def claimed_out_dir(out: str | Path, overwrite: bool):
 def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions: dict | None = None,
                  progress: bool = True, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None, batch_seconds: list | None = None,
-                 init_images: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                 init_images: torch.Tensor | None = None, strength: float = 1.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
     which); conditional models use classifier-free guidance. ``batch_seconds``, if given, receives each batch's
     wall time (the first includes compilation when the net is compiled). With ``init_images`` (one per sample)
-    each is edited instead (:meth:`diffexp.lit.DiffusionModel.edit`, SDEdit at ``strength``).
+    each is edited instead (:meth:`diffexp.lit.DiffusionModel.edit`, SDEdit at ``strength``), or inpainted where
+    ``mask`` is 1 (:meth:`diffexp.lit.DiffusionModel.inpaint`).
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -113,7 +115,10 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         cond = {k: v[start:start + m] for k, v in (conditions or {}).items()}
         start_time = time.perf_counter()
         options = dict(progress=progress, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond)
-        if init_images is not None:
+        if init_images is not None and mask is not None:
+            chunks.append(model.inpaint(init_images[start:start + m], mask, sampler, generator, strength=strength,
+                                        **options).cpu())
+        elif init_images is not None:
             chunks.append(model.edit(init_images[start:start + m], strength, sampler, generator, **options).cpu())
         else:
             chunks.append(model.sample(m, sampler=sampler, generator=generator, **options).cpu())
@@ -141,6 +146,13 @@ def read_prompts(cfg, n: int) -> list[str] | None:
 
 NPZ_NAMES = {"class_labels": "labels"}  # condition name -> array name in samples.npz
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_mask(path: str | Path, inputs: torch.Tensor | None) -> torch.Tensor:
+    """``mask=``: a grayscale image, white = regenerate, resized to the init images, as (1, 1, H, W) in [0, 1]."""
+    if inputs is None:
+        raise ValueError("mask=... inpaints init images: pass init_image=FILE|DIR too")
+    return (load_image(path, size=inputs.shape[-1], grayscale=True)[None] + 1) / 2
 
 
 def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
@@ -212,11 +224,12 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
     inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
+    mask = read_mask(cfg.mask, inputs) if cfg.get("mask") else None
     start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds,
                           None if inputs is None else inputs.repeat_interleave(cfg.n // len(inputs), 0),
-                          cfg.get("strength", 0.6))
+                          cfg.get("strength", 0.6), mask)
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
@@ -237,6 +250,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "init_image": str(cfg.init_image) if inputs is not None else None,
                "strength": cfg.get("strength", 0.6) if inputs is not None else None,
+               "mask": str(cfg.mask) if mask is not None else None,
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
                "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffexp.conditioning import Conditioner, Unconditional
@@ -308,6 +309,48 @@ class DiffusionModel(TrainingModule):
         noise = randn(x0.shape, generator, self.device)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         return self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, progress=progress, **sample_options)
+
+    @torch.no_grad()
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, sampler: Callable[..., Sampler] | Sampler | None = None,
+                generator: torch.Generator | None = None, progress: bool | None = None, strength: float = 1.0,
+                **sample_options) -> torch.Tensor:
+        """Inpainting by blending: ``mask`` (N or 1, 1, H, W) in [0, 1], 1 = regenerate. The run starts as
+        :meth:`edit` at ``strength`` (1: from noise); after every sampler step the known region of x_{t_prev}
+        is replaced by q(x_{t_prev} | x_0) of the input, fresh noise each step (x_0 itself after the last step),
+        the known-region step of RePaint (Lugmayr et al. 2022) without its resampling.
+
+        In pixel space the known pixels of the result equal the input exactly. Latent models blend latents with
+        the mask downsampled (area) to the latent grid, then blend the decoded result with the input in pixel
+        space by the full-resolution mask, so there too the known pixels are the input's.
+        """
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, len(images)) \
+                or mask.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"mask must be (1 or N, 1, H, W) like the images {tuple(images.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        if mask.min() < 0 or mask.max() > 1:
+            raise ValueError("mask values must lie in [0, 1] (1 = regenerate, 0 = keep)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1] for inpainting, got {strength!r}")
+        sampler = self.make_sampler(sampler)
+        images, mask = images.to(self.device), mask.to(self.device, images.dtype)
+        x0 = self.space.encode(images)
+        keep = 1 - (F.interpolate(mask, size=x0.shape[-2:], mode="area") if x0.shape[-2:] != mask.shape[-2:] else mask)
+        start = edit_start(sampler, strength)
+        alphas = self.schedule.alphas_cumprod
+
+        def noised(t: float) -> torch.Tensor:
+            abar = alpha_bar_at(alphas, t).to(x0)
+            return abar.sqrt() * x0 + (1 - abar).sqrt() * randn(x0.shape, generator, self.device)
+
+        def blend_known(i: int, t_prev: float, x_prev: torch.Tensor) -> torch.Tensor:
+            known = x0 if t_prev < 0 else noised(t_prev)
+            return x_prev * (1 - keep) + known * keep
+
+        out = self.sample(len(x0), sampler=sampler, x_T=noised(float(sampler.timesteps[start])), start_step=start,
+                          on_step=blend_known, progress=progress, **sample_options)
+        if not self.space.bounded:  # decoded latents: the known pixels from the input itself
+            out = out * mask + images * (1 - mask)
+        return out
 
     # --- images for callbacks -------------------------------------------------------------------
     @torch.no_grad()
