@@ -98,6 +98,7 @@ def test_inpainting_keeps_the_known_pixels_exactly():
     assert torch.equal(model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler), images)
     full = model.inpaint(images, torch.ones(1, 1, 8, 8), sampler, generator=torch.Generator().manual_seed(3))
     assert torch.equal(full, model.edit(images, 1.0, sampler, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(model.inpaint(images, mask, sampler, strength=0.05), images)  # 0.4 of 8 steps: none runs
     for bad_mask, message in [(torch.zeros(1, 8, 8), "mask must be"), (torch.full((1, 1, 8, 8), 2.0), "mask values")]:
         with pytest.raises(ValueError, match=message):
             model.inpaint(images, bad_mask, sampler)

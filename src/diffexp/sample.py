@@ -152,7 +152,12 @@ def read_mask(path: str | Path, inputs: torch.Tensor | None) -> torch.Tensor:
     """``mask=``: a grayscale image, white = regenerate, resized to the init images, as (1, 1, H, W) in [0, 1]."""
     if inputs is None:
         raise ValueError("mask=... inpaints init images: pass init_image=FILE|DIR too")
-    return (load_image(path, size=inputs.shape[-1], grayscale=True)[None] + 1) / 2
+    if Path(path).is_dir():
+        raise ValueError(f"mask={str(path)!r} is a directory; pass one grayscale image file")
+    try:
+        return (load_image(path, size=inputs.shape[-1], grayscale=True)[None] + 1) / 2
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"mask={str(path)!r}: {error}") from None
 
 
 def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
@@ -168,7 +173,10 @@ def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
         raise ValueError(f"n={n} must be a multiple of the {len(files)} init images (n edits per image: n / images)")
     size = getattr(model.space, "image_size", None) or model.sample_shape[-1]
     grayscale = model.space.bounded and model.sample_shape[0] == 1
-    return torch.stack([load_image(f, size=size, grayscale=grayscale) for f in files])
+    try:
+        return torch.stack([load_image(f, size=size, grayscale=grayscale) for f in files])
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"init_image={str(path)!r}: {error}") from None
 
 
 def sampling_conditions(model, prompts: list[str] | None, n: int) -> dict:
@@ -224,6 +232,8 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
     inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
+    if inputs is None and cfg.get("strength", 0.6) != 0.6:
+        warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
     mask = read_mask(cfg.mask, inputs) if cfg.get("mask") else None
     start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,

@@ -1,6 +1,7 @@
 """The diffusion model as a LightningModule, composed of a conditioner, a space and a sampler factory."""
 from __future__ import annotations
 
+import math
 import warnings
 from functools import partial
 from typing import Callable
@@ -22,9 +23,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def edit_start(sampler: Sampler, strength: float) -> int:
-    """The step an SDEdit at ``strength`` starts from: the last round(strength * S) of the sampler's S steps run."""
+    """The step an SDEdit at ``strength`` starts from: the last round(strength * S) of the sampler's S steps run
+    (halves rounded up)."""
     steps = len(sampler.timesteps)
-    return steps - round(strength * steps)
+    return steps - math.floor(strength * steps + 0.5)  # halves round up: 0.5 of 5 steps runs 3
 
 
 def check_precision(value, option: str) -> str:
@@ -329,13 +331,15 @@ class DiffusionModel(TrainingModule):
                              f"{tuple(mask.shape)}")
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("mask values must lie in [0, 1] (1 = regenerate, 0 = keep)")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must lie in (0, 1] for inpainting, got {strength!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1] (1: from noise in the masked region), got {strength!r}")
         sampler = self.make_sampler(sampler)
         images, mask = images.to(self.device), mask.to(self.device, images.dtype)
         x0 = self.space.encode(images)
-        keep = 1 - (F.interpolate(mask, size=x0.shape[-2:], mode="area") if x0.shape[-2:] != mask.shape[-2:] else mask)
         start = edit_start(sampler, strength)
+        if start == len(sampler.timesteps):  # no step runs: the input (through the autoencoder)
+            return self.space.decode(x0).clamp(-1, 1) * mask + images * (1 - mask)
+        keep = 1 - (F.interpolate(mask, size=x0.shape[-2:], mode="area") if x0.shape[-2:] != mask.shape[-2:] else mask)
         alphas = self.schedule.alphas_cumprod
 
         def noised(t: float) -> torch.Tensor:

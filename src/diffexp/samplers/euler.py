@@ -52,7 +52,7 @@ class HeunSampler(EulerSampler):
                              "(dpmpp_2m, unipc, euler, ddim) with trailing spacing")
 
     def nfe(self, start_step: int = 0) -> int:
-        return 2 * (len(self.timesteps) - start_step) - 1
+        return max(0, 2 * (len(self.timesteps) - start_step) - 1)
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, eps = denoiser(x_t, t)
