@@ -221,8 +221,7 @@ def run(cfg: DictConfig) -> dict:
 
 def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    precision = cfg.get("precision", "auto")
-    model.sample_precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    model.sample_precision = cfg.get("precision", "auto")
     if cfg.get("compile", False):
         model.speed_up(compile=True, mode=cfg.get("compile_mode"))
     elif cfg.get("compile_mode"):
@@ -255,7 +254,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     warm = cfg.n - min(cfg.n, cfg.batch_size)  # images after the first batch (which compiles, autotunes)
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
-               "precision": model.sample_precision, "compile": bool(cfg.get("compile", False)), "device": str(device),
+               "precision": model.resolved_precision(model.sample_precision), "compile": bool(cfg.get("compile", False)), "device": str(device),
                "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, cfg.get("strength", 0.6)) if inputs is not None else 0),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "init_image": str(cfg.init_image) if inputs is not None else None,

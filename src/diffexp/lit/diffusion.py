@@ -25,6 +25,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 def edit_start(sampler: Sampler, strength: float) -> int:
     """The step an SDEdit at ``strength`` starts from: the last round(strength * S) of the sampler's S steps run
     (halves rounded up)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1] (0: the input, 1: from noise), got {strength!r}")
     steps = len(sampler.timesteps)
     return steps - math.floor(strength * steps + 0.5)  # halves round up: 0.5 of 5 steps runs 3
 
@@ -65,7 +67,7 @@ class DiffusionModel(TrainingModule):
             ``max-autotune`` searches kernels longer).
         channels_last: keep the denoiser's weights and inputs in channels-last memory format.
         sample_precision: precision of the denoiser calls in :meth:`sample` (the sampler's arithmetic stays fp32):
-            ``auto`` = the Trainer's (bf16 under ``bf16-mixed``), fp32 outside a Trainer; ``bf16`` | ``fp16`` |
+            ``auto`` = the Trainer's (bf16 under ``bf16-mixed``); outside one bf16 on CUDA, fp32 on CPU; ``bf16`` | ``fp16`` |
             ``fp32``.
     """
 
@@ -211,10 +213,12 @@ class DiffusionModel(TrainingModule):
 
     def resolved_precision(self, precision: str = "auto") -> str:
         """``auto``: the Trainer's mixed precision when attached (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16),
-        else fp32; other values as given."""
+        else bf16 on a CUDA device and fp32 elsewhere; other values as given."""
         if check_precision(precision, "precision") != "auto":
             return precision
-        trainer_precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if self._trainer is None:
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        trainer_precision = str(self.trainer.precision)
         return "bf16" if "bf16" in trainer_precision else "fp16" if trainer_precision.startswith("16") else "fp32"
 
     def net_at(self, precision: str = "auto") -> Callable:
@@ -300,17 +304,19 @@ class DiffusionModel(TrainingModule):
         ``sample_options`` go to :meth:`sample` (conditions, guidance, precision); the noise comes from
         ``generator`` (on its device, as in sampling).
         """
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1] (0: the input, 1: from noise), got {strength!r}")
         sampler = self.make_sampler(sampler)
-        x0 = self.space.encode(images.to(self.device))
         start = edit_start(sampler, strength)
+        x0 = self.space.encode(images.to(self.device))
         if start == len(sampler.timesteps):
             return self.space.decode(x0).clamp(-1, 1)
-        abar = alpha_bar_at(self.schedule.alphas_cumprod, float(sampler.timesteps[start])).to(x0)
-        noise = randn(x0.shape, generator, self.device)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        x_t = self.noised(x0, float(sampler.timesteps[start]), generator)
         return self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, progress=progress, **sample_options)
+
+    def noised(self, x0: torch.Tensor, t: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at a real timestep t (alpha-bar by
+        log-sigma interpolation between integer steps), noise from ``generator``."""
+        abar = alpha_bar_at(self.schedule.alphas_cumprod, t).to(x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * randn(x0.shape, generator, self.device)
 
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, sampler: Callable[..., Sampler] | Sampler | None = None,
@@ -331,26 +337,20 @@ class DiffusionModel(TrainingModule):
                              f"{tuple(mask.shape)}")
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("mask values must lie in [0, 1] (1 = regenerate, 0 = keep)")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1] (1: from noise in the masked region), got {strength!r}")
         sampler = self.make_sampler(sampler)
+        start = edit_start(sampler, strength)
         images, mask = images.to(self.device), mask.to(self.device, images.dtype)
         x0 = self.space.encode(images)
-        start = edit_start(sampler, strength)
         if start == len(sampler.timesteps):  # no step runs: the input (through the autoencoder)
             return self.space.decode(x0).clamp(-1, 1) * mask + images * (1 - mask)
         keep = 1 - (F.interpolate(mask, size=x0.shape[-2:], mode="area") if x0.shape[-2:] != mask.shape[-2:] else mask)
-        alphas = self.schedule.alphas_cumprod
-
-        def noised(t: float) -> torch.Tensor:
-            abar = alpha_bar_at(alphas, t).to(x0)
-            return abar.sqrt() * x0 + (1 - abar).sqrt() * randn(x0.shape, generator, self.device)
 
         def blend_known(i: int, t_prev: float, x_prev: torch.Tensor) -> torch.Tensor:
-            known = x0 if t_prev < 0 else noised(t_prev)
+            known = x0 if t_prev < 0 else self.noised(x0, t_prev, generator)
             return x_prev * (1 - keep) + known * keep
 
-        out = self.sample(len(x0), sampler=sampler, x_T=noised(float(sampler.timesteps[start])), start_step=start,
+        x_t = self.noised(x0, float(sampler.timesteps[start]), generator)
+        out = self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start,
                           on_step=blend_known, progress=progress, **sample_options)
         if not self.space.bounded:  # decoded latents: the known pixels from the input itself
             out = out * mask + images * (1 - mask)
