@@ -28,6 +28,10 @@ def test_strength_zero_returns_the_input_and_one_is_sampling_from_noise():
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
     sampled = model.sample(3, sampler=sampler, x_T=noise)
     assert torch.equal(edited, sampled)  # abar at the first trailing timestep is 0: nothing of the image is left
+    stochastic = DDIMSampler(model.schedule, steps=10, eta=1.0, timestep_spacing="trailing",
+                             prediction_type="v_prediction", progress=False)
+    first, again = (model.edit(images, 0.5, stochastic, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(first, again)  # every draw, in the steps too, comes from the generator
 
 
 def test_strength_runs_the_last_steps_from_the_forward_noised_image():
@@ -77,8 +81,16 @@ def test_sample_py_edits_init_images(tiny_checkpoint, tmp_path):
     filled = np.load(tmp_path / "inpaint" / "samples.npz")["images"][..., 0]
     original = np.asarray(Image.open(folder / "b.png"))
     assert (filled[:, mask == 0] == original[mask == 0]).all() and (filled[:, mask > 0] != original[mask > 0]).any()
+    run_script("sample.py", f"ckpt={tiny_checkpoint}", f"init_image={folder / 'b.png'}", f"mask={tmp_path / 'mask.png'}",
+               "n=1", "strength=1", "sampler.steps=4", "jump_length=2", "jump_n_sample=3", f"out={tmp_path / 'repaint'}",
+               cwd=tmp_path, check=True)
+    summary = json.loads((tmp_path / "repaint" / "metrics.json").read_text())
+    assert summary["nfe"] == 4 + 2 * 2 and summary["jump_n_sample"] == 3  # level 3 >= jump_length: redone twice
+    repainted = np.load(tmp_path / "repaint" / "samples.npz")["images"][0, ..., 0]
+    assert (repainted[mask == 0] == original[mask == 0]).all()
     for override, message in [("n=3", "multiple of the 2 init images"), ("strength=1.5", "strength"),
-                              (f"init_image={tmp_path / 'none'}", "does not exist")]:
+                              (f"init_image={tmp_path / 'none'}", "does not exist"),
+                              ("jump_n_sample=0", "jump_n_sample")]:
         args = [f"ckpt={tiny_checkpoint}", f"init_image={folder}", "n=2", override, f"out={tmp_path / 'bad'}"]
         result = run_script("sample.py", *args, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]
@@ -102,3 +114,74 @@ def test_inpainting_keeps_the_known_pixels_exactly():
     for bad_mask, message in [(torch.zeros(1, 8, 8), "mask must be"), (torch.full((1, 1, 8, 8), 2.0), "mask values")]:
         with pytest.raises(ValueError, match=message):
             model.inpaint(images, bad_mask, sampler)
+
+
+def test_repaint_levels_follow_the_jump_schedule():
+    from diffexp.samplers.base import resampling_levels
+
+    assert resampling_levels(4, 2, 1) == [0, 1, 2, 3, 4]
+    # jump points k = 4, 2 (k = steps - 1 - j * L while k >= L = 2): back up two levels, once each
+    assert resampling_levels(5, 2, 2) == [0, 1, 2, 0, 1, 2, 3, 4, 2, 3, 4, 5]
+    assert resampling_levels(3, 1, 3) == [0, 1, 0, 1, 0, 1, 2, 1, 2, 1, 2, 3]
+    levels = resampling_levels(20, 5, 4)
+    downs = sum(b > a for a, b in zip(levels, levels[1:]))
+    assert downs == 20 + len(range(19, 4, -5)) * 3 * 5  # every jump point redoes jump_length steps 3 more times
+    assert levels[-1] == 20 and all(abs(b - a) in (1, 5) for a, b in zip(levels, levels[1:]))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jump_n_sample must be a positive integer"):
+            resampling_levels(10, 2, bad)
+
+
+def test_repaint_resampling_keeps_known_pixels_and_counts_its_evaluations():
+    from diffexp.samplers import DPMSolver2M, HeunSampler
+
+    model = model_with()
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, 4:] = 1  # regenerate the right half
+    calls = []
+    model.net.register_forward_hook(lambda module, args, out: calls.append(1))
+    for sampler in (DDIMSampler(model.schedule, steps=10, eta=1.0, progress=False),
+                    DPMSolver2M(model.schedule, steps=10, progress=False),
+                    HeunSampler(model.schedule, steps=6, progress=False)):
+        calls.clear()
+        plain = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == sampler.nfe()
+        calls.clear()
+        out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=2,
+                            jump_n_sample=3)
+        assert len(calls) == sampler.nfe(0, 2, 3) > sampler.nfe()
+        known = mask.expand_as(images) == 0
+        assert torch.equal(out[known], images[known]) and torch.isfinite(out).all()
+        assert not torch.equal(out, plain)
+        calls.clear()
+        same = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_n_sample=1,
+                             jump_length=3)
+        assert torch.equal(same, plain)  # jump_n_sample = 1: no resampling, whatever jump_length
+
+
+def test_latent_inpainting_keeps_known_pixels_and_blends_a_downsampled_mask():
+    from diffexp.autoencoders import OwnAutoencoder
+    from diffexp.nets.autoencoder import AutoencoderKL
+    from diffexp.spaces import LatentSpace
+
+    torch.manual_seed(0)
+    ae = OwnAutoencoder(net=AutoencoderKL(base_channels=16, channel_mult=[1, 2]))
+    net = UNet(image_size=8, in_channels=4, base_channels=16, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), attention_levels=[-1], dropout=0.0)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    model = DiffusionModel(net, get_schedule("linear", num_timesteps=100), space=LatentSpace(ae, 16, scale_factor=1.0))
+    sampler = DDIMSampler(model.schedule, steps=4, progress=False)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    seen = []
+    model.net.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=1,
+                        jump_n_sample=2)
+    known = mask.expand_as(images) == 0
+    assert out.shape == images.shape and torch.equal(out[known], images[known])
+    assert not torch.allclose(out[~known], images[~known])
+    assert seen[0].shape == (2, 4, 8, 8)  # the sampler ran in the 8 x 8 latent grid
+    with pytest.raises(ValueError, match="mask must be"):
+        model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler)  # the latent grid's size is not the images'

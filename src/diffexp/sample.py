@@ -94,14 +94,15 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
                  progress: bool = True, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None, batch_seconds: list | None = None,
                  init_images: torch.Tensor | None = None, strength: float = 1.0,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, resampling: dict | None = None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
     which); conditional models use classifier-free guidance. ``batch_seconds``, if given, receives each batch's
     wall time (the first includes compilation when the net is compiled). With ``init_images`` (one per sample)
     each is edited instead (:meth:`diffexp.lit.DiffusionModel.edit`, SDEdit at ``strength``), or inpainted where
-    ``mask`` is 1 (:meth:`diffexp.lit.DiffusionModel.inpaint`).
+    ``mask`` is 1 (:meth:`diffexp.lit.DiffusionModel.inpaint`, with ``resampling``: its ``jump_length`` and
+    ``jump_n_sample``).
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -117,7 +118,7 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         options = dict(progress=progress, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond)
         if init_images is not None and mask is not None:
             chunks.append(model.inpaint(init_images[start:start + m], mask, sampler, generator, strength=strength,
-                                        **options).cpu())
+                                        **(resampling or {}), **options).cpu())
         elif init_images is not None:
             chunks.append(model.edit(init_images[start:start + m], strength, sampler, generator, **options).cpu())
         else:
@@ -203,6 +204,8 @@ def run(cfg: DictConfig) -> dict:
     check_number("grid_scale", cfg.grid_scale, integer=True, positive=True)
     check_number("grid_max", cfg.grid_max, integer=True, positive=True)
     check_number("strength", cfg.get("strength", 0.6), minimum=0, maximum=1)
+    check_number("jump_length", cfg.get("jump_length", 10), integer=True, positive=True)
+    check_number("jump_n_sample", cfg.get("jump_n_sample", 1), integer=True, positive=True)
     if not isinstance(cfg.use_ema, bool):
         raise ValueError(f"use_ema must be true or false, got {cfg.use_ema!r}")
     check_precision(cfg.get("precision", "auto"), "precision")
@@ -234,11 +237,16 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     if inputs is None and cfg.get("strength", 0.6) != 0.6:
         warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
     mask = read_mask(cfg.mask, inputs) if cfg.get("mask") else None
+    resampling = {"jump_length": cfg.get("jump_length", 10), "jump_n_sample": cfg.get("jump_n_sample", 1)}
+    if mask is None and resampling["jump_n_sample"] != 1:
+        warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} (RePaint resampling) has no effect without "
+                      f"mask=...", stacklevel=2)
+        resampling["jump_n_sample"] = 1
     start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds,
                           None if inputs is None else inputs.repeat_interleave(cfg.n // len(inputs), 0),
-                          cfg.get("strength", 0.6), mask)
+                          cfg.get("strength", 0.6), mask, resampling)
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
@@ -255,11 +263,13 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
                "precision": model.resolved_precision(model.sample_precision), "compile": bool(cfg.get("compile", False)), "device": str(device),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, cfg.get("strength", 0.6)) if inputs is not None else 0),
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, cfg.get("strength", 0.6)) if inputs is not None else 0, **resampling),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "init_image": str(cfg.init_image) if inputs is not None else None,
                "strength": cfg.get("strength", 0.6) if inputs is not None else None,
                "mask": str(cfg.mask) if mask is not None else None,
+               **({"jump_length": resampling["jump_length"], "jump_n_sample": resampling["jump_n_sample"]}
+                  if mask is not None else {}),
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
                "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):

@@ -262,6 +262,8 @@ class DiffusionModel(TrainingModule):
         start_step: int = 0,
         on_step=None,
         precision: str | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -269,7 +271,7 @@ class DiffusionModel(TrainingModule):
         ``conditions`` are the conditioner's (``class_labels=`` one per image, ``captions=`` one per image);
         conditional models apply classifier-free guidance with ``guidance_scale`` (default: the model's;
         1 = none). With ``return_trajectory`` the intermediate x_t and predicted x0 are returned unclamped,
-        as images (latent models decode them). ``start_step``/``on_step`` go to the sampler
+        as images (latent models decode them). ``start_step``/``on_step``/``jump_length``/``jump_n_sample`` go to the sampler
         (:meth:`diffexp.samplers.Sampler.sample`) and act in the model's space (``space.encode`` of an image).
         ``precision`` (default ``sample_precision``) is that of the denoiser calls; the sampler computes in fp32.
         """
@@ -282,7 +284,8 @@ class DiffusionModel(TrainingModule):
             model_fn = self.conditioner.model_fn(net, n, conditions, scale, rescale, self.device)
             result = self.make_sampler(sampler).sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
-                progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step)
+                progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step,
+                jump_length=jump_length, jump_n_sample=jump_n_sample)
             if isinstance(result, Trajectory):
                 result.xs = [self.space.decode(x) for x in result.xs]
                 result.x0s = [self.space.decode(x) for x in result.x0s]
@@ -310,7 +313,8 @@ class DiffusionModel(TrainingModule):
         if start == len(sampler.timesteps):
             return self.space.decode(x0).clamp(-1, 1)
         x_t = self.noised(x0, float(sampler.timesteps[start]), generator)
-        return self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, progress=progress, **sample_options)
+        return self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, progress=progress,
+                           generator=generator, **sample_options)
 
     def noised(self, x0: torch.Tensor, t: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at a real timestep t (alpha-bar by
@@ -321,11 +325,14 @@ class DiffusionModel(TrainingModule):
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, sampler: Callable[..., Sampler] | Sampler | None = None,
                 generator: torch.Generator | None = None, progress: bool | None = None, strength: float = 1.0,
-                **sample_options) -> torch.Tensor:
+                jump_length: int = 10, jump_n_sample: int = 1, **sample_options) -> torch.Tensor:
         """Inpainting by blending: ``mask`` (N or 1, 1, H, W) in [0, 1], 1 = regenerate. The run starts as
         :meth:`edit` at ``strength`` (1: from noise); after every sampler step the known region of x_{t_prev}
         is replaced by q(x_{t_prev} | x_0) of the input, fresh noise each step (x_0 itself after the last step),
-        the known-region step of RePaint (Lugmayr et al. 2022) without its resampling.
+        the known-region step of RePaint (Lugmayr et al. 2022). ``jump_n_sample`` > 1 adds RePaint's resampling:
+        every ``jump_length`` steps, x is noised back ``jump_length`` steps and those steps are run again,
+        ``jump_n_sample - 1`` times (:func:`diffexp.samplers.base.resampling_levels`), so the generated region
+        agrees with the known one at its boundary; it costs that many more model evaluations.
 
         In pixel space the known pixels of the result equal the input exactly. Latent models blend latents with
         the mask downsampled (area) to the latent grid, then blend the decoded result with the input in pixel
@@ -350,8 +357,8 @@ class DiffusionModel(TrainingModule):
             return x_prev * (1 - keep) + known * keep
 
         x_t = self.noised(x0, float(sampler.timesteps[start]), generator)
-        out = self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start,
-                          on_step=blend_known, progress=progress, **sample_options)
+        out = self.sample(len(x0), sampler=sampler, x_T=x_t, start_step=start, on_step=blend_known, progress=progress,
+                          generator=generator, jump_length=jump_length, jump_n_sample=jump_n_sample, **sample_options)
         if not self.space.bounded:  # decoded latents: the known pixels from the input itself
             out = out * mask + images * (1 - mask)
         return out

@@ -48,6 +48,34 @@ def randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def resampling_levels(steps: int, jump_length: int = 10, jump_n_sample: int = 1) -> list[int]:
+    """The order in which RePaint (Lugmayr et al. 2022, Alg. 1 and its jump schedule) visits the levels of a
+    ``steps``-step run: level k is x after k steps (0: the start, ``steps``: the sample).
+
+    The run goes down one level per sampler step; at every level k = steps - 1 - j * jump_length (j = 0, 1, ...)
+    with k >= jump_length it goes back up ``jump_length`` levels (forward noise) ``jump_n_sample - 1`` times and
+    descends again, so the region it fills is harmonised with the known one. ``jump_n_sample = 1``: no jumps.
+    """
+    check_resampling(jump_length, jump_n_sample)
+    remaining = {k: jump_n_sample - 1 for k in range(steps - 1, jump_length - 1, -jump_length)}
+    levels, k = [0], 0
+    while k < steps:
+        k += 1
+        levels.append(k)
+        if remaining.get(k, 0) > 0:
+            remaining[k] -= 1
+            k -= jump_length
+            levels.append(k)
+    return levels
+
+
+def check_resampling(jump_length, jump_n_sample) -> None:
+    for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (RePaint resampling: go back jump_length steps, "
+                             f"jump_n_sample - 1 times; jump_n_sample=1 = none), got {value!r}")
+
+
 def fixed_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
     """N(0, I) noise of shape (n, *shape) on the CPU from a generator seeded with ``seed``: the same noise
     for the same seed everywhere (monitoring grids, FID samples, figures)."""
@@ -170,9 +198,11 @@ class Sampler:
         """Descending timesteps visited by the sampler (integers in [0, T), or floats between them)."""
         raise NotImplementedError
 
-    def nfe(self, start_step: int = 0) -> int:
-        """Model evaluations of a run from ``timesteps[start_step]`` (what :attr:`Trajectory.nfe` reports)."""
-        return self.evaluations_per_step * (len(self.timesteps) - start_step)
+    def nfe(self, start_step: int = 0, jump_length: int = 10, jump_n_sample: int = 1) -> int:
+        """Model evaluations of a run from ``timesteps[start_step]`` (what :attr:`Trajectory.nfe` reports), with
+        RePaint resampling (:func:`resampling_levels`) when ``jump_n_sample`` > 1."""
+        levels = resampling_levels(len(self.timesteps) - start_step, jump_length, jump_n_sample)
+        return self.evaluations_per_step * sum(b > a for a, b in zip(levels, levels[1:]))
 
     def with_options(self, **changes) -> "Sampler":
         """A copy with some of the :attr:`adjustable` settings changed (e.g. ``clip_sample=False``); this sampler
@@ -215,13 +245,18 @@ class Sampler:
         return_trajectory: bool = False,
         start_step: int = 0,
         on_step: StepHook | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
     ) -> torch.Tensor | Trajectory:
         """Run the reverse process from x_T (given, or N(0, I) drawn from ``generator``) to x_0.
 
         ``model_fn(x_t, t)`` gets t of shape (N,) (LongTensor at integer timesteps; bind conditions with
         ``functools.partial``). ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x
         at that time (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after the i-th step run
-        (i counts from 0 at ``start_step``; t_prev = -1 after the last), e.g. for inpainting.
+        (i counts the steps run, from 0; t_prev = -1 after the last), e.g. for inpainting. ``jump_n_sample`` > 1
+        adds RePaint resampling (:func:`resampling_levels`): x at t is noised back to t' > t by
+        q(x_t' | x_t) = N(sqrt(abar_t' / abar_t) x_t, (1 - abar_t' / abar_t) I) and the steps are run again
+        (multistep solvers restart their history there).
         Returns the final sample, or a :class:`Trajectory` when ``return_trajectory``.
         """
         if x_T is None:
@@ -234,20 +269,31 @@ class Sampler:
         if not 0 <= start_step < len(ts):
             raise ValueError(f"start_step={start_step} must lie in [0, {len(ts)}) (the sampler's steps)")
         ts = ts[start_step:]
+        levels = resampling_levels(len(ts), jump_length, jump_n_sample)
         denoiser = self.denoiser(model_fn)
         state: dict = {}
         traj = Trajectory(sample=x) if return_trajectory else None
         show = self.progress if progress is None else progress
-        for i, t in enumerate(tqdm(ts, desc=type(self).__name__, disable=not show, leave=False)):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        steps_run = 0
+        bar = tqdm(total=len(levels) - 1, desc=type(self).__name__, disable=not show, leave=False)
+        for k, k_next in zip(levels, levels[1:]):
+            bar.update()
+            if k_next < k:  # RePaint: back up to ts[k_next] by the forward process
+                ratio = denoiser.alpha_bar(ts[k_next]) / denoiser.alpha_bar(ts[k])
+                x = ratio**0.5 * x + (1 - ratio) ** 0.5 * randn(x.shape, generator, x.device, x.dtype)
+                state = {}
+                continue
+            t, t_prev = ts[k], ts[k_next] if k_next < len(ts) else -1
             x_prev, x0 = self.step(denoiser, x, t, t_prev, generator=generator, state=state)
             if on_step is not None:
-                x_prev = on_step(i, t_prev, x_prev)
+                x_prev = on_step(steps_run, t_prev, x_prev)
+            steps_run += 1
             if traj is not None:
                 traj.timesteps.append(t)
                 traj.xs.append(x)
                 traj.x0s.append(x0)
             x = x_prev
+        bar.close()
         if traj is not None:
             traj.sample, traj.nfe = x, denoiser.nfe
             return traj

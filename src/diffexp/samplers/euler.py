@@ -51,8 +51,8 @@ class HeunSampler(EulerSampler):
                              "starts at t = T-1); use sampler.timestep_spacing=leading, or another sampler "
                              "(dpmpp_2m, unipc, euler, ddim) with trailing spacing")
 
-    def nfe(self, start_step: int = 0) -> int:
-        return max(0, 2 * (len(self.timesteps) - start_step) - 1)
+    def nfe(self, start_step: int = 0, jump_length: int = 10, jump_n_sample: int = 1) -> int:
+        return max(0, super().nfe(start_step, jump_length, jump_n_sample) - 1)  # the last step evaluates once
 
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, eps = denoiser(x_t, t)
