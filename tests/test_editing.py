@@ -185,3 +185,54 @@ def test_latent_inpainting_keeps_known_pixels_and_blends_a_downsampled_mask():
     assert seen[0].shape == (2, 4, 8, 8)  # the sampler ran in the 8 x 8 latent grid
     with pytest.raises(ValueError, match="mask must be"):
         model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler)  # the latent grid's size is not the images'
+
+
+def test_slerp_keeps_endpoints_exactly_and_the_norm_of_orthogonal_noise():
+    from diffexp.diffusion import slerp
+
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)
+    a[0, 0], b[1, 2] = 2.0, 2.0  # orthogonal, equal norms: the arc keeps norm 2
+    mixed = slerp(a, b, torch.linspace(0, 1, 7))
+    assert torch.equal(mixed[0], a) and torch.equal(mixed[-1], b)
+    torch.testing.assert_close(mixed.flatten(1).norm(dim=1), torch.full((7,), 2.0))
+    torch.testing.assert_close(mixed[3], (a + b) / 2**0.5)  # w = 1/2: sin(pi/4) / sin(pi/2) of each
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(slerp(x, 3 * x, torch.tensor([0.5]))[0], 2 * x)  # parallel: a straight line
+
+
+def test_interpolation_endpoints_are_the_two_plain_samples():
+    model = model_with()
+    sampler = DDIMSampler(model.schedule, steps=5, progress=False)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    frames = model.interpolate(5, x_T, sampler)
+    assert frames.shape == (5, 1, 8, 8)
+    torch.testing.assert_close(frames[0], model.sample(1, sampler=sampler, x_T=x_T[:1])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(frames[-1], model.sample(1, sampler=sampler, x_T=x_T[1:])[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(frames[2], frames[0], atol=1e-3) and not torch.allclose(frames[2], frames[-1], atol=1e-3)
+    for frames_, noise, message in [(1, x_T, "frames must be"), (3, x_T[:1], "two endpoint noises")]:
+        with pytest.raises(ValueError, match=message):
+            model.interpolate(frames_, noise, sampler)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        model.interpolate(3, x_T, sampler, captions=("a", "b"))
+
+
+def test_prompt_interpolation_endpoints_are_the_two_prompts_samples():
+    from diffexp.conditioning import TextConditioner
+    from diffexp.text import LearnedTextEncoder
+
+    torch.manual_seed(0)
+    encoder = LearnedTextEncoder(dim=16, layers=1, heads=2, max_length=6)
+    encoder.fit_vocabulary(["a red circle", "a big blue square at the top"])
+    net = UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(4,), dropout=0.0, context_dim=16)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    model = DiffusionModel(net, get_schedule("linear", num_timesteps=100), conditioner=TextConditioner(encoder))
+    sampler = DDIMSampler(model.schedule, steps=4, progress=False)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ("a red circle", "a big blue square at the top")  # token masks of different lengths
+    frames = model.interpolate(4, x_T, sampler, captions=prompts, guidance_scale=2.0)
+    for frame, noise, prompt in ((frames[0], x_T[:1], prompts[0]), (frames[-1], x_T[1:], prompts[1])):
+        plain = model.sample(1, sampler=sampler, x_T=noise, captions=[prompt], guidance_scale=2.0)[0]
+        torch.testing.assert_close(frame, plain, atol=1e-5, rtol=0)
+    same_noise = model.interpolate(3, x_T[[0, 0]], sampler, captions=prompts, guidance_scale=2.0)
+    assert not torch.allclose(same_noise[0], same_noise[-1], atol=1e-3)  # only the prompt moved

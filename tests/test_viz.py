@@ -141,3 +141,26 @@ def test_cli_writes_files_and_rejects_bad_input(tmp_path):
     assert result.returncode != 0 and "missing.png" in result.stderr and "does not exist" in result.stderr
     result = run_cli("unet", "--preset", "huge", "--out", str(tmp_path / "u.png"))
     assert result.returncode != 0 and "tiny" in result.stderr
+
+
+def test_interpolate_cli_writes_a_row_or_an_animation_and_rejects_bad_input(tiny_checkpoint, tmp_path):
+    """``python -m diffexp.viz interpolate --ckpt PATH --out interp.png`` as the README types it."""
+    result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "interp.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "interp.png").size[0] > 8 * 16
+    result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), "--frames", "4", "--steps", "3", "--plain",
+                     "--scale", "1", "--out", str(tmp_path / "plain.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "plain.png").size == (4 * 17 + 1, 18)  # 4 frames of 16 px with 1 px padding
+    result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), "--frames", "3", "--steps", "2",
+                     "--out", str(tmp_path / "interp.gif"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "interp.gif") as gif:
+        assert gif.n_frames == 4  # there and back: 0 1 2 1
+    for args, message in [(["--frames", "1"], "--frames must be at least 2"),
+                          (["--prompt", "a cat"], "needs a text-conditioned checkpoint"),
+                          (["--prompt", "a", "--prompt", "b", "--prompt", "c"], "one prompt"),
+                          (["--ckpt", str(tmp_path / "none.ckpt")], "none.ckpt")]:
+        result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), *args, "--steps", "2",
+                         "--out", str(tmp_path / "bad.png"))
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-600:]

@@ -214,6 +214,19 @@ class TextConditioner(Conditioner):
     def null(self, n, device):
         return self.embed([""] * n, device)
 
+    def interpolated(self, captions: tuple[str, str], weights: torch.Tensor, device) -> dict:
+        """The net's text arguments between two captions' embeddings, one set per weight w in [0, 1]:
+        (1 - w) e_a + w e_b for the tokens and the pooled vector. The token mask is the first caption's at w = 0,
+        the second's at w = 1 and their union in between (positions that are padding in one caption carry its
+        padding embedding), so the endpoints are exactly the two captions."""
+        pair = self.encoder(list(captions))
+        w = weights.to(pair.tokens)
+        tokens = (1 - w)[:, None, None] * pair.tokens[0] + w[:, None, None] * pair.tokens[1]
+        pooled = (1 - w)[:, None] * pair.pooled[0] + w[:, None] * pair.pooled[1]
+        mask = (pair.mask[0] | pair.mask[1]).expand(len(w), -1).clone()
+        mask[weights == 0], mask[weights == 1] = pair.mask[0], pair.mask[1]
+        return {"context": tokens.to(device), "context_mask": mask.to(device), "pooled": pooled.to(device)}
+
     def for_sampling(self, indices):
         captions = self.example_captions or [""]
         return {"captions": [captions[i % len(captions)] for i in indices.tolist()]}

@@ -104,3 +104,23 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(snr.to(per_sample.device)[t], prediction_type, min_snr_gamma).float()
     return per_sample.mean()
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985) between ``a`` and ``b`` (same shape), one result per weight w:
+    sin((1 - w) theta) / sin(theta) a + sin(w theta) / sin(theta) b, theta the angle between the flattened
+    vectors. Gaussian noise keeps its norm along the arc (a straight line would pass through low-norm
+    noise that a diffusion model never saw). Exact endpoints: w = 0 gives a, w = 1 gives b; nearly parallel
+    vectors are interpolated linearly. Returns (len(weights), *a.shape)."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp(min=torch.finfo(torch.float64).tiny)
+    theta = torch.arccos(cos.clamp(-1, 1))
+    w = weights.double().to(a.device).view(-1, *[1] * a.ndim)
+    if theta < 1e-4:
+        mixed = (1 - w) * a.double() + w * b.double()
+    else:
+        mixed = (torch.sin((1 - w) * theta) * a.double() + torch.sin(w * theta) * b.double()) / torch.sin(theta)
+    mixed = mixed.to(a.dtype)
+    mixed[w.flatten() == 0] = a  # sin(theta) / sin(theta) need not round to 1
+    mixed[w.flatten() == 1] = b
+    return mixed

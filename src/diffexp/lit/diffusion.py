@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffexp.conditioning import Conditioner, Unconditional
-from diffexp.diffusion import check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample, training_target
+from diffexp.diffusion import (check_prediction_type, diffusion_loss, prediction_to_x0_eps, q_sample, slerp,
+                               training_target)
+from diffexp.guidance import guided_model
 from diffexp.lit.base import TrainingModule
 from diffexp.samplers import DDIMSampler, Sampler, Trajectory, fixed_noise
 from diffexp.samplers.base import randn
@@ -264,6 +266,7 @@ class DiffusionModel(TrainingModule):
         precision: str | None = None,
         jump_length: int = 10,
         jump_n_sample: int = 1,
+        net_conditions: dict | None = None,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -274,6 +277,8 @@ class DiffusionModel(TrainingModule):
         as images (latent models decode them). ``start_step``/``on_step``/``jump_length``/``jump_n_sample`` go to the sampler
         (:meth:`diffexp.samplers.Sampler.sample`) and act in the model's space (``space.encode`` of an image).
         ``precision`` (default ``sample_precision``) is that of the denoiser calls; the sampler computes in fp32.
+        ``net_conditions``: the net's condition arguments given directly, one per image, instead of ``conditions``
+        (e.g. interpolated text embeddings), guided against the null condition.
         """
         was_training = self.training
         self.eval()
@@ -281,7 +286,11 @@ class DiffusionModel(TrainingModule):
             scale = self.guidance_scale if guidance_scale is None else guidance_scale
             rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
             net = self.net_at(precision or self.sample_precision)
-            model_fn = self.conditioner.model_fn(net, n, conditions, scale, rescale, self.device)
+            if net_conditions is not None:
+                self.conditioner.check_conditions(conditions)
+                model_fn = guided_model(net, net_conditions, self.conditioner.null(n, self.device), scale, rescale)
+            else:
+                model_fn = self.conditioner.model_fn(net, n, conditions, scale, rescale, self.device)
             result = self.make_sampler(sampler).sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step,
@@ -362,6 +371,31 @@ class DiffusionModel(TrainingModule):
         if not self.space.bounded:  # decoded latents: the known pixels from the input itself
             out = out * mask + images * (1 - mask)
         return out
+
+    @torch.no_grad()
+    def interpolate(self, frames: int, x_T: torch.Tensor, sampler: Callable[..., Sampler] | Sampler | None = None,
+                    captions: tuple[str, str] | None = None, progress: bool | None = None,
+                    **sample_options) -> torch.Tensor:
+        """``frames`` images between two samples: the noises ``x_T[0]`` and ``x_T[1]`` interpolated spherically
+        (:func:`diffexp.diffusion.slerp`) and, for text models given two ``captions``, their embeddings linearly
+        (:meth:`diffexp.conditioning.TextConditioner.interpolated`), at w = 0, 1/(frames-1), ..., 1, each decoded
+        by ``sampler``. With a deterministic sampler (DDIM, eta 0; DPM-Solver++(2M); UniPC) the first and last
+        frames are the plain samples of the endpoints, and the row shows how smoothly the model maps its inputs
+        to images. ``sample_options`` go to :meth:`sample` (guidance, conditions for all frames, precision)."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames must be an integer >= 2 (the two endpoints and what lies between), got {frames!r}")
+        if x_T.ndim != 4 or len(x_T) != 2 or tuple(x_T.shape[1:]) != self.sample_shape:
+            raise ValueError(f"x_T must hold the two endpoint noises, (2, {', '.join(map(str, self.sample_shape))}); "
+                             f"got {tuple(x_T.shape)}")
+        weights = torch.linspace(0, 1, frames)
+        noises = slerp(x_T[0], x_T[1], weights.to(x_T.device))
+        net_conditions = None
+        if captions is not None:
+            if not hasattr(self.conditioner, "interpolated") or len(captions) != 2:
+                raise ValueError("interpolating prompts needs a text-conditioned model and two captions")
+            net_conditions = self.conditioner.interpolated(tuple(captions), weights, self.device)
+        return self.sample(frames, sampler=sampler, x_T=noises.to(self.device), progress=progress,
+                           net_conditions=net_conditions, **sample_options)
 
     # --- images for callbacks -------------------------------------------------------------------
     @torch.no_grad()

@@ -7,6 +7,8 @@
     python -m diffexp.viz unet --preset small --image-size 32 --channels 3 --out unet.png --table unet.md
     python -m diffexp.viz trajectories --ckpt RUN/checkpoints/last.ckpt --out ddpm_vs_ddim.png
     python -m diffexp.viz guidance --ckpt RUN/checkpoints/last.ckpt --prompt "a red circle" --out guidance.png
+    python -m diffexp.viz interpolate --ckpt RUN/checkpoints/last.ckpt --out interp.png   (or interp.gif)
+    python -m diffexp.viz interpolate --ckpt CKPT --prompt "a red circle" --prompt "a blue square" --out interp.png
 """
 from __future__ import annotations
 
@@ -113,6 +115,39 @@ def cmd_guidance(args) -> Path:
     return Path(args.out)
 
 
+def cmd_interpolate(args) -> Path:
+    from diffexp.images import save_grid
+    from diffexp.samplers import DDIMSampler
+    from diffexp.viz.animation import frames_from_images, save_animation
+    from diffexp.viz.interpolation import interpolation_figure, interpolation_frames
+
+    if args.frames < 2:
+        raise ValueError(f"--frames must be at least 2, got {args.frames}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    prompts = args.prompt
+    if prompts is not None and len(prompts) not in (1, 2):
+        raise ValueError(f"--prompt takes one prompt (noise interpolation under it) or two (from one to the other), "
+                         f"got {len(prompts)}")
+    if prompts is not None and len(prompts) == 1:
+        prompts = prompts * 2
+    model = load(args)
+    sampler = DDIMSampler(model.schedule, steps=args.steps, prediction_type=model.prediction_type, progress=False)
+    moving_prompt = prompts is not None and prompts[0] != prompts[1]
+    seed_b = args.seed_b if args.seed_b is not None else (args.seed if moving_prompt else args.seed + 1)
+    images = interpolation_frames(model, args.frames, args.seed, seed_b, prompts and tuple(prompts), sampler,
+                                  args.guidance_scale).cpu()
+    out = Path(args.out)
+    if out.suffix.lower() in (".gif", ".mp4"):
+        frames = frames_from_images([image[None] for image in images], scale=args.scale)
+        return save_animation(frames + frames[-2:0:-1], out, args.fps)  # there and back, a loop
+    if out.suffix.lower() == ".png" and args.plain:
+        return save_grid(images, out, nrow=len(images), scale=args.scale)
+    title = f"seed {args.seed} -> {seed_b}" + (f'; "{prompts[0]}" -> "{prompts[1]}"' if moving_prompt else "")
+    save_figure(interpolation_figure(images, title), out)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffexp.viz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +196,22 @@ def main(argv=None) -> None:
             p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 7.5])
             p.add_argument("--n", type=int, default=4)
         p.set_defaults(run=fn)
+    p = sub.add_parser("interpolate", help="a row of samples between two noises (and two prompts), DDIM-decoded")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50, help="DDIM (eta 0) steps per frame")
+    p.add_argument("--seed", type=int, default=0, help="noise of the first frame")
+    p.add_argument("--seed-b", type=int, default=None,
+                   help="noise of the last frame (default: seed + 1; with two different prompts: seed)")
+    p.add_argument("--prompt", action="append", help="text models: once (noise interpolation under it) or twice "
+                   "(from the first prompt to the second)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of .gif frames and --plain grids")
+    p.add_argument("--fps", type=float, default=6)
+    p.add_argument("--plain", action="store_true", help=".png: the bare image row, no labels")
+    p.add_argument("--out", required=True, help=".png (a labelled row) or .gif/.mp4 (there and back)")
+    p.set_defaults(run=cmd_interpolate)
     args = parser.parse_args(argv)
     try:
         out = args.run(args)
