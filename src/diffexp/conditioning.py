@@ -153,7 +153,8 @@ class TextConditioner(Conditioner):
     """Captions (``batch["caption"]``) through ``encoder`` (a :class:`diffexp.text.TextEncoder`) into the
     net's cross-attention; the empty caption is the null condition.
 
-    :meth:`fit` builds a learned encoder's vocabulary from the training captions and remembers up to 64
+    :meth:`fit` builds a learned encoder's vocabulary from the training captions (or, when the encoder already has
+    one, from trained weights, appends the new words: ids never change) and remembers up to 64
     validation captions as monitoring prompts (saved with the weights, so a checkpoint keeps them).
     """
 
@@ -186,6 +187,13 @@ class TextConditioner(Conditioner):
             self.example_captions = list(self._captions(datamodule, "val")[:64])
         if self.encoder.needs_vocabulary:
             self.encoder.fit_vocabulary(self._captions(datamodule, "train"))
+        elif hasattr(self.encoder, "extend_vocabulary"):  # started from trained weights: new words are appended
+            added = self.encoder.extend_vocabulary(self._captions(datamodule, "train"))
+            if added:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(f"[diffexp] text encoder vocabulary extended by {len(added)} words {added[:10]} "
+                               f"(existing ids unchanged)")
 
     @staticmethod
     def _captions(datamodule, split: str) -> list[str]:

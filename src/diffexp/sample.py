@@ -206,6 +206,8 @@ def run(cfg: DictConfig) -> dict:
     check_number("strength", cfg.get("strength", 0.6), minimum=0, maximum=1)
     check_number("jump_length", cfg.get("jump_length", 10), integer=True, positive=True)
     check_number("jump_n_sample", cfg.get("jump_n_sample", 1), integer=True, positive=True)
+    if not isinstance(cfg.get("lora_merge", False), bool):
+        raise ValueError(f"lora_merge must be true or false, got {cfg.lora_merge!r}")
     if not isinstance(cfg.use_ema, bool):
         raise ValueError(f"use_ema must be true or false, got {cfg.use_ema!r}")
     check_precision(cfg.get("precision", "auto"), "precision")
@@ -224,6 +226,13 @@ def run(cfg: DictConfig) -> dict:
 
 def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    if cfg.get("lora"):
+        from diffexp.finetune import load_adapter
+
+        load_adapter(model, cfg.lora, merge=cfg.get("lora_merge", False))
+        model.to(device).eval()
+    elif cfg.get("lora_merge"):
+        warnings.warn("lora_merge=true has no effect without lora=ADAPTER", stacklevel=2)
     model.sample_precision = cfg.get("precision", "auto")
     if cfg.get("compile", False):
         model.speed_up(compile=True, mode=cfg.get("compile_mode"))
@@ -268,6 +277,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
                "init_image": str(cfg.init_image) if inputs is not None else None,
                "strength": cfg.get("strength", 0.6) if inputs is not None else None,
                "mask": str(cfg.mask) if mask is not None else None,
+               "lora": str(cfg.lora) if cfg.get("lora") else None,
                **({"jump_length": resampling["jump_length"], "jump_n_sample": resampling["jump_n_sample"]}
                   if mask is not None else {}),
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,

@@ -89,6 +89,8 @@ def build(cfg: DictConfig):
                          f"and validation), got {every!r}")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    if cfg.get("init_from"):
+        start_from_weights(model, cfg)
     if cfg.get("cache_latents"):
         if not isinstance(model, DiffusionModel):
             raise ValueError(f"cache_latents=true pre-encodes the data for latent diffusion; model={cfg.model._target_} "
@@ -102,6 +104,25 @@ def build(cfg: DictConfig):
     callbacks += quiet_progress_bar(cfg.trainer, callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, callbacks, loggers, trainer
+
+
+def start_from_weights(model, cfg: DictConfig) -> None:
+    """``init_from=CKPT``: the weights of another run (EMA by default) as the starting point of this one."""
+    from diffexp.finetune import adapter_summary, load_initial_weights
+
+    if not isinstance(model, DiffusionModel):
+        raise ValueError(f"init_from= starts a diffusion model from a trained one; model={cfg.model._target_} "
+                         f"does not diffuse")
+    if not isinstance(cfg.get("init_from_ema", True), bool):
+        raise ValueError(f"init_from_ema must be true or false, got {cfg.init_from_ema!r}")
+    loaded = load_initial_weights(model, cfg.init_from, use_ema=cfg.get("init_from_ema", True))
+    rank_zero_info(f"[diffexp] initial weights from {loaded['path']} ({'EMA' if cfg.get('init_from_ema', True) else 'raw'}"
+                   f" where saved); optimizer and step count start fresh")
+    if model.lora is not None:
+        rank_zero_info(f"[diffexp] LoRA: {adapter_summary(model)}")
+    if cfg.get("ckpt_path"):
+        rank_zero_warn(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path}: resuming from ckpt_path, whose "
+                       f"weights replace the initial ones")
 
 
 def matmul_precision(value: str, trainer) -> str:
@@ -204,7 +225,14 @@ def run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         update_run_info(run_dir, {"replica_weight_digests": replicas})
         with ema_weights(trainer, model):  # the weights to share: EMA when it is on
-            save_weights(model.state_dict(), model.run_config, run_dir / "checkpoints" / WEIGHTS_NAME)
+            state = model.state_dict()
+            save_weights(state, model.run_config, run_dir / "checkpoints" / WEIGHTS_NAME)
+            if isinstance(model, DiffusionModel) and model.lora is not None:
+                from diffexp.finetune import ADAPTER_NAME, save_adapter
+
+                adapter = save_adapter(model, state, model.run_config, run_dir / "checkpoints" / ADAPTER_NAME)
+                rank_zero_info(f"[diffexp] LoRA adapter ({adapter.stat().st_size / 1024:.0f} KiB): {adapter}; sample "
+                               f"with: python sample.py ckpt={cfg.init_from or 'BASE'} lora={adapter}")
     hint = wandb_sync_hint(loggers, cfg) if trainer.is_global_zero else None
     if hint:
         rank_zero_info(f"[diffexp] offline W&B run; upload it with: {hint}")

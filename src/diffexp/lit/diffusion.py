@@ -71,6 +71,8 @@ class DiffusionModel(TrainingModule):
         sample_precision: precision of the denoiser calls in :meth:`sample` (the sampler's arithmetic stays fp32):
             ``auto`` = the Trainer's (bf16 under ``bf16-mixed``); outside one bf16 on CUDA, fp32 on CPU; ``bf16`` | ``fp16`` |
             ``fp32``.
+        lora: ``model.lora`` (:class:`diffexp.lora.LoraSettings`): with ``rank`` > 0 only low-rank adapters on the
+            target layers of the denoiser (and of a learned text encoder) train; everything else is frozen.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class DiffusionModel(TrainingModule):
         compile_mode: str | None = None,
         channels_last: bool = False,
         sample_precision: str = "auto",
+        lora: dict | None = None,
     ):
         super().__init__(optimizer, lr_scheduler)
         self.net = net
@@ -122,6 +125,35 @@ class DiffusionModel(TrainingModule):
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
         self.register_buffer("snr", schedule.snr.float(), persistent=False)
         self.make_sampler()  # bad sampler settings fail now, not at the first sample grid
+        self.lora = None
+        self.add_lora(lora)
+
+    def add_lora(self, lora) -> None:
+        """Add LoRA adapters (:mod:`diffexp.lora`, ``peft``) to the denoiser and to a trainable text encoder, then
+        freeze every other parameter. ``lora``: :class:`~diffexp.lora.LoraSettings` or its config (rank 0: no-op)."""
+        from diffexp.lora import LoraSettings, add_lora, is_adapter_key
+
+        settings = LoraSettings.from_config(lora)
+        if settings.rank == 0:
+            return
+        if self.lora is not None:
+            raise ValueError("this model already has LoRA adapters (merge them first to add others)")
+        modules = {"net": self.net}
+        encoder = getattr(self.conditioner, "encoder", None)
+        if encoder is not None and getattr(encoder, "trainable", False):
+            modules["text encoder"] = encoder
+        self.lora_layers = add_lora(modules, settings)
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(is_adapter_key(name))
+        self.lora = settings
+
+    def adapter_state_dict(self, state: dict | None = None) -> dict:
+        """The LoRA adapters' tensors of ``state`` (default: this model's state dict) and the non-tensor state a
+        sampler needs with them (a learned tokenizer's vocabulary, monitoring captions)."""
+        from diffexp.lora import is_adapter_key
+
+        state = self.state_dict() if state is None else state
+        return {k: v for k, v in state.items() if is_adapter_key(k) or k.endswith("_extra_state")}
 
     # --- training -------------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -45,6 +45,18 @@ class LearnedTextEncoder(TextEncoder):
             raise ValueError(f"text_encoder.max_vocab={self.max_vocab} is too small for {len(found)} distinct words")
         self.vocab = [PAD, UNK, EMPTY, *found]
 
+    def extend_vocabulary(self, captions) -> list[str]:
+        """Append the words of ``captions`` not yet in the vocabulary (sorted) after the existing ones, so every
+        existing word keeps its id and its embedding; returns the words added. Fine-tuning on captions with a
+        new word uses this: the word gets a row of the embedding table of its own (it was ``<unk>`` before)."""
+        known = set(self.vocab)
+        added = sorted({w for c in captions for w in words(c)} - known)
+        if len(self.vocab) + len(added) > self.max_vocab:
+            raise ValueError(f"text_encoder.max_vocab={self.max_vocab} is too small to add {len(added)} words to the "
+                             f"{len(self.vocab)} the checkpoint knows (the embedding table cannot grow)")
+        self.vocab = [*self.vocab, *added]
+        return added
+
     def get_extra_state(self):
         return {"vocab": self.vocab}
 
