@@ -62,7 +62,8 @@ def test_lora_starts_as_the_base_model_and_merging_keeps_the_function():
 
 
 def test_bad_lora_settings_and_targets_without_attention_give_clear_errors():
-    with pytest.raises(ValueError, match=r"target_modules=\['to_q', 'to_kv'\] match no layer.*attention"):
+    message = r"target_modules=\['to_q', 'to_kv'\] match no layer.*'qkv'.*cross-attention, text models only"
+    with pytest.raises(ValueError, match=message):
         attention_model(rank=4, target_modules=["to_q", "to_kv"])  # cross-attention: an unconditional net has none
     from diffexp.lora import LoraSettings, add_lora
 
@@ -87,7 +88,11 @@ def test_learned_vocabulary_is_extended_without_changing_ids():
     encoder.fit_vocabulary(["a red circle", "a blue square"])
     ids_before, _ = encoder.tokenize(["a red circle", "a blue star"])
     assert ids_before[1, 2] == 1  # "star" is <unk> before
+    known_rows = encoder.embed.weight[:8].clone()
     assert encoder.extend_vocabulary(["a red star", "a zebra circle"]) == ["star", "zebra"]
+    assert torch.equal(encoder.embed.weight[:8], known_rows)  # known words keep their vectors
+    mean = known_rows[3:8].mean(0)
+    assert torch.equal(encoder.embed.weight[8], mean) and torch.equal(encoder.embed.weight[9], mean)
     assert encoder.vocab[:8] == ["<pad>", "<unk>", "<empty>", "a", "blue", "circle", "red", "square"]
     ids_after, _ = encoder.tokenize(["a red circle", "a blue star"])
     assert torch.equal(ids_after[0], ids_before[0]) and ids_after[1, 2] == encoder.vocab.index("star")

@@ -133,6 +133,30 @@ def test_adherence_reads_back_real_images():
         assert describe(render("red", shape, "center", "large"))["shape"] == shape
 
 
+def test_star_is_a_new_shape_behind_an_option_and_the_reader_is_unchanged_for_the_others(monkeypatch):
+    import diffexp.data.shapes as shapes_module
+    from diffexp.data.shapes import ALL_SHAPES, NEW_SHAPES
+
+    assert "star" in NEW_SHAPES and "star" not in SHAPES
+    default = ShapesDataModule(num_train=200, num_val=20)
+    default.setup()
+    assert not any("star" in c for c in default.train_set.captions)  # the default data never draws one
+    stars = ShapesDataModule(num_train=60, num_val=10, shapes=["star"], holdout=[])
+    stars.setup()
+    assert all(" star " in c for c in stars.train_set.captions)
+    assert (stars.train_set.labels == ALL_SHAPES.index("star")).all()
+    assert caption_adherence(stars.train_set.images, stars.train_set.captions)["adherence"] >= 0.98
+    assert parse_caption("a large cyan star in the top")["shape"] == "star"
+    images, _, labels = make_shapes(300, seed=5)
+    with_star = [describe(image) for image in images]
+    monkeypatch.setattr(shapes_module, "ALL_SHAPES", SHAPES)  # the reader before the star existed
+    assert [describe(image) for image in images] == with_star
+    assert [r["shape"] for r in with_star] == [SHAPES[int(i)] for i in labels[:, 1]]
+    for bad in (["hexagon"], [], ["star", "star"]):
+        with pytest.raises(ValueError, match="data.shapes must list distinct shapes"):
+            ShapesDataModule(shapes=bad)
+
+
 def test_text2img_train_and_sample_with_prompt(tmp_path):
     from diffexp.sample import run as sample_run
     from diffexp.train import run as train_run

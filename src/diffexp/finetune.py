@@ -93,6 +93,8 @@ def load_adapter(model, path: str | Path, merge: bool = False) -> LoraSettings:
     if missing or unexpected:
         raise CheckpointError(f"lora={str(path)!r} does not fit this base model (missing: {_listed(missing)}; not in "
                               f"the model: {_listed(unexpected)}); pass the ckpt= it was trained from")
+    encoder = getattr(model.conditioner, "encoder", None)
+    known_words = len(getattr(encoder, "vocab", []))
     state = model.state_dict()
     for key, value in saved["state_dict"].items():
         if torch.is_tensor(value) and value.shape != state[key].shape:
@@ -100,6 +102,8 @@ def load_adapter(model, path: str | Path, merge: bool = False) -> LoraSettings:
                                   f"there, {tuple(state[key].shape)} here")
     state.update(saved["state_dict"])
     model.load_state_dict(state)
+    if hasattr(encoder, "initialise_rows") and len(encoder.vocab) > known_words:
+        encoder.initialise_rows(known_words)  # words the fine-tuning added: as they started there
     model.adapter_info = {"path": str(path), "settings": settings.as_dict(),
                           "base": (saved[CONFIG_KEY].get("init_from") or None)}
     if merge:

@@ -77,9 +77,9 @@ def add_lora(modules: dict[str, nn.Module], settings: LoraSettings) -> dict[str,
     if not any(found.values()):
         names = sorted({name.rsplit(".", 1)[-1] for module in modules.values()
                         for name, layer in module.named_modules() if isinstance(layer, ADAPTABLE)})
-        raise ValueError(f"model.lora.target_modules={settings.target_modules} match no layer of this model (a "
-                         f"U-Net without attention has none of the attention targets: unet.attention_resolutions "
-                         f"is empty?); layers it has: {names}")
+        raise ValueError(f"model.lora.target_modules={settings.target_modules} match no layer of this model; layers "
+                         f"it has: {names} (qkv, proj: self-attention; to_q, to_kv: cross-attention, text models "
+                         f"only; a net without attention has none of these; conv1, conv2: ResBlock convolutions)")
     for where, layers in found.items():
         if layers:
             config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank, target_modules=layers,

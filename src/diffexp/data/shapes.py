@@ -16,7 +16,9 @@ from diffexp.data.base import ImageDataModule, TensorImageDataset
 
 COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.35, 0.95),
            "yellow": (0.95, 0.85, 0.15), "magenta": (0.9, 0.2, 0.85), "cyan": (0.15, 0.85, 0.9)}
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "diamond")  # the default data
+NEW_SHAPES = ("star",)  # off by default: a concept to teach a trained model (data.shapes=[star])
+ALL_SHAPES = SHAPES + NEW_SHAPES
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SIZES = {"small": 0.28, "large": 0.42}  # half-extent as a fraction of a grid cell
 BACKGROUND = (0.06, 0.06, 0.08)
@@ -26,6 +28,26 @@ DEFAULT_HOLDOUT = (("red", "triangle"), ("blue", "circle"), ("green", "square"))
 def caption_for(colour: str, shape: str, position: str, size: str) -> str:
     where = "in the center" if position == "center" else f"in the {position}"
     return f"a {size} {colour} {shape} {where}"
+
+
+def star_vertices(outer: float, inner: float, points: int = 5) -> torch.Tensor:
+    """(2 * points, 2) vertices (x, y; y down) of a star, alternating tips at radius ``outer`` and notches at ``inner``,
+    the first tip straight up."""
+    angles = torch.arange(2 * points) * torch.pi / points - torch.pi / 2
+    radii = torch.tensor([outer, inner]).repeat(points)
+    return torch.stack([radii * torch.cos(angles), radii * torch.sin(angles)], dim=1)
+
+
+def inside_polygon(x: torch.Tensor, y: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
+    """Whether each point (x, y) lies inside the polygon (even-odd rule: a ray to +x crosses an odd number of
+    edges)."""
+    inside = torch.zeros_like(x, dtype=torch.bool)
+    for (x1, y1), (x2, y2) in zip(vertices.tolist(), vertices.roll(-1, 0).tolist()):
+        if y1 == y2:
+            continue
+        crosses = ((y1 > y) != (y2 > y)) & (x < x1 + (y - y1) * (x2 - x1) / (y2 - y1))
+        inside ^= crosses
+    return inside
 
 
 def shape_mask(shape: str, cx: float, cy: float, half: float, size: int, supersample: int = 4) -> torch.Tensor:
@@ -42,8 +64,10 @@ def shape_mask(shape: str, cx: float, cy: float, half: float, size: int, supersa
         inside = (dy <= half) & (dy >= -half) & (dx.abs() <= (dy + half) / 2)
     elif shape == "diamond":
         inside = dx.abs() + dy.abs() <= half
+    elif shape == "star":  # five points, one straight up; points reach 1.25 half, the notches 0.5 half
+        inside = inside_polygon(dx, dy, star_vertices(1.25 * half, 0.5 * half))
     else:
-        raise ValueError(f"unknown shape {shape!r}; allowed: {list(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; allowed: {list(ALL_SHAPES)}")
     return F.avg_pool2d(inside.float()[None, None], supersample)[0, 0]
 
 
@@ -60,58 +84,75 @@ def render(colour: str, shape: str, position: str, size: str, image_size: int = 
     return (bg + alpha * (fg - bg)) * 2 - 1
 
 
-def make_shapes(n: int, seed: int, image_size: int = 32, exclude=(), only=None):
+def make_shapes(n: int, seed: int, image_size: int = 32, exclude=(), only=None, shapes=SHAPES):
     """``n`` random shapes: (images (n, 3, S, S) in [-1, 1], captions, attribute labels (n, 4)).
 
-    Labels are indices (colour, shape, position, size). ``exclude`` drops colour-shape pairs;
-    ``only`` keeps just those pairs.
+    Labels are indices (colour, shape in :data:`ALL_SHAPES`, position, size). ``exclude`` drops colour-shape
+    pairs; ``only`` keeps just those pairs; ``shapes`` are the shapes drawn from (the default four: the default
+    data, unchanged by the shapes added since).
     """
     g = torch.Generator().manual_seed(seed)
     colours = list(COLOURS)
     exclude, only = {tuple(p) for p in exclude}, ({tuple(p) for p in only} if only else None)
     images, captions, labels = [], [], []
     while len(images) < n:
-        c, s, p, z = (int(torch.randint(k, (1,), generator=g)) for k in (len(colours), len(SHAPES), len(POSITIONS), len(SIZES)))
+        c, s, p, z = (int(torch.randint(k, (1,), generator=g)) for k in (len(colours), len(shapes), len(POSITIONS), len(SIZES)))
         jitter = tuple(((torch.rand(2, generator=g) - 0.5) * image_size / 16).tolist())
-        pair = (colours[c], SHAPES[s])
+        pair = (colours[c], shapes[s])
         if pair in exclude or (only is not None and pair not in only):
             continue
         size = list(SIZES)[z]
-        images.append(render(colours[c], SHAPES[s], POSITIONS[p], size, image_size, jitter))
-        captions.append(caption_for(colours[c], SHAPES[s], POSITIONS[p], size))
-        labels.append((c, s, p, z))
+        images.append(render(colours[c], shapes[s], POSITIONS[p], size, image_size, jitter))
+        captions.append(caption_for(colours[c], shapes[s], POSITIONS[p], size))
+        labels.append((c, ALL_SHAPES.index(shapes[s]), p, z))
     return torch.stack(images), captions, torch.tensor(labels)
 
 
 class ShapesDataModule(ImageDataModule):
-    """``data=shapes``: ``num_train``/``num_val`` captioned shapes; ``holdout`` pairs only in ``held_out_set``."""
+    """``data=shapes``: ``num_train``/``num_val`` captioned shapes; ``holdout`` pairs only in ``held_out_set``;
+    ``shapes``: the shapes drawn (default the four of the default data; ``[star]``: a new concept to fine-tune on);
+    ``replay``: that many images of the default shapes added to the training set, so fine-tuning on a new shape
+    keeps seeing the known ones (replay of the original data, the role of DreamBooth's prior preservation)."""
 
     name = "shapes"
 
     def __init__(self, num_train: int = 20000, num_val: int = 1000, image_size: int = 32, batch_size: int = 128,
-                 num_workers: int = 0, seed: int = 0, holdout=DEFAULT_HOLDOUT, channels: int = 3):
+                 num_workers: int = 0, seed: int = 0, holdout=DEFAULT_HOLDOUT, channels: int = 3, shapes=SHAPES,
+                 replay: int = 0):
         if channels != 3:
             raise ValueError(f"data=shapes is RGB: data.channels must be 3, got {channels}")
         if image_size < 16:
             raise ValueError(f"data.image_size must be >= 16 for shapes, got {image_size}")
+        shapes = tuple(shapes) if not isinstance(shapes, str) else (shapes,)
+        unknown = [s for s in shapes if s not in ALL_SHAPES]
+        if not shapes or unknown or len(set(shapes)) != len(shapes):
+            raise ValueError(f"data.shapes must list distinct shapes from {list(ALL_SHAPES)}, got {list(shapes)}")
         for pair in holdout:
-            if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
+            if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in ALL_SHAPES:
                 raise ValueError(f"data.holdout entries are [colour, shape] with colour in {list(COLOURS)} and "
-                                 f"shape in {list(SHAPES)}; got {list(pair)}")
+                                 f"shape in {list(ALL_SHAPES)}; got {list(pair)}")
         super().__init__(image_size=image_size, channels=3, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.num_train, self.num_val = num_train, num_val
         self.holdout = [tuple(p) for p in holdout]
+        self.shapes = shapes
+        if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+            raise ValueError(f"data.replay must be a number of images >= 0, got {replay!r}")
+        self.replay = replay
         self.held_out_set: TensorImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x, caps, y = make_shapes(self.num_train, self.seed, self.image_size, exclude=self.holdout)
+        kw = dict(image_size=self.image_size, shapes=self.shapes)
+        x, caps, y = make_shapes(self.num_train, self.seed, exclude=self.holdout, **kw)
+        if self.replay:
+            known = make_shapes(self.replay, self.seed + 3, self.image_size, exclude=DEFAULT_HOLDOUT)
+            x, caps, y = torch.cat([x, known[0]]), caps + known[1], torch.cat([y, known[2]])
         self.train_set = TensorImageDataset(x, y[:, 1], caps)
-        x, caps, y = make_shapes(self.num_val, self.seed + 1, self.image_size, exclude=self.holdout)
+        x, caps, y = make_shapes(self.num_val, self.seed + 1, exclude=self.holdout, **kw)
         self.val_set = TensorImageDataset(x, y[:, 1], caps)
-        if self.holdout:
-            x, caps, y = make_shapes(max(1, self.num_val // 4), self.seed + 2, self.image_size, only=self.holdout)
+        if any(pair[1] in self.shapes for pair in self.holdout):
+            x, caps, y = make_shapes(max(1, self.num_val // 4), self.seed + 2, only=self.holdout, **kw)
             self.held_out_set = TensorImageDataset(x, y[:, 1], caps)
 
 
@@ -120,7 +161,7 @@ def describe(image: torch.Tensor, threshold: float = 0.25) -> dict | None:
 
     Foreground = pixels farther than ``threshold`` from the background colour. Colour = the
     palette entry nearest the mean foreground colour; position = the grid cell of the
-    foreground's bounding-box centre; shape and size = the rendered template (every shape x
+    foreground's bounding-box centre; shape and size = the rendered template (every shape of :data:`ALL_SHAPES` x
     size, centred on that box, shifted up to 1 px vertically) closest in L2 to the image's coverage map. None when nothing
     is drawn.
     """
@@ -140,5 +181,5 @@ def describe(image: torch.Tensor, threshold: float = 0.25) -> dict | None:
     cell = image_size / 3
     row, col = min(2, int(cy // cell)), min(2, int(cx // cell))
     best = min((float((shape_mask(shape, cx, cy + dy, SIZES[size] * cell, image_size) - coverage).pow(2).sum()),
-                 shape, size) for shape in SHAPES for size in SIZES for dy in (-1.0, -0.5, 0.0, 0.5, 1.0))
+                 shape, size) for shape in ALL_SHAPES for size in SIZES for dy in (-1.0, -0.5, 0.0, 0.5, 1.0))
     return {"colour": list(COLOURS)[c], "shape": best[1], "position": POSITIONS[row * 3 + col], "size": best[2]}

@@ -5,11 +5,11 @@ import re
 
 import torch
 
-from diffexp.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, describe
+from diffexp.data.shapes import ALL_SHAPES, COLOURS, POSITIONS, SIZES, describe
 
 ATTRIBUTES = ("colour", "shape", "position", "size")
 _CAPTION = re.compile(r"^a (?:(?P<size>%s) )?(?P<colour>%s) (?P<shape>%s)(?: (?:in|at) the (?P<position>%s))?$" % (
-    "|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES), "|".join(sorted(POSITIONS, key=len, reverse=True))))
+    "|".join(SIZES), "|".join(COLOURS), "|".join(ALL_SHAPES), "|".join(sorted(POSITIONS, key=len, reverse=True))))
 
 
 def parse_caption(caption: str) -> dict:

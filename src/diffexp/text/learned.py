@@ -48,14 +48,27 @@ class LearnedTextEncoder(TextEncoder):
     def extend_vocabulary(self, captions) -> list[str]:
         """Append the words of ``captions`` not yet in the vocabulary (sorted) after the existing ones, so every
         existing word keeps its id and its embedding; returns the words added. Fine-tuning on captions with a
-        new word uses this: the word gets a row of the embedding table of its own (it was ``<unk>`` before)."""
+        new word uses this: the word gets a row of the embedding table of its own (it was ``<unk>`` before),
+        initialised by :meth:`initialise_rows`."""
         known = set(self.vocab)
         added = sorted({w for c in captions for w in words(c)} - known)
         if len(self.vocab) + len(added) > self.max_vocab:
             raise ValueError(f"text_encoder.max_vocab={self.max_vocab} is too small to add {len(added)} words to the "
                              f"{len(self.vocab)} the checkpoint knows (the embedding table cannot grow)")
+        first = len(self.vocab)
         self.vocab = [*self.vocab, *added]
+        self.initialise_rows(first)
         return added
+
+    @torch.no_grad()
+    def initialise_rows(self, first: int) -> None:
+        """Set the embeddings of the words from id ``first`` on to the mean embedding of the known words (ids 3 to
+        first - 1), as ``transformers`` initialises added tokens: a new word starts as an average word, not as a
+        random vector like the never-trained ``<unk>``. Deterministic from the known rows, so a LoRA adapter
+        (which does not store the table) gets the same rows back on its base model."""
+        table = getattr(self.embed, "base_layer", self.embed).weight  # under a LoRA adapter: the frozen table
+        if first > 3 and len(self.vocab) > first:
+            table[first:len(self.vocab)] = table[3:first].mean(0)
 
     def get_extra_state(self):
         return {"vocab": self.vocab}
