@@ -169,6 +169,42 @@ def test_sample_py_on_a_text_conditioned_latent_checkpoint(tmp_path, vae_ckpt, m
     samples = np.load(out / "samples.npz")
     assert samples["images"].shape[1:] == (32, 32, 3) and len(samples["images"]) == 4
 
+    # editing, interpolation and LoRA fine-tuning on the latent text model, as on pixel models
+    from PIL import Image
+
+    from diffexp.viz.__main__ import main as viz
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    Image.fromarray(samples["images"][0]).save(tmp_path / "input.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for name, extra in {"edit": ["strength=0.5"], "inpaint": [f"mask={tmp_path / 'mask.png'}", "strength=1",
+                                                             "jump_length=1", "jump_n_sample=2"]}.items():
+        cfg = compose_config("sample", [f"ckpt={ckpt}", "n=2", "sampler.steps=2", f"out={tmp_path / name}",
+                                        f"init_image={tmp_path / 'input.png'}", "prompt=a red circle", *extra],
+                             tmp_path / f"s_{name}")
+        summary = sample_run(cfg)
+        assert np.load(tmp_path / name / "samples.npz")["images"].shape == (2, 32, 32, 3)
+    assert summary["nfe"] == 3  # 2 steps, the first redone once (RePaint jump at level 1)
+    filled = np.load(tmp_path / "inpaint" / "samples.npz")["images"]
+    original = np.asarray(Image.open(tmp_path / "input.png"))
+    assert (filled[:, 16:] == original[16:]).all()  # kept pixels: the input's, blended in pixel space
+    viz(["interpolate", "--ckpt", str(ckpt), "--frames", "3", "--steps", "2", "--prompt", "a red circle",
+         "--prompt", "a blue square", "--out", str(tmp_path / "interp.png")])
+    assert (tmp_path / "interp.png").is_file()
+    overrides = SHRINK + LATENT + ["experiment=shapes_latent_text2img", f"vae.ckpt={vae_ckpt}", "paths.latest_link=null",
+                                   f"init_from={ckpt}", "model.lora.rank=2", "trainer.max_steps=2"]
+    run(compose_config("train", overrides, tmp_path / "lora_run"))
+    adapter = tmp_path / "lora_run" / "checkpoints" / "adapter.safetensors"
+    images = {}
+    for name, extra in {"adapter": [f"ckpt={ckpt}", f"lora={adapter}"],
+                        "run": [f"ckpt={tmp_path / 'lora_run' / 'checkpoints' / 'model.safetensors'}"]}.items():
+        sample_run(compose_config("sample", extra + ["n=2", "sampler.steps=2", "prompt=a red circle",
+                                                     f"out={tmp_path / name}"], tmp_path / f"s_{name}"))
+        images[name] = np.load(tmp_path / name / "samples.npz")["images"]
+    assert np.array_equal(images["adapter"], images["run"])
+
 
 # --- pretrained (diffusers) autoencoders, built from tiny random configs ---------------------------------
 TINY_KL = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,

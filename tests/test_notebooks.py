@@ -19,8 +19,8 @@ def runner():
     return module
 
 
-def test_there_are_eight_notebooks_each_committed_with_outputs():
-    assert len(SOURCES) == 8
+def test_there_are_nine_notebooks_each_committed_with_outputs():
+    assert len(SOURCES) == 9
     for source in SOURCES:
         notebook = EXPERIMENTS / f"{source.stem}.ipynb"
         assert notebook.is_file(), f"{notebook.name} is not committed"

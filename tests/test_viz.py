@@ -143,6 +143,7 @@ def test_cli_writes_files_and_rejects_bad_input(tmp_path):
     assert result.returncode != 0 and "tiny" in result.stderr
 
 
+@pytest.mark.slow
 def test_interpolate_cli_writes_a_row_or_an_animation_and_rejects_bad_input(tiny_checkpoint, tmp_path):
     """``python -m diffexp.viz interpolate --ckpt PATH --out interp.png`` as the README types it."""
     result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "interp.png"))

@@ -72,6 +72,14 @@ class Conditioner(nn.Module):
         index always gets the same condition, so runs and ranks agree."""
         return {}
 
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """{name: module} of the conditioner's own trainable networks (a learned text encoder), for adapters."""
+        return {}
+
+    def interpolated(self, captions: tuple[str, str], weights: torch.Tensor, device) -> dict:
+        """The net's condition arguments between two captions, one set per weight in [0, 1] (text models)."""
+        raise ValueError("interpolating prompts needs a text-conditioned model (this one is not)")
+
     def check_conditions(self, conditions: dict) -> dict:
         """The given (non-None) conditions; a clear error for ones this model does not take."""
         given = {k: v for k, v in conditions.items() if v is not None}
@@ -221,6 +229,9 @@ class TextConditioner(Conditioner):
 
     def null(self, n, device):
         return self.embed([""] * n, device)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"text encoder": self.encoder} if getattr(self.encoder, "trainable", False) else {}
 
     def interpolated(self, captions: tuple[str, str], weights: torch.Tensor, device) -> dict:
         """The net's text arguments between two captions' embeddings, one set per weight w in [0, 1]:

@@ -138,11 +138,7 @@ class DiffusionModel(TrainingModule):
             return
         if self.lora is not None:
             raise ValueError("this model already has LoRA adapters (merge them first to add others)")
-        modules = {"net": self.net}
-        encoder = getattr(self.conditioner, "encoder", None)
-        if encoder is not None and getattr(encoder, "trainable", False):
-            modules["text encoder"] = encoder
-        self.lora_layers = add_lora(modules, settings)
+        self.lora_layers = add_lora({"net": self.net, **self.conditioner.trainable_modules()}, settings)
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(is_adapter_key(name))
         self.lora = settings
@@ -410,7 +406,7 @@ class DiffusionModel(TrainingModule):
                     **sample_options) -> torch.Tensor:
         """``frames`` images between two samples: the noises ``x_T[0]`` and ``x_T[1]`` interpolated spherically
         (:func:`diffexp.diffusion.slerp`) and, for text models given two ``captions``, their embeddings linearly
-        (:meth:`diffexp.conditioning.TextConditioner.interpolated`), at w = 0, 1/(frames-1), ..., 1, each decoded
+        (the conditioner's ``interpolated``), at w = 0, 1/(frames-1), ..., 1, each decoded
         by ``sampler``. With a deterministic sampler (DDIM, eta 0; DPM-Solver++(2M); UniPC) the first and last
         frames are the plain samples of the endpoints, and the row shows how smoothly the model maps its inputs
         to images. ``sample_options`` go to :meth:`sample` (guidance, conditions for all frames, precision)."""
@@ -423,8 +419,8 @@ class DiffusionModel(TrainingModule):
         noises = slerp(x_T[0], x_T[1], weights.to(x_T.device))
         net_conditions = None
         if captions is not None:
-            if not hasattr(self.conditioner, "interpolated") or len(captions) != 2:
-                raise ValueError("interpolating prompts needs a text-conditioned model and two captions")
+            if isinstance(captions, str) or len(captions) != 2:
+                raise ValueError(f"captions must be two prompts (from, to), got {captions!r}")
             net_conditions = self.conditioner.interpolated(tuple(captions), weights, self.device)
         return self.sample(frames, sampler=sampler, x_T=noises.to(self.device), progress=progress,
                            net_conditions=net_conditions, **sample_options)
