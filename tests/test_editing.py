@@ -76,6 +76,7 @@ def test_sample_py_edits_init_images(tiny_checkpoint, tmp_path):
     mask = np.zeros((16, 16), dtype=np.uint8)
     mask[4:12, 4:12] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask[:8, :8]).save(tmp_path / "small_mask.png")  # not the 16 x 16 of the init images
     run_script("sample.py", f"ckpt={tiny_checkpoint}", f"init_image={folder / 'b.png'}", f"mask={tmp_path / 'mask.png'}",
                "strength=1", "n=2", "sampler.steps=4", f"out={tmp_path / 'inpaint'}", cwd=tmp_path, check=True)
     filled = np.load(tmp_path / "inpaint" / "samples.npz")["images"][..., 0]
@@ -90,7 +91,8 @@ def test_sample_py_edits_init_images(tiny_checkpoint, tmp_path):
     assert (repainted[mask == 0] == original[mask == 0]).all()
     for override, message in [("n=3", "multiple of the 2 init images"), ("strength=1.5", "strength"),
                               (f"init_image={tmp_path / 'none'}", "does not exist"),
-                              ("jump_n_sample=0", "jump_n_sample")]:
+                              ("jump_n_sample=0", "jump_n_sample"),
+                              (f"mask={tmp_path / 'small_mask.png'}", "draw the mask at the size")]:
         args = [f"ckpt={tiny_checkpoint}", f"init_image={folder}", "n=2", override, f"out={tmp_path / 'bad'}"]
         result = run_script("sample.py", *args, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]

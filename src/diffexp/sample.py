@@ -149,27 +149,42 @@ NPZ_NAMES = {"class_labels": "labels"}  # condition name -> array name in sample
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def read_mask(path: str | Path, inputs: torch.Tensor | None) -> torch.Tensor:
-    """``mask=``: a grayscale image, white = regenerate, resized to the init images, as (1, 1, H, W) in [0, 1]."""
+def read_mask(path: str | Path, inputs: torch.Tensor | None, init_files: list[Path] = ()) -> torch.Tensor:
+    """``mask=``: a grayscale image, white = regenerate, of the init images' size (checked against their files),
+    resized with them to the model's images, as (1, 1, H, W) in [0, 1]."""
+    from PIL import Image
+
     if inputs is None:
         raise ValueError("mask=... inpaints init images: pass init_image=FILE|DIR too")
     if Path(path).is_dir():
         raise ValueError(f"mask={str(path)!r} is a directory; pass one grayscale image file")
     try:
-        return (load_image(path, size=inputs.shape[-1], grayscale=True)[None] + 1) / 2
+        mask = (load_image(path, size=inputs.shape[-1], grayscale=True)[None] + 1) / 2
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"mask={str(path)!r}: {error}") from None
+    mask_size = Image.open(path).size
+    other = [f"{f.name} ({w}x{h})" for f in init_files for w, h in [Image.open(f).size] if (w, h) != mask_size]
+    if other:
+        raise ValueError(f"mask={str(path)!r} is {mask_size[0]}x{mask_size[1]} pixels but init_image is not: "
+                         f"{', '.join(other[:3])}; draw the mask at the size of the image it masks")
+    return mask
 
 
-def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
-    """``init_image=``: one PNG/JPEG file or every one in a directory (sorted), resized to the model's images
-    (grayscale for 1-channel pixel models), in [-1, 1]; ``n`` must be a multiple of their number."""
+def init_image_files(path: str | Path) -> list[Path]:
+    """``init_image=``: the file, or the PNG/JPEG files of the directory in sorted order."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_image={str(path)!r} does not exist; pass a PNG/JPEG file or a directory of them")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"init_image={str(path)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
+def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
+    """``init_image=``: one PNG/JPEG file or every one in a directory (sorted), resized to the model's images
+    (grayscale for 1-channel pixel models), in [-1, 1]; ``n`` must be a multiple of their number."""
+    files = init_image_files(path)
     if n % len(files):
         raise ValueError(f"n={n} must be a multiple of the {len(files)} init images (n edits per image: n / images)")
     size = getattr(model.space, "image_size", None) or model.sample_shape[-1]
@@ -245,7 +260,8 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
     if inputs is None and cfg.get("strength", 0.6) != 0.6:
         warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
-    mask = read_mask(cfg.mask, inputs) if cfg.get("mask") else None
+    mask = read_mask(cfg.mask, inputs, init_image_files(cfg.init_image) if inputs is not None else []) \
+        if cfg.get("mask") else None
     resampling = {"jump_length": cfg.get("jump_length", 10), "jump_n_sample": cfg.get("jump_n_sample", 1)}
     if mask is None and resampling["jump_n_sample"] != 1:
         warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} (RePaint resampling) has no effect without "
