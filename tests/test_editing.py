@@ -85,6 +85,11 @@ def test_sample_py_edits_init_images(tiny_checkpoint, tmp_path):
     run_script("sample.py", f"ckpt={tiny_checkpoint}", f"init_image={folder / 'b.png'}", f"mask={tmp_path / 'mask.png'}",
                "n=1", "strength=1", "sampler.steps=4", "jump_length=2", "jump_n_sample=3", f"out={tmp_path / 'repaint'}",
                cwd=tmp_path, check=True)
+    result = run_script("sample.py", f"ckpt={tiny_checkpoint}", f"init_image={folder / 'b.png'}",
+                        f"mask={tmp_path / 'mask.png'}", "n=1", "sampler.steps=4", "jump_n_sample=2",
+                        f"out={tmp_path / 'no_jump'}", cwd=tmp_path, check=True)  # default jump_length 10 > 4 steps
+    assert "resamples nothing" in result.stderr
+    assert json.loads((tmp_path / "no_jump" / "metrics.json").read_text())["strength"] == 1.0  # inpainting default
     summary = json.loads((tmp_path / "repaint" / "metrics.json").read_text())
     assert summary["nfe"] == 4 + 2 * 2 and summary["jump_n_sample"] == 3  # level 3 >= jump_length: redone twice
     repainted = np.load(tmp_path / "repaint" / "samples.npz")["images"][0, ..., 0]

@@ -151,6 +151,18 @@ def test_init_from_loads_ema_weights_and_lora_fine_tuning_saves_a_small_adapter(
         assert summary["lora"] == (str(adapter) if name != "run" else None)
     assert abs(outs["adapter"] - outs["run"]).max() == 0
     assert abs(outs["adapter"] - outs["merged"]).max() <= 1  # merged weights: the same function up to rounding
+    from diffexp.finetune import load_adapter
+    from diffexp.sample import load_model
+
+    other, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        other.net.conv_in.weight.add_(0.01)  # the same architecture, other weights
+    with pytest.warns(UserWarning, match="trained on other weights of this architecture"):
+        load_adapter(other, adapter)
+    foreign = attention_model()  # another architecture: refused, and left as it was
+    with pytest.raises(CheckpointError, match=f"trained on a different model \\(base: {tiny_checkpoint}\\)"):
+        load_adapter(foreign, adapter)
+    assert foreign.lora is None and all(p.requires_grad for p in foreign.parameters())
     bad = compose_config("sample", [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"lora={adapter}",
                                     f"out={tmp_path / 'bad'}"], tmp_path / "s_bad")
     with pytest.raises(CheckpointError, match="already carries LoRA"):

@@ -161,7 +161,8 @@ def test_interpolate_cli_writes_a_row_or_an_animation_and_rejects_bad_input(tiny
     for args, message in [(["--frames", "1"], "--frames must be at least 2"),
                           (["--prompt", "a cat"], "needs a text-conditioned checkpoint"),
                           (["--prompt", "a", "--prompt", "b", "--prompt", "c"], "one prompt"),
+                          (["--out", str(tmp_path / "x.txt")], "file type comes from its suffix"),
                           (["--ckpt", str(tmp_path / "none.ckpt")], "none.ckpt")]:
-        result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), *args, "--steps", "2",
-                         "--out", str(tmp_path / "bad.png"))
+        result = run_cli("interpolate", "--ckpt", str(tiny_checkpoint), "--steps", "2",
+                         "--out", str(tmp_path / "bad.png"), *args)  # the args given last win
         assert result.returncode != 0 and message in result.stderr, result.stderr[-600:]

@@ -10,7 +10,8 @@ prompt sets drawn with fixed seeds:
 - control: the same captions with a nonsense word in place of "star": how often a star appears anyway;
 - original: captions of the default data (circle, square, triangle, diamond): adherence afterwards (forgetting).
 Writes ``--out``.json and ``--out``.md (trainable parameters, weights file size, wall time). Existing runs in
-``--work`` are reused (``--retrain`` trains again).
+``--work`` are reused when their settings match (``--retrain`` trains again); existing results are kept unless
+``--overwrite``.
 """
 from __future__ import annotations
 
@@ -41,9 +42,14 @@ def fine_tune(base: Path, name: str, rank: int, args, work: Path) -> dict:
     run_dir = work / name
     weights = run_dir / "checkpoints" / ("adapter.safetensors" if rank else "model.safetensors")
     record = run_dir / "finetune_time.json"
-    if weights.is_file() and record.is_file() and not args.retrain:
-        return json.loads(record.read_text())
     lr = args.lr_lora if rank else args.lr_full
+    settings = {"base": str(base), "steps": args.steps, "lr": lr, "rank": rank, "seed": args.seed}
+    if weights.is_file() and record.is_file() and not args.retrain:
+        done = json.loads(record.read_text())
+        if done.get("settings") == settings:
+            return done
+        raise SystemExit(f"error: {run_dir} holds a run with other settings ({done.get('settings')}, now {settings}); "
+                         f"pass --retrain to replace it or another --work")
     command = [sys.executable, str(ROOT / "train.py"), "experiment=shapes_star_finetune", f"init_from={base}",
                f"trainer.max_steps={args.steps}", f"model.optimizer.lr={lr}", f"hydra.run.dir={run_dir}",
                "trainer.enable_progress_bar=false", f"seed={args.seed}"]
@@ -53,7 +59,8 @@ def fine_tune(base: Path, name: str, rank: int, args, work: Path) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=work, env={**os.environ, "WANDB_MODE": "offline"})
     result = {"command": "python train.py " + " ".join(command[2:]), "seconds": round(time.perf_counter() - start, 1),
-              "weights": str(weights), "weights_bytes": weights.stat().st_size, "rank": rank, "lr": lr}
+              "weights": str(weights), "weights_bytes": weights.stat().st_size, "rank": rank, "lr": lr,
+              "settings": settings}
     record.write_text(json.dumps(result, indent=2))
     return result
 
@@ -123,7 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(ROOT / "experiments" / "runs" / "finetune_star"))
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "finetune_star"))
-    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--retrain", action="store_true", help="train again even where --work holds a finished run")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out results")
     args = parser.parse_args(argv)
     from diffexp.finetune import load_adapter
     from diffexp.sample import load_model
@@ -133,11 +141,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --base {str(base)!r} does not exist; train one with: python train.py "
                          f"experiment=shapes_text2img")
     methods = [parse_method(spec) for spec in args.methods]
+    out = Path(args.out)
+    if out.with_suffix(".json").exists() and not args.overwrite:
+        raise SystemExit(f"error: {out.with_suffix('.json')} exists (published results?); pass --overwrite to "
+                         f"replace it or another --out")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     runs = {name: fine_tune(base, name, rank, args, work) for name, rank in methods}
     prompts = prompt_sets(args.n)
-    results = {"settings": {**{k: v for k, v in vars(args).items() if k not in ("retrain",)}, "base": str(base)},
+    results = {"settings": {**{k: v for k, v in vars(args).items() if k not in ("retrain", "overwrite")},
+                            "base": str(base)},
                "prompts_example": {k: v[:3] for k, v in prompts.items()}, "models": {}}
     torch.manual_seed(0)
     for name, rank in [("base", None)] + methods:
@@ -155,7 +168,6 @@ def main(argv=None) -> None:
                **evaluate(model, prompts, args)}
         results["models"][name] = row
         print(name, json.dumps(row), f"({time.perf_counter() - start:.0f} s to evaluate)", flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.with_suffix(".md").write_text(markdown(results))

@@ -1,7 +1,10 @@
 """Fine-tuning glue: start a run from another run's weights (``init_from=``), save and load LoRA adapters."""
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +14,7 @@ from diffexp.checkpoints import CONFIG_KEY, CheckpointError, read_checkpoint, sa
 from diffexp.lora import LoraSettings, base_key, is_adapter_key
 
 ADAPTER_NAME = "adapter.safetensors"
+BASE_KEY = "lora_base_fingerprint"
 
 
 def weights_of(path: str | Path, use_ema: bool = True, option: str = "init_from") -> tuple[dict, dict]:
@@ -59,11 +63,23 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, use_ema: bool
     return {"loaded": len(wanted), "path": str(path)}
 
 
+def base_fingerprint(state: dict) -> str:
+    """SHA-256 over the denoiser's frozen weights (``net.*``, adapters left out, names as before adaptation): which
+    base model an adapter belongs to."""
+    digest = hashlib.sha256()
+    keys = [k for k in state if k.startswith("net.") and not is_adapter_key(k) and torch.is_tensor(state[k])]
+    for key in sorted(keys, key=base_key):
+        digest.update(base_key(key).encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_adapter(model, state: dict, run_config: dict, path: str | Path) -> Path:
     """The LoRA adapter of ``state`` (a state dict of ``model``, e.g. with EMA weights) alone, in the project's
     safetensors weights format (:func:`diffexp.checkpoints.save_weights`) with the run config (which holds
-    ``model.lora``) — a small file that ``sample.py ckpt=BASE lora=PATH`` puts on top of its base model."""
-    return save_weights(model.adapter_state_dict(state), run_config, path)
+    ``model.lora`` and ``init_from``) and the base's :func:`base_fingerprint` — a small file that
+    ``sample.py ckpt=BASE lora=PATH`` puts on top of its base model."""
+    return save_weights(model.adapter_state_dict(state), {**run_config, BASE_KEY: base_fingerprint(state)}, path)
 
 
 def load_adapter(model, path: str | Path, merge: bool = False) -> LoraSettings:
@@ -86,20 +102,29 @@ def load_adapter(model, path: str | Path, merge: bool = False) -> LoraSettings:
     if getattr(model, "lora", None) is not None:
         raise CheckpointError(f"the checkpoint already carries LoRA adapters (rank {model.lora.rank}); pass its base "
                               f"model as ckpt=, or sample the fine-tuned checkpoint without lora=")
-    model.add_lora(settings)
-    expected = set(model.adapter_state_dict())
+    trained_on = saved[CONFIG_KEY].get("init_from") or "its run's init_from"
+    probe = copy.deepcopy(model)  # the checks run on a copy: a refused adapter leaves the model as it was
+    probe.add_lora(settings)
+    expected = set(probe.adapter_state_dict())
     missing, unexpected = sorted(expected - set(saved["state_dict"])), sorted(set(saved["state_dict"]) - expected)
     missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"lora={str(path)!r} does not fit this base model (missing: {_listed(missing)}; not in "
-                              f"the model: {_listed(unexpected)}); pass the ckpt= it was trained from")
+    shapes = {k: v for k, v in probe.state_dict().items() if torch.is_tensor(v)}
+    mismatched = [f"{k} {tuple(v.shape)} there, {tuple(shapes[k].shape)} here" for k, v in saved["state_dict"].items()
+                  if torch.is_tensor(v) and k in shapes and v.shape != shapes[k].shape]
+    del probe
+    if missing or unexpected or mismatched:
+        detail = "; ".join(f"{label}: {_listed(keys, 3)}" for label, keys in (("shapes differ", mismatched),
+                           ("not in the adapter", missing), ("not in this model", unexpected)) if keys)
+        raise CheckpointError(f"lora={str(path)!r} was trained on a different model (base: {trained_on}); pass that "
+                              f"checkpoint as ckpt= ({detail})")
+    fingerprint = saved[CONFIG_KEY].get(BASE_KEY)
+    if fingerprint and fingerprint != base_fingerprint(model.state_dict()):
+        warnings.warn(f"lora={str(path)!r} was trained on other weights of this architecture (base: {trained_on}); "
+                      f"its images will not be the fine-tuned model's", stacklevel=2)
+    model.add_lora(settings)
     encoder = getattr(model.conditioner, "encoder", None)
     known_words = len(getattr(encoder, "vocab", []))
     state = model.state_dict()
-    for key, value in saved["state_dict"].items():
-        if torch.is_tensor(value) and value.shape != state[key].shape:
-            raise CheckpointError(f"lora={str(path)!r} does not fit this base model: {key} is {tuple(value.shape)} "
-                                  f"there, {tuple(state[key].shape)} here")
     state.update(saved["state_dict"])
     model.load_state_dict(state)
     if hasattr(encoder, "initialise_rows") and len(encoder.vocab) > known_words:

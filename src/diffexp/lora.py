@@ -75,8 +75,9 @@ def add_lora(modules: dict[str, nn.Module], settings: LoraSettings) -> dict[str,
 
     found = {where: matching_layers(module, settings.target_modules) for where, module in modules.items()}
     if not any(found.values()):
-        names = sorted({name.rsplit(".", 1)[-1] for module in modules.values()
-                        for name, layer in module.named_modules() if isinstance(layer, ADAPTABLE)})
+        names = sorted({".".join(name.split(".")[-2:]) if name.rsplit(".", 1)[-1].isdigit() else name.rsplit(".", 1)[-1]
+                        for module in modules.values() for name, layer in module.named_modules()
+                        if isinstance(layer, ADAPTABLE)})  # a Sequential's layers by parent.index
         raise ValueError(f"model.lora.target_modules={settings.target_modules} match no layer of this model; layers "
                          f"it has: {names} (qkv, proj: self-attention; to_q, to_kv: cross-attention, text models "
                          f"only; a net without attention has none of these; conv1, conv2: ResBlock convolutions)")

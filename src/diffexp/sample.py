@@ -203,6 +203,11 @@ def sampling_conditions(model, prompts: list[str] | None, n: int) -> dict:
         if "captions" not in model.conditioner.keys:
             raise ValueError("this checkpoint is not text-conditioned; prompt/prompts_file cannot be used")
         conditions["captions"] = prompts
+        encoder = getattr(model.conditioner, "encoder", None)
+        unknown = encoder.unknown_words(prompts) if hasattr(encoder, "unknown_words") else []
+        if unknown:
+            warnings.warn(f"prompt words this model's tokenizer does not know, each read as <unk>: {unknown[:8]}",
+                          stacklevel=2)
     return conditions
 
 
@@ -218,7 +223,7 @@ def run(cfg: DictConfig) -> dict:
     check_number("guidance_rescale", cfg.get("guidance_rescale"), minimum=0, maximum=1, allow_none=True)
     check_number("grid_scale", cfg.grid_scale, integer=True, positive=True)
     check_number("grid_max", cfg.grid_max, integer=True, positive=True)
-    check_number("strength", cfg.get("strength", 0.6), minimum=0, maximum=1)
+    check_number("strength", cfg.get("strength"), minimum=0, maximum=1, allow_none=True)
     check_number("jump_length", cfg.get("jump_length", 10), integer=True, positive=True)
     check_number("jump_n_sample", cfg.get("jump_n_sample", 1), integer=True, positive=True)
     if not isinstance(cfg.get("lora_merge", False), bool):
@@ -258,20 +263,28 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
     inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
-    if inputs is None and cfg.get("strength", 0.6) != 0.6:
+    if inputs is None and cfg.get("strength") is not None:
         warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
     mask = read_mask(cfg.mask, inputs, init_image_files(cfg.init_image) if inputs is not None else []) \
         if cfg.get("mask") else None
+    strength = cfg.get("strength")
+    strength = strength if strength is not None else (1.0 if mask is not None else 0.6)  # inpainting: from noise
     resampling = {"jump_length": cfg.get("jump_length", 10), "jump_n_sample": cfg.get("jump_n_sample", 1)}
     if mask is None and resampling["jump_n_sample"] != 1:
         warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} (RePaint resampling) has no effect without "
                       f"mask=...", stacklevel=2)
         resampling["jump_n_sample"] = 1
+    if inputs is not None and resampling["jump_n_sample"] > 1 and \
+            sampler.nfe(edit_start(sampler, strength), **resampling) == sampler.nfe(edit_start(sampler, strength)):
+        steps = len(sampler.timesteps) - edit_start(sampler, strength)
+        warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} resamples nothing: of the {steps} steps run, "
+                      f"none lies jump_length={resampling['jump_length']} steps after the start; use a jump_length "
+                      f"below {steps}", stacklevel=2)
     start, batch_seconds = time.perf_counter(), []
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds,
                           None if inputs is None else inputs.repeat_interleave(cfg.n // len(inputs), 0),
-                          cfg.get("strength", 0.6), mask, resampling)
+                          strength, mask, resampling)
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
@@ -288,12 +301,13 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
                "precision": model.resolved_precision(model.sample_precision), "compile": bool(cfg.get("compile", False)), "device": str(device),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, cfg.get("strength", 0.6)) if inputs is not None else 0, **resampling),
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, strength) if inputs is not None else 0, **resampling),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "init_image": str(cfg.init_image) if inputs is not None else None,
-               "strength": cfg.get("strength", 0.6) if inputs is not None else None,
+               "strength": strength if inputs is not None else None,
                "mask": str(cfg.mask) if mask is not None else None,
                "lora": str(cfg.lora) if cfg.get("lora") else None,
+               "lora_merge": bool(cfg.get("lora_merge", False)) if cfg.get("lora") else None,
                **({"jump_length": resampling["jump_length"], "jump_n_sample": resampling["jump_n_sample"]}
                   if mask is not None else {}),
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,

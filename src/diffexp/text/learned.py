@@ -50,8 +50,7 @@ class LearnedTextEncoder(TextEncoder):
         existing word keeps its id and its embedding; returns the words added. Fine-tuning on captions with a
         new word uses this: the word gets a row of the embedding table of its own (it was ``<unk>`` before),
         initialised by :meth:`initialise_rows`."""
-        known = set(self.vocab)
-        added = sorted({w for c in captions for w in words(c)} - known)
+        added = self.unknown_words(captions)
         if len(self.vocab) + len(added) > self.max_vocab:
             raise ValueError(f"text_encoder.max_vocab={self.max_vocab} is too small to add {len(added)} words to the "
                              f"{len(self.vocab)} the checkpoint knows (the embedding table cannot grow)")
@@ -59,6 +58,11 @@ class LearnedTextEncoder(TextEncoder):
         self.vocab = [*self.vocab, *added]
         self.initialise_rows(first)
         return added
+
+    def unknown_words(self, captions) -> list[str]:
+        """The words of ``captions`` this vocabulary does not hold (each is read as ``<unk>``)."""
+        known = set(self.vocab)
+        return sorted({w for c in captions for w in words(c)} - known)
 
     @torch.no_grad()
     def initialise_rows(self, first: int) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def cmd_interpolate(args) -> Path:
     from diffexp.viz.animation import frames_from_images, save_animation
     from diffexp.viz.interpolation import interpolation_figure, interpolation_frames
 
+    suffix = Path(args.out).suffix.lower()
+    allowed = (".png", ".jpg", ".pdf", ".svg", ".gif", ".mp4")
+    if suffix not in allowed:
+        raise ValueError(f"--out {args.out!r}: the file type comes from its suffix, one of {list(allowed)}")
+    if suffix == ".mp4" and importlib.util.find_spec("imageio") is None:
+        raise ValueError("--out .mp4 needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); or "
+                         "write a .gif")
+    if args.plain and suffix != ".png":
+        raise ValueError("--plain writes a bare .png row; pass --out with .png")
     if args.frames < 2:
         raise ValueError(f"--frames must be at least 2, got {args.frames}")
     if args.steps < 1:
@@ -141,7 +151,7 @@ def cmd_interpolate(args) -> Path:
     if out.suffix.lower() in (".gif", ".mp4"):
         frames = frames_from_images([image[None] for image in images], scale=args.scale)
         return save_animation(frames + frames[-2:0:-1], out, args.fps)  # there and back, a loop
-    if out.suffix.lower() == ".png" and args.plain:
+    if args.plain:
         return save_grid(images, out, nrow=len(images), scale=args.scale)
     title = f"seed {args.seed} -> {seed_b}" + (f'; "{prompts[0]}" -> "{prompts[1]}"' if moving_prompt else "")
     save_figure(interpolation_figure(images, title), out)
