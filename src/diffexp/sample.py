@@ -181,16 +181,16 @@ def init_image_files(path: str | Path) -> list[Path]:
     return files
 
 
-def read_init_images(path: str | Path, model, n: int) -> torch.Tensor:
+def read_init_images(path: str | Path, model, n: int) -> tuple[torch.Tensor, list[Path]]:
     """``init_image=``: one PNG/JPEG file or every one in a directory (sorted), resized to the model's images
-    (grayscale for 1-channel pixel models), in [-1, 1]; ``n`` must be a multiple of their number."""
+    (grayscale for 1-channel pixel models), in [-1, 1], and the files; ``n`` must be a multiple of their number."""
     files = init_image_files(path)
     if n % len(files):
         raise ValueError(f"n={n} must be a multiple of the {len(files)} init images (n edits per image: n / images)")
     size = getattr(model.space, "image_size", None) or model.sample_shape[-1]
     grayscale = model.space.bounded and model.sample_shape[0] == 1
     try:
-        return torch.stack([load_image(f, size=size, grayscale=grayscale) for f in files])
+        return torch.stack([load_image(f, size=size, grayscale=grayscale) for f in files]), files
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"init_image={str(path)!r}: {error}") from None
 
@@ -262,11 +262,10 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
     if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
         warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
-    inputs = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else None
+    inputs, files = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else (None, [])
     if inputs is None and cfg.get("strength") is not None:
         warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
-    mask = read_mask(cfg.mask, inputs, init_image_files(cfg.init_image) if inputs is not None else []) \
-        if cfg.get("mask") else None
+    mask = read_mask(cfg.mask, inputs, files) if cfg.get("mask") else None
     strength = cfg.get("strength")
     strength = strength if strength is not None else (1.0 if mask is not None else 0.6)  # inpainting: from noise
     resampling = {"jump_length": cfg.get("jump_length", 10), "jump_n_sample": cfg.get("jump_n_sample", 1)}
@@ -274,9 +273,10 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
         warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} (RePaint resampling) has no effect without "
                       f"mask=...", stacklevel=2)
         resampling["jump_n_sample"] = 1
+    first_step = edit_start(sampler, strength) if inputs is not None else 0
     if inputs is not None and resampling["jump_n_sample"] > 1 and \
-            sampler.nfe(edit_start(sampler, strength), **resampling) == sampler.nfe(edit_start(sampler, strength)):
-        steps = len(sampler.timesteps) - edit_start(sampler, strength)
+            sampler.nfe(first_step, **resampling) == sampler.nfe(first_step):
+        steps = len(sampler.timesteps) - first_step
         warnings.warn(f"jump_n_sample={resampling['jump_n_sample']} resamples nothing: of the {steps} steps run, "
                       f"none lies jump_length={resampling['jump_length']} steps after the start; use a jump_length "
                       f"below {steps}", stacklevel=2)
@@ -301,7 +301,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     summary = {"n": cfg.n, "seconds": round(seconds, 3), "images_per_second": round(cfg.n / seconds, 2),
                "images_per_second_after_first_batch": round(warm / sum(batch_seconds[1:]), 2) if warm else None,
                "precision": model.resolved_precision(model.sample_precision), "compile": bool(cfg.get("compile", False)), "device": str(device),
-               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(edit_start(sampler, strength) if inputs is not None else 0, **resampling),
+               "sampler": OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else None, "nfe": sampler.nfe(first_step, **resampling),
                "ckpt": str(cfg.ckpt), "seed": cfg.seed,
                "init_image": str(cfg.init_image) if inputs is not None else None,
                "strength": strength if inputs is not None else None,
