@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+
+from diffexp.interop import diffusers_unet_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
@@ -65,29 +67,14 @@ def n_params(module: torch.nn.Module) -> int:
 def ours(preset: str, image_size: int, channels: int):
     cfg = OmegaConf.load(ROOT / "conf" / "unet" / f"{preset}.yaml")
     cfg.image_size, cfg.in_channels = image_size, channels
+    cfg.pop("init_from", None)
     return instantiate(cfg), cfg
 
 
-def attention_levels(cfg, image_size: int) -> set[int]:
-    """The levels of our U-Net that hold self-attention (from ``attention_resolutions`` / ``attention_levels``)."""
-    levels = len(cfg.channel_mult)
-    resolutions = [image_size // 2**i for i in range(levels)]
-    chosen = {resolutions.index(r) for r in cfg.attention_resolutions}
-    return chosen | {lv % levels for lv in (cfg.attention_levels or [])}
-
-
-def diffusers_twin(cfg, image_size: int, channels: int) -> UNet2DModel:
-    """``UNet2DModel`` with our layout: the same widths, blocks per level, attention levels, time injection."""
-    attn = attention_levels(cfg, image_size)
-    levels = range(len(cfg.channel_mult))
-    widths = [cfg.base_channels * m for m in cfg.channel_mult]
-    heads_dim = min(widths[lv] for lv in attn | {len(widths) - 1}) // cfg.num_heads  # one width for all levels
-    return UNet2DModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=cfg.num_res_blocks,
-        block_out_channels=widths, norm_num_groups=32, dropout=cfg.dropout,
-        down_block_types=["AttnDownBlock2D" if lv in attn else "DownBlock2D" for lv in levels],
-        up_block_types=["AttnUpBlock2D" if lv in attn else "UpBlock2D" for lv in reversed(levels)],
-        resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default", attention_head_dim=heads_dim)
+def diffusers_twin(net) -> UNet2DModel:
+    """``UNet2DModel`` with our layout (:func:`diffexp.interop.diffusers_unet_config`: the same widths, blocks per
+    level, attention levels, time injection), randomly initialised."""
+    return UNet2DModel(**diffusers_unet_config(net))
 
 
 def set_tf32(on: bool) -> None:
@@ -164,7 +151,7 @@ def train_rows(args, device: torch.device, peak: float | None, rows: list, save=
     for preset in args.presets:
         torch.manual_seed(0)
         net, cfg = ours(preset, args.image_size, args.channels)
-        twin = diffusers_twin(cfg, args.image_size, args.channels)
+        twin = diffusers_twin(net)
         flops = {"ours": flops_per_step(net, args.batch, args.image_size, args.channels, device),
                  "diffusers": flops_per_step(twin, args.batch, args.image_size, args.channels, device)}
         for mode in args.modes:

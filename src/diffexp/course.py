@@ -79,6 +79,7 @@ def unet_preset(name: str, image_size: int, in_channels: int, context_dim: int |
         raise ValueError(f"unet preset {name!r} does not exist; choose from {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
     cfg = OmegaConf.load(path)
     cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, in_channels, context_dim
+    cfg.pop("init_from", None)  # a diffusers U-Net to import is train.py's business (diffexp.config)
     return instantiate(cfg)
 
 

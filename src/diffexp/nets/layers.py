@@ -8,12 +8,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (Vaswani et al. 2017; DDPM): [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)."""
+EMBEDDING_ORDERS = ("cos_sin", "sin_cos")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, order: str = "cos_sin",
+                       freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017; Ho et al. 2020): [cos(t w_i), sin(t w_i)] for
+    ``order="cos_sin"`` ([sin, cos] for ``"sin_cos"``, the DDPM code's), w_i = max_period^(-i / (half - freq_shift)),
+    i < half = dim // 2. DDPM's CIFAR-10 network uses sin_cos with freq_shift 1 (diffusers' ``flip_sin_to_cos=False,
+    freq_shift=1``); diffexp's default is cos_sin with freq_shift 0 (``flip_sin_to_cos=True, freq_shift=0``)."""
+    if order not in EMBEDDING_ORDERS:
+        raise ValueError(f"unet.time_embedding_order={order!r}; allowed: {list(EMBEDDING_ORDERS)}")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    if half - freq_shift <= 0:
+        raise ValueError(f"unet.time_freq_shift={freq_shift} must be below half the embedding width ({half})")
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if order == "cos_sin" else parts[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -86,13 +99,19 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 convolution with stride 2."""
+    """3x3 convolution with stride 2. ``padding=1``: one pixel on every side; ``padding=0``: one pixel on the
+    right and bottom only, as in the DDPM TensorFlow code (diffusers' ``downsample_padding=0``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"unet.downsample_padding={padding!r}; allowed: 1 (every side) or 0 (right and bottom, DDPM)")
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 

@@ -31,6 +31,11 @@ class UNet(nn.Module):
         context_dim: if set, the attention layers become transformer blocks with cross-attention
             to text tokens of this width (forward's ``context``/``context_mask``), and a pooled
             text vector (``pooled``) may be added to the time embedding.
+        time_embedding_order, time_freq_shift: the sinusoidal time embedding's layout
+            (:func:`~diffexp.nets.layers.timestep_embedding`): ``cos_sin``/0 is diffexp's, ``sin_cos``/1 DDPM's.
+        downsample_padding: 1 pads every side of the stride-2 convolution, 0 the right and bottom only (DDPM).
+        The three change no weight shape: they let weights trained elsewhere (diffusers' ``UNet2DModel``, see
+        :mod:`diffexp.interop`) give the same function here.
     """
 
     def __init__(
@@ -48,6 +53,9 @@ class UNet(nn.Module):
         scale_shift: bool = True,
         num_classes: int | None = None,
         context_dim: int | None = None,
+        time_embedding_order: str = "cos_sin",
+        time_freq_shift: float = 0.0,
+        downsample_padding: int = 1,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -83,6 +91,12 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         self.context_dim = context_dim
         self.min_divisor = factor
+        self.channel_mult, self.num_res_blocks, self.num_heads = channel_mult, num_res_blocks, num_heads
+        self.scale_shift = scale_shift
+        self.attention_resolutions = sorted(attention_resolutions, reverse=True)
+        self.time_embedding_order, self.time_freq_shift = time_embedding_order, float(time_freq_shift)
+        self.downsample_padding = downsample_padding
+        timestep_embedding(torch.zeros(1), base_channels, order=time_embedding_order, freq_shift=time_freq_shift)
         temb_dim = base_channels * 4
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
@@ -110,7 +124,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
                 skip_channels.append(ch)
 
         self.mid = nn.ModuleList([block(ch, ch), attention(ch), block(ch, ch)])
@@ -161,7 +175,8 @@ class UNet(nn.Module):
             raise ValueError(f"context width {context.shape[-1]} != unet.context_dim={self.context_dim}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels, order=self.time_embedding_order,
+                                                 freq_shift=self.time_freq_shift))
         if self.class_emb is not None:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

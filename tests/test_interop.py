@@ -1,0 +1,213 @@
+"""diffusers interoperability: the U-Net map both ways, export, import (unet.init_from), refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import compose_config, run_script
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel  # noqa: E402
+
+from diffexp.config import build_model  # noqa: E402
+from diffexp.interop import (InteropError, diffusers_unet_config, export_pipeline, from_diffusers_state,  # noqa: E402
+                             to_diffusers_state, unet_options_from_diffusers)
+from diffexp.nets import UNet  # noqa: E402
+
+# google/ddpm-cifar10-32's unet config.json, as published (Ho et al. 2020's CIFAR-10 network)
+DDPM_CIFAR10 = {
+    "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn at random (so zero-initialised output layers cannot hide a wrong map)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.05
+    return module.eval()
+
+
+def max_diff(net, unet, channels, size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, size, size, generator=g)
+    t = torch.tensor([7, 903])
+    with torch.no_grad():
+        return float((net(x, t) - unet(x, t).sample).abs().max())
+
+
+@pytest.fixture(scope="module")
+def ddpm_cifar10_folder(tmp_path_factory):
+    """A UNet2DModel with google/ddpm-cifar10-32's exact config and random weights, saved as a local folder."""
+    torch.manual_seed(0)
+    unet = randomise(UNet2DModel(**DDPM_CIFAR10))
+    folder = tmp_path_factory.mktemp("ddpm-cifar10-32")
+    unet.save_pretrained(folder)
+    return folder, unet
+
+
+@pytest.mark.parametrize("preset,size,channels", [("tiny", 16, 1), ("small", 32, 3)])
+def test_presets_map_onto_unet2dmodel(preset, size, channels):
+    from diffexp.course import unet_preset
+
+    net = randomise(unet_preset(preset, size, channels))
+    unet = UNet2DModel(**diffusers_unet_config(net)).eval()
+    unet.load_state_dict(to_diffusers_state(net), strict=True)
+    assert max_diff(net, unet, channels, size) < 1e-5
+    back = from_diffusers_state(net, unet.state_dict())
+    assert back.keys() == net.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+
+
+def test_conventions_change_the_function():
+    """The three options are real: the default conventions give another function with the same weights."""
+    from diffexp.nets.layers import timestep_embedding
+
+    t = torch.tensor([0.0, 5.0])
+    a = timestep_embedding(t, 8)
+    b = timestep_embedding(t, 8, order="sin_cos", freq_shift=1)
+    half = 4
+    w = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / (half - 1))
+    assert torch.allclose(b, torch.cat([torch.sin(t[:, None] * w), torch.cos(t[:, None] * w)], 1), atol=1e-6)
+    assert not torch.allclose(a, b)
+    x = torch.randn(1, 3, 8, 8)
+    kw = dict(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=())
+    torch.manual_seed(0)
+    net = randomise(UNet(**kw))
+    padded = UNet(**kw, downsample_padding=0).eval()
+    padded.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert (net(x, torch.tensor([3])) - padded(x, torch.tensor([3]))).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="downsample_padding"):
+        UNet(**kw, downsample_padding=2)
+    with pytest.raises(ValueError, match="time_embedding_order"):
+        UNet(**kw, time_embedding_order="tan_cos")
+
+
+def test_import_ddpm_cifar10_config(ddpm_cifar10_folder, tmp_path):
+    """unet.init_from=FOLDER with unet=base: same outputs as the UNet2DModel to 1e-5, conventions in the config,
+    export -> import is the identity."""
+    folder, unet = ddpm_cifar10_folder
+    cfg = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={folder}"], tmp_path / "run")
+    model = build_model(cfg)
+    assert (cfg.unet.time_embedding_order, cfg.unet.time_freq_shift, cfg.unet.downsample_padding) == ("sin_cos", 1, 0)
+    assert "init_from" not in cfg.unet  # the weights are in the run's checkpoints from then on
+    assert sum(p.numel() for p in model.net.parameters()) == sum(p.numel() for p in unet.parameters()) == 35_746_307
+    assert max_diff(model.net.eval(), unet, 3, 32) < 1e-5
+
+    export_pipeline(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())
+    assert {k: config[k] for k in DDPM_CIFAR10} == DDPM_CIFAR10 | {"freq_shift": 1.0}
+    again = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={tmp_path / 'exported'}"],
+                           tmp_path / "run2")
+    reimported = build_model(again).net.state_dict()
+    assert all(torch.equal(reimported[k], v) for k, v in model.net.state_dict().items())
+
+
+def test_import_refuses_other_layouts_and_conventions(ddpm_cifar10_folder, tmp_path):
+    folder, _ = ddpm_cifar10_folder
+    cfg = compose_config("train", ["data=cifar10", "unet=small", f"unet.init_from={folder}"], tmp_path / "run")
+    with pytest.raises(InteropError, match=r"unet.base_channels=128.*unet.channel_mult=\[1, 2, 2, 2\]"):
+        build_model(cfg)
+    for key, value in [("act_fn", "mish"), ("time_embedding_type", "fourier"), ("norm_num_groups", 16),
+                       ("downsample_padding", 2), ("mid_block_scale_factor", 2**-0.5)]:
+        with pytest.raises(InteropError, match=f"{key}="):
+            unet_options_from_diffusers({**DDPM_CIFAR10, key: value})
+    with pytest.raises(InteropError, match="attention at levels"):
+        unet_options_from_diffusers({**DDPM_CIFAR10, "up_block_types": ["AttnUpBlock2D"] + ["UpBlock2D"] * 3})
+    missing = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={tmp_path}"], tmp_path / "r3")
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        build_model(missing)
+
+
+def test_export_refuses_models_without_a_pipeline(tmp_path):
+    text = build_model(compose_config("train", ["experiment=shapes_text2img"], tmp_path / "t"))
+    with pytest.raises(InteropError, match="text-conditioned.*cross-attention"):
+        export_pipeline(text, tmp_path / "x")
+    labels = build_model(compose_config("train", ["conditioning=class"], tmp_path / "c"))
+    with pytest.raises(InteropError, match="class-conditional"):
+        export_pipeline(labels, tmp_path / "x")
+    odd = UNet(image_size=16, in_channels=1, base_channels=24, channel_mult=(1, 2), attention_resolutions=())
+    with pytest.raises(InteropError, match="multiple of 32"):
+        diffusers_unet_config(odd)
+
+
+def test_export_cli_and_pipelines_match_diffexp(tiny_checkpoint, tmp_path):
+    """python -m diffexp.export writes a folder DDPMPipeline/DDIMPipeline load; DDIM from the same noise gives
+    diffexp's DDIM samples; bad arguments and a non-empty out are refused."""
+    from diffexp.course import load, sampler
+    from diffexp.export import main
+
+    out = tmp_path / "exported"
+    main([f"ckpt={tiny_checkpoint}", f"out={out}"])
+    record = json.loads((out / "diffexp_export.json").read_text())
+    assert record["max_abs_diff_vs_diffexp"] < 1e-5 and record["ema"] is True
+    model, _ = load(tiny_checkpoint)
+
+    ddim = DDIMPipeline.from_pretrained(out)
+    ddim.set_progress_bar_config(disable=True)
+    theirs = ddim(batch_size=3, generator=torch.Generator().manual_seed(5), eta=0.0, num_inference_steps=20,
+                  output_type="np").images
+    x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    ours = model.sample(3, sampler(model, "ddim", steps=20), x_T=x_T)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(theirs - ours).max() < 1e-4
+
+    ddpm = DDPMPipeline.from_pretrained(out)
+    ddpm.set_progress_bar_config(disable=True)
+    images = ddpm(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and (images >= 0).all() and (images <= 1).all()
+    assert ddpm.scheduler.config.prediction_type == model.prediction_type
+    assert torch.allclose(ddpm.scheduler.betas.double(), model.schedule.betas.double(), atol=1e-7)
+
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="not empty"):
+        main([f"ckpt={tiny_checkpoint}", f"out={out}"])
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    for bad, message in [(["ckpt=x"], "out= is required"), ([f"ckpt={tiny_checkpoint}", f"out={tmp_path}/o", "ema=maybe"],
+                                                            "ema='maybe'"), (["outdir=x"], "unknown argument")]:
+        with pytest.raises(SystemExit, match=message):
+            main(bad)
+
+
+@pytest.mark.slow
+def test_train_from_imported_unet_and_export_cli(ddpm_cifar10_folder, tmp_path):
+    """`python train.py ... unet.init_from=DIR` trains from the imported weights; its checkpoint rebuilds the same
+    conventions; `python -m diffexp.export` on it writes a pipeline folder."""
+    import subprocess
+    import sys
+
+    from diffexp.course import load
+
+    folder, unet = ddpm_cifar10_folder
+    run_dir = tmp_path / "run"
+    run_script("train.py", "data=image_folder", f"data.root={make_images(tmp_path / 'images')}", "data.image_size=32",
+               "data.channels=3", "unet=base", f"unet.init_from={folder}", "trainer.max_steps=1", "eval_every=1",
+               "data.batch_size=2", "callbacks=none", "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+               check=True)
+    model, cfg = load(run_dir / "checkpoints" / "model.safetensors", use_ema=False)
+    assert (cfg.unet.time_embedding_order, cfg.unet.downsample_padding) == ("sin_cos", 0)
+    assert 0 < max_diff(model.net, unet, 3, 32) < 1.0  # one optimizer step away from the imported weights
+    result = subprocess.run([sys.executable, "-m", "diffexp.export", f"ckpt={run_dir / 'checkpoints' / 'model.safetensors'}",
+                             f"out={tmp_path / 'exp'}", "ema=false"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max |diffusers - diffexp|" in result.stdout
+    assert UNet2DModel.from_pretrained(tmp_path / "exp", subfolder="unet").config.freq_shift == 1
+
+
+def make_images(folder):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
