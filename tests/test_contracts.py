@@ -21,7 +21,7 @@ from tests.conftest import ROOT, SHRINK, compose_config, tiny_hf_folder
 SRC = ROOT / "src" / "diffexp"
 CORE = ("schedules", "diffusion", "samplers", "guidance", "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
-               "viz.__main__")
+               "viz.__main__", "export", "app")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")
 
 

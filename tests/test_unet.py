@@ -1,16 +1,12 @@
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from diffexp.course import unet_preset
 from diffexp.nets import UNet
-from tests.conftest import CONF
 
 
 def unet_from_conf(size: str, image_size: int, channels: int) -> UNet:
-    cfg = OmegaConf.load(f"{CONF}/unet/{size}.yaml")
-    cfg.image_size, cfg.in_channels = image_size, channels
-    return instantiate(cfg)
+    return unet_preset(size, image_size, channels)
 
 
 def n_params(m):

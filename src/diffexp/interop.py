@@ -310,12 +310,8 @@ def check_unet_matches(unet_cfg, options: dict, source: str) -> None:
 
 
 def _plain(value):
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-    except ImportError:
-        return value
+    """A config list (OmegaConf's ListConfig) as a plain list, for comparison."""
+    return list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, dict)) else value
 
 
 def diffusers_scheduler_config(schedule, prediction_type: str) -> dict:
