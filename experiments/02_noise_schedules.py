@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from diffexp.compare import read_metrics
-from diffexp.course import data_of, load, notebook_settings, train
+from diffexp.course import data_of, load, notebook_settings, pretrained_or_train
 from diffexp.metrics.evaluate import evaluate
 from diffexp.samplers import DDIMSampler
 from diffexp.sample import draw_samples
@@ -46,21 +46,25 @@ plt.show()
 # noise matches training.
 #
 # ## How the schedule changes training
-# A small sweep on the digits: the same U-Net, the same steps, only `schedule=` differs. This is
-# what `python train.py -m schedule=linear,quadratic,cosine` runs from the command line.
+# A sweep on the digits: the same U-Net, the same steps, only `schedule=` differs. This is
+# what `python train.py -m schedule=linear,quadratic,cosine` runs from the command line. The three runs ship with
+# diffexp (`diffexp.course.pretrained("digits")`, `"digits_quadratic"`, `"digits_cosine"`: the quickstart preset's
+# full 1,100 steps, with their training curves); `DIFFEXP_NOTEBOOK_TRAIN=1` trains shorter ones here instead.
 
 # %%
 steps = 30 if FAST else 300
 results = {}
 for name in ["linear", "quadratic", "cosine"]:
     run_dir = RUNS / f"schedule_{name}"
-    ckpt = train(["experiment=quickstart", f"schedule={name}"], run_dir, steps=steps)
+    shipped = "digits" if name == "linear" else f"digits_{name}"
+    ckpt = pretrained_or_train(shipped, ["experiment=quickstart", f"schedule={name}"], run_dir, steps=steps)
     model, cfg = load(ckpt)
     n = 64 if FAST else 256
     images = draw_samples(model, n, DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type,
                                                 progress=False), seed=0, batch_size=256, progress=False)
     scores = evaluate(["fid_digits", "digits_classifier"], images, data_of(cfg))
-    results[name] = {"run": run_dir, "images": images, "losses": read_metrics(run_dir)["train/loss"],
+    curves = read_metrics(ckpt.parent if ckpt.suffix == ".safetensors" else run_dir)  # shipped: beside the weights
+    results[name] = {"run": run_dir, "images": images, "losses": curves["train/loss"],
                      "fid_digits": scores["fid_digits"]["value"],
                      "recognised": scores["digits_classifier"]["confident_fraction"]}
 

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffexp.config import instantiate
-from diffexp.course import load, notebook_settings, train
+from diffexp.course import load, notebook_settings, pretrained_or_train
 from diffexp.autoencoders import load_autoencoder
 from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.samplers import DDIMSampler
@@ -46,7 +46,8 @@ small_data = ["data.num_train=512", "data.num_val=64"] if FAST else ["data.num_t
 
 # %%
 vae_steps = 20 if FAST else 400
-vae_ckpt = train(["experiment=shapes_vae"] + small_data, RUNS / "vae", steps=vae_steps)
+# the shipped autoencoder (the shapes_vae preset's full run); DIFFEXP_NOTEBOOK_TRAIN=1 trains a short one here
+vae_ckpt = pretrained_or_train("shapes_vae", ["experiment=shapes_vae"] + small_data, RUNS / "vae", steps=vae_steps)
 vae = load_autoencoder(vae_ckpt)
 data = instantiate(OmegaConf.create(read_checkpoint(vae_ckpt)[CONFIG_KEY]).data)
 data.setup("fit")
@@ -87,8 +88,8 @@ print(f"scale factor 1/std = {scale:.4f}")
 
 # %%
 ldm_steps = 20 if FAST else 600
-ldm_ckpt = train(["experiment=shapes_latent", f"vae.ckpt={vae_ckpt}"] + small_data, RUNS / "latent",
-                 steps=ldm_steps)
+ldm_ckpt = pretrained_or_train("shapes_latent", ["experiment=shapes_latent", f"vae.ckpt={vae_ckpt}"] + small_data,
+                               RUNS / "latent", steps=ldm_steps)
 model, cfg = load(ldm_ckpt)
 print("U-Net input", model.sample_shape, "stored scale", round(model.space.latent_scale.item(), 4))
 sampler = DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type, progress=False)

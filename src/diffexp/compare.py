@@ -20,8 +20,11 @@ import yaml
 
 
 def read_metrics(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The CSV logger's metrics of a job: name -> [(step, value), ...] (empty if it logged none)."""
+    """The CSV logger's metrics of a job (``job_dir/csv/metrics.csv``, or ``job_dir/metrics.csv`` as a shipped
+    course model keeps them): name -> [(step, value), ...] (empty if it logged none)."""
     path = job_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        path = job_dir / "metrics.csv"
     columns: dict[str, list[tuple[int, float]]] = {}
     if not path.is_file():
         return columns

@@ -98,6 +98,34 @@ def load(ckpt: str | Path, use_ema: bool = True):
     return load_model(ckpt, use_ema=use_ema)
 
 
+def pretrained(name: str):
+    """(model in eval mode, its training config) of the course model ``name`` shipped with diffexp (see
+    :mod:`diffexp.pretrained`: digits, digits_quadratic, digits_cosine, shapes_text, shapes_latent; shapes_vae
+    gives its :class:`~diffexp.nets.AutoencoderKL`). Offline: the weights are in the package."""
+    from omegaconf import OmegaConf
+
+    from diffexp.autoencoders import load_autoencoder
+    from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
+    from diffexp.pretrained import path
+
+    weights = path(name)
+    if name == "shapes_vae":
+        return load_autoencoder(weights), OmegaConf.create(read_checkpoint(weights)[CONFIG_KEY])
+    return load(weights)
+
+
+def pretrained_or_train(name: str, overrides: list[str], output_dir: str | Path, steps: int | None = None,
+                        own: bool | None = None) -> Path:
+    """The weights a course notebook uses: the shipped model ``name`` (:func:`pretrained`), or, with ``own`` (default:
+    ``DIFFEXP_NOTEBOOK_TRAIN=1``) or when it is not shipped, a run of ``overrides`` trained here (:func:`train`)."""
+    from diffexp.pretrained import available, path
+
+    own = os.environ.get("DIFFEXP_NOTEBOOK_TRAIN", "0") == "1" if own is None else own
+    if not own and name in available():
+        return path(name)
+    return train(overrides, output_dir, steps=steps)
+
+
 def sampler(model, name: str = "dpmpp_2m", steps: int | None = None, **options):
     """The sampler ``name`` (the names of ``sampler=`` on the command line: ddim, dpmpp_2m, unipc, heun, ...) for
     ``model``'s schedule and prediction type, with ``steps`` steps (None: the sampler's default) and ``options``

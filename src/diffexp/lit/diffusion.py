@@ -295,6 +295,7 @@ class DiffusionModel(TrainingModule):
         jump_length: int = 10,
         jump_n_sample: int = 1,
         net_conditions: dict | None = None,
+        observe=None,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -306,7 +307,8 @@ class DiffusionModel(TrainingModule):
         (:meth:`diffexp.samplers.Sampler.sample`) and act in the model's space (``space.encode`` of an image).
         ``precision`` (default ``sample_precision``) is that of the denoiser calls; the sampler computes in fp32.
         ``net_conditions``: the net's condition arguments given directly, one per image, instead of ``conditions``
-        (e.g. interpolated text embeddings), guided against the null condition.
+        (e.g. interpolated text embeddings), guided against the null condition. ``observe(i, t, x_t, x0)`` sees each
+        step's x_t and predicted x_0 as images (decoded for latent models) while sampling runs.
         """
         was_training = self.training
         self.eval()
@@ -322,7 +324,9 @@ class DiffusionModel(TrainingModule):
             result = self.make_sampler(sampler).sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step,
-                jump_length=jump_length, jump_n_sample=jump_n_sample)
+                jump_length=jump_length, jump_n_sample=jump_n_sample,
+                observe=None if observe is None else
+                lambda i, t, x, x0: observe(i, t, self.space.decode(x), self.space.decode(x0)))
             if isinstance(result, Trajectory):
                 result.xs = [self.space.decode(x) for x in result.xs]
                 result.x0s = [self.space.decode(x) for x in result.x0s]

@@ -247,6 +247,7 @@ class Sampler:
         on_step: StepHook | None = None,
         jump_length: int = 10,
         jump_n_sample: int = 1,
+        observe: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | Trajectory:
         """Run the reverse process from x_T (given, or N(0, I) drawn from ``generator``) to x_0.
 
@@ -256,7 +257,8 @@ class Sampler:
         (i counts the steps run, from 0; t_prev = -1 after the last), e.g. for inpainting. ``jump_n_sample`` > 1
         adds RePaint resampling (:func:`resampling_levels`): x at t is noised back to t' > t by
         q(x_t' | x_t) = N(sqrt(abar_t' / abar_t) x_t, (1 - abar_t' / abar_t) I) and the steps are run again
-        (multistep solvers restart their history there).
+        (multistep solvers restart their history there). ``observe(i, t, x_t, x0)`` sees each step's input and
+        predicted x_0 as it runs (a live view; it changes nothing).
         Returns the final sample, or a :class:`Trajectory` when ``return_trajectory``.
         """
         if x_T is None:
@@ -285,6 +287,8 @@ class Sampler:
                 continue
             t, t_prev = ts[k], ts[k_next] if k_next < len(ts) else -1
             x_prev, x0 = self.step(denoiser, x, t, t_prev, generator=generator, state=state)
+            if observe is not None:
+                observe(steps_run, t, x, x0)
             if on_step is not None:
                 x_prev = on_step(steps_run, t_prev, x_prev)
             steps_run += 1
