@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run_script, user_env
+from tests.conftest import ROOT, readme_command, run_script, user_env
 
 gradio = pytest.importorskip("gradio")
 from diffexp import app  # noqa: E402
@@ -98,11 +98,12 @@ def free_port() -> int:
 
 @pytest.fixture
 def served_app(tmp_path):
-    """`python -m diffexp.app --port P` started as a user would; yields its URL."""
+    """The README's `python -m diffexp.app`, run as typed (a free port through $GRADIO_SERVER_PORT); yields its URL."""
+    command = readme_command("python -m diffexp.app").split()
     port = free_port()
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "diffexp.app", "--port", str(port)], cwd=tmp_path,
-                            env=user_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, *command[1:]], cwd=tmp_path, env=user_env(tmp_path, GRADIO_SERVER_PORT=str(port)),
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180

@@ -211,3 +211,27 @@ def make_images(folder):
         pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i}.png")
     return folder
+
+
+@pytest.mark.slow
+def test_readme_export_and_import_commands_as_typed(fresh_workdir):
+    """The README's export and unet.init_from commands, verbatim, after a (shrunk) quickstart in a fresh directory."""
+    from tests.conftest import SHRINK, readme_command, run_as_typed
+
+    run_script("train.py", *SHRINK, cwd=fresh_workdir, check=True)
+    export = readme_command("python -m diffexp.export ckpt=logs/train/latest/checkpoints/last.ckpt out=exported/digits")
+    result = run_as_typed(export, fresh_workdir, shrink=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (fresh_workdir / "exported" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((fresh_workdir / "exported" / "diffexp_export.json").read_text())["max_abs_diff_vs_diffexp"] < 1e-5
+    import subprocess
+    import sys
+
+    from tests.conftest import user_env
+
+    again = subprocess.run([sys.executable, *export.split()[1:]], cwd=fresh_workdir, env=user_env(fresh_workdir),
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "not empty" in again.stderr
+    result = run_as_typed(readme_command("python train.py unet.init_from=exported/digits"), fresh_workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "UNet2DModel weights imported" in result.stderr

@@ -352,7 +352,7 @@ def build_app(extra_checkpoints: list[str] = ()):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: reachable from others)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--ckpt", action="append", default=[], help="a checkpoint or run directory to list (repeatable)")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -366,14 +366,15 @@ def main(argv: list[str] | None = None) -> None:
             resolve_checkpoint(path)
         except FileNotFoundError as e:
             sys.exit(f"error: --ckpt {e}")
-    if not 0 < args.port < 65536:
+    if args.port is not None and not 0 < args.port < 65536:
         sys.exit(f"error: --port {args.port} must lie in 1..65535")
     app = build_app(args.ckpt)
     try:
         app.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True,
                            footer_links=[])
     except OSError as e:
-        sys.exit(f"error: cannot serve on {args.host}:{args.port} ({e}); pass another --port")
+        sys.exit(f"error: cannot serve on {args.host}:{args.port or os.environ.get('GRADIO_SERVER_PORT', 7860)} ({e}); "
+                 f"pass another --port")
 
 
 if __name__ == "__main__":
