@@ -87,33 +87,32 @@ def _dropout(net: UNet) -> float:
     return rates.pop() if rates else 0.0
 
 
+def _path_pairs(blocks, ours: str, theirs: str, levels: int, per_level: int, resample: str):
+    """(diffexp prefix, diffusers prefix, module) along one path of the U (``down`` or ``up``): ``per_level`` blocks
+    (a residual block, maybe attention) per level, then a resampler between levels."""
+    pairs, index = [], 0
+    for level in range(levels):
+        for j in range(per_level):
+            for k, layer in enumerate(blocks[index]):
+                kind = "resnets" if isinstance(layer, ResBlock) else "attentions"
+                pairs.append((f"{ours}.{index}.{k}", f"{theirs}.{level}.{kind}.{j}", layer))
+            index += 1
+        if level < levels - 1:
+            pairs.append((f"{ours}.{index}.0", f"{theirs}.{level}.{resample}.0", blocks[index][0]))
+            index += 1
+    return pairs
+
+
 def _module_pairs(net: UNet) -> list[tuple[str, str, torch.nn.Module]]:
-    """(diffexp prefix, diffusers prefix, diffexp module) for every block, in diffusers' block order."""
+    """(diffexp prefix, diffusers prefix, diffexp module) for every block, in diffusers' block order (its up
+    blocks count from the lowest resolution, as diffexp's ``up`` list does)."""
     pairs = [("time_mlp.0", "time_embedding.linear_1", None), ("time_mlp.2", "time_embedding.linear_2", None),
              ("conv_in", "conv_in", None), ("norm_out", "conv_norm_out", None), ("conv_out", "conv_out", None)]
     levels, per_level = len(net.channel_mult), net.num_res_blocks
-    index = 0
-    for level in range(levels):
-        for j in range(per_level):
-            for k, layer in enumerate(net.down[index]):
-                kind = "resnets" if isinstance(layer, ResBlock) else "attentions"
-                pairs.append((f"down.{index}.{k}", f"down_blocks.{level}.{kind}.{j}", layer))
-            index += 1
-        if level < levels - 1:
-            pairs.append((f"down.{index}.0", f"down_blocks.{level}.downsamplers.0", net.down[index][0]))
-            index += 1
-    for k, name in enumerate(["resnets.0", "attentions.0", "resnets.1"]):
-        pairs.append((f"mid.{k}", f"mid_block.{name}", net.mid[k]))
-    index = 0
-    for u in range(levels):
-        for j in range(per_level + 1):
-            for k, layer in enumerate(net.up[index]):
-                kind = "resnets" if isinstance(layer, ResBlock) else "attentions"
-                pairs.append((f"up.{index}.{k}", f"up_blocks.{u}.{kind}.{j}", layer))
-            index += 1
-        if u < levels - 1:
-            pairs.append((f"up.{index}.0", f"up_blocks.{u}.upsamplers.0", net.up[index][0]))
-            index += 1
+    pairs += _path_pairs(net.down, "down", "down_blocks", levels, per_level, "downsamplers")
+    pairs += [(f"mid.{k}", f"mid_block.{name}", net.mid[k]) for k, name in enumerate(["resnets.0", "attentions.0",
+                                                                                     "resnets.1"])]
+    pairs += _path_pairs(net.up, "up", "up_blocks", levels, per_level + 1, "upsamplers")
     return pairs
 
 
