@@ -97,7 +97,7 @@ def test_import_ddpm_cifar10_config(ddpm_cifar10_folder, tmp_path):
     cfg = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={folder}"], tmp_path / "run")
     model = build_model(cfg)
     assert (cfg.unet.time_embedding_order, cfg.unet.time_freq_shift, cfg.unet.downsample_padding) == ("sin_cos", 1, 0)
-    assert "init_from" not in cfg.unet  # the weights are in the run's checkpoints from then on
+    assert cfg.unet.init_from == str(folder)  # kept in the run config as a record (a checkpoint does not re-import)
     assert sum(p.numel() for p in model.net.parameters()) == sum(p.numel() for p in unet.parameters()) == 35_746_307
     assert max_diff(model.net.eval(), unet, 3, 32) < 1e-5
 
@@ -147,7 +147,7 @@ def test_export_cli_and_pipelines_match_diffexp(tiny_checkpoint, tmp_path):
     out = tmp_path / "exported"
     main([f"ckpt={tiny_checkpoint}", f"out={out}"])
     record = json.loads((out / "diffexp_export.json").read_text())
-    assert record["max_abs_diff_vs_diffexp"] < 1e-5 and record["ema"] is True
+    assert record["max_abs_diff_vs_diffexp"] < 1e-5 and record["weights"] == "EMA"
     model, _ = load(tiny_checkpoint)
 
     ddim = DDIMPipeline.from_pretrained(out)
@@ -235,3 +235,43 @@ def test_readme_export_and_import_commands_as_typed(fresh_workdir):
     result = run_as_typed(readme_command("python train.py unet.init_from=exported/digits"), fresh_workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "UNet2DModel weights imported" in result.stderr
+
+
+def test_export_merges_lora_refuses_latents_and_replaces_only_when_asked(tmp_path):
+    from diffexp.course import pretrained
+
+    model = build_model(compose_config("train", ["model.lora.rank=4"], tmp_path / "lora"))
+    for name, p in model.net.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # adapters that change the function
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        export_pipeline(model, tmp_path / "out")
+    assert export_pipeline(model, tmp_path / "out", overwrite=True) < 1e-5  # merged adapters, same function
+    assert not (tmp_path / "out" / "stale.txt").exists() and not list(tmp_path.glob(".out.export-tmp"))
+    latent, _ = pretrained("shapes_latent")
+    with pytest.raises(InteropError, match="latent diffusion model"):
+        export_pipeline(latent, tmp_path / "latent")
+    assert not (tmp_path / "latent").exists()
+
+
+def test_export_cli_refuses_what_it_cannot_export(tmp_path):
+    from diffexp.export import main
+    from diffexp.pretrained import path
+
+    for args, message in [([f"ckpt={path('shapes_vae')}", f"out={tmp_path}/v"], "autoencoder"),
+                          ([f"ckpt={path('digits')}", f"out={tmp_path}/d", "ema=false"], "last.ckpt for its raw"),
+                          ([f"ckpt={path('shapes_text')}", f"out={tmp_path}/t"], "text-conditioned"),
+                          ([f"ckpt={path('digits')}", "out=/proc/diffexp-export"], "cannot be written")]:
+        with pytest.raises(SystemExit, match=message):
+            main(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_import_refuses_conditional_targets(ddpm_cifar10_folder, tmp_path):
+    folder, _ = ddpm_cifar10_folder
+    cfg = compose_config("train", ["data=cifar10", "unet=base", "conditioning=class", "conditioning.num_classes=10",
+                                   f"unet.init_from={folder}"], tmp_path / "run")
+    with pytest.raises(InteropError, match="class-conditional"):
+        build_model(cfg)

@@ -134,7 +134,7 @@ CARD = """# {name}
 |---|---|
 | made by | `python train.py {overrides}` |
 | data | {data} |
-| training | {steps:,} steps, batch {batch}, seed {seed}; {wall:.0f} s on {device}, the six course runs sharing it |
+| training | {steps:,} steps, batch {batch}, seed {seed}; {wall:.0f} s on {device}, sharing it with the other course runs (`--jobs 5`) |
 | code | diffexp commit `{commit}`{dirty} |
 | weights | EMA, float16 (tensors under {half_min} elements in float32); {params:,} parameters, {size_kib:,.0f} KiB |
 | curves | `metrics.csv` (the run's CSV log: train/loss, val/loss, learning rate) |
@@ -213,7 +213,10 @@ def main() -> None:
     runs = args.runs.resolve()
     if args.stage == "train":
         walls = train_all(names, runs, args.jobs, args.set)
-        (runs / "walls.txt").write_text("".join(f"{n} {w:.1f}\n" for n, w in walls.items()))
+        record = runs / "walls.txt"  # every model's latest wall time (earlier runs' lines kept)
+        known = dict(line.split() for line in record.read_text().splitlines()) if record.is_file() else {}
+        known.update({n: f"{w:.1f}" for n, w in walls.items()})
+        record.write_text("".join(f"{n} {w}\n" for n, w in known.items()))
         if len(walls) < len(names) or any((runs / n / "checkpoints" / "model.safetensors").is_file() is False
                                           for n in walls):
             sys.exit("error: some runs failed (see the logs above)")

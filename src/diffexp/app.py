@@ -122,10 +122,26 @@ def curves_plot(schedules: dict, t: int):
     return fig
 
 
-def forward_process(dataset, index, upload, name, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t):
+def number(value, name: str) -> float:
+    """A control's value as a number; a clear error for an emptied field."""
+    if value is None or value == "":
+        raise ValueError(f"{name} is empty: enter a number")
+    return float(value)
+
+
+def forward_process(*controls):
     """Tab 1: (noised image, histogram, curves) for the controls' values."""
-    schedule = checked(make_schedule, name, num_timesteps, beta_start, beta_end, cosine_s, ztsnr)
-    t = min(int(t), schedule.num_timesteps - 1)
+    return checked(forward_views, *controls)
+
+
+def forward_views(dataset, index, upload, name, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t):
+    index, t = int(number(index, "image")), int(number(t, "t"))
+    T = number(num_timesteps, "T")
+    if not T.is_integer():
+        raise ValueError(f"T={T:g} must be a whole number of steps")
+    schedule = make_schedule(name, int(T), number(beta_start, "beta start"), number(beta_end, "beta end"),
+                             number(cosine_s, "cosine s"), ztsnr)
+    t = min(t, schedule.num_timesteps - 1)
     view, x_t = noised_view(image_of(dataset, index, upload), schedule, t)
     return view, histogram_plot(x_t, t, schedule.alphas_cumprod[t].item()), curves_plot({schedule.name: schedule}, t)
 
@@ -163,8 +179,8 @@ def resolve_checkpoint(choice: str) -> Path:
         raise FileNotFoundError(f"checkpoint {choice!r} is a folder without checkpoints/last.ckpt or model.safetensors")
     if candidate.is_file():
         return candidate
-    raise FileNotFoundError(f"checkpoint {choice!r} is neither a shipped model ({sorted(MODELS)}) nor a file or run "
-                            f"directory")
+    raise FileNotFoundError(f"checkpoint {choice!r} is neither a shipped model ({checkpoint_choices()}) nor a file "
+                            f"or run directory")
 
 
 @lru_cache(maxsize=4)
@@ -172,6 +188,16 @@ def load_checkpoint(path: str):
     from diffexp.sample import load_model
 
     return load_model(path)[0]
+
+
+def default_guidance(choice):
+    """The guidance slider's value for a checkpoint: the model's own default (what sample.py uses)."""
+    import gradio as gr
+
+    try:
+        return gr.update(value=float(load_checkpoint(str(resolve_checkpoint(choice))).guidance_scale))
+    except (ValueError, FileNotFoundError, TypeError):
+        return gr.update()
 
 
 def build_sampler(model, name: str, steps: int):
@@ -213,8 +239,10 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
     import gradio as gr
 
     model = checked(lambda: load_checkpoint(str(resolve_checkpoint(choice))))
+    steps, seed, n = (checked(lambda v=v, k=k: int(number(v, k)))
+                      for v, k in ((steps, "steps"), (seed, "seed"), (n, "images")))
     sampler = checked(build_sampler, model, sampler_name, steps)
-    conditions = checked(conditions_for, model, int(n), prompt)
+    conditions = checked(conditions_for, model, n, prompt)
     guidance = float(guidance) if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys \
         else None
     updates: queue.Queue = queue.Queue()
@@ -246,7 +274,8 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
 def compare_samplers(choice, sampler_a, steps_a, sampler_b, steps_b, seed, n, prompt, guidance):
     """Compare tab: two samplers from the same noise (the same seed)."""
     model = checked(lambda: load_checkpoint(str(resolve_checkpoint(choice))))
-    conditions = checked(conditions_for, model, int(n), prompt)
+    seed, n = (checked(lambda v=v, k=k: int(number(v, k))) for v, k in ((seed, "seed"), (n, "images")))
+    conditions = checked(conditions_for, model, n, prompt)
     grids = []
     for name, steps in ((sampler_a, steps_a), (sampler_b, steps_b)):
         sampler = checked(build_sampler, model, name, steps)
@@ -319,6 +348,8 @@ def build_app(extra_checkpoints: list[str] = ()):
                         x0_view = gr.Image(label="predicted x_0", format="png", height=240, elem_id="smp-x0")
                     final = gr.Image(label="samples (sample.py's grid.png)", type="filepath", format="png", height=320,
                                      elem_id="smp-final")
+            ckpt.change(default_guidance, ckpt, guidance)
+            app.load(default_guidance, ckpt, guidance)
             run.click(sampling_stream, [ckpt, sampler, steps, seed, n, prompt, guidance], [xt_view, x0_view, final, status])
 
         with gr.Tab("Compare"):
@@ -368,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --ckpt {e}")
     if args.port is not None and not 0 < args.port < 65536:
         sys.exit(f"error: --port {args.port} must lie in 1..65535")
+    env_port = os.environ.get("GRADIO_SERVER_PORT")
+    if args.port is None and env_port is not None and not (env_port.isdigit() and 0 < int(env_port) < 65536):
+        sys.exit(f"error: GRADIO_SERVER_PORT={env_port!r} must be a port number in 1..65535 (or pass --port)")
     app = build_app(args.ckpt)
     try:
         app.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True,

@@ -178,31 +178,45 @@ def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: boo
         for key, value in derived.items():
             if cfg.unet.get(key) is None or key == "context_dim":
                 cfg.unet[key] = value
-        source = cfg.unet.pop("init_from", None)
+        source = cfg.unet.get("init_from")
         imported = import_diffusers_unet(cfg.unet, source) if source and not from_checkpoint else None
-        net = instantiate(cfg.unet)
+        net = instantiate(without_init_from(cfg.unet))
         if imported is not None:
             net.load_state_dict(imported)
     return instantiate(cfg.model, net=net, conditioner=conditioner, space=space)
 
 
+def without_init_from(unet_cfg: DictConfig) -> DictConfig:
+    """The U-Net config minus ``init_from`` (where its weights came from; kept in the run config as a record)."""
+    net_cfg = unet_cfg.copy()
+    with open_dict(net_cfg):
+        net_cfg.pop("init_from", None)
+    return net_cfg
+
+
 def import_diffusers_unet(unet_cfg: DictConfig, source: str) -> dict:
     """``unet.init_from``: the weights of the diffusers ``UNet2DModel`` at ``source`` (folder or hub id) in
-    diffexp's names. Its conventions (time-embedding order and frequency shift, downsampling padding, dropout) are
-    written into ``unet_cfg``, so the run config rebuilds the same function; a layout other than ``unet_cfg``'s is
-    an error naming the options to set."""
-    from diffexp.interop import check_unet_matches, from_diffusers_state, read_diffusers_unet, unet_options_from_diffusers
+    diffexp's names. Its conventions (time-embedding order and frequency shift, downsampling padding) are written
+    into ``unet_cfg``, so the run config rebuilds the same function; a layout other than ``unet_cfg``'s, or a
+    text- or class-conditional U-Net (UNet2DModel pipelines have neither input), is an error naming why."""
+    from diffexp.interop import (InteropError, check_unet_matches, from_diffusers_state, read_diffusers_unet,
+                                 unet_options_from_diffusers)
     from diffexp.nets import UNet
 
+    if unet_cfg.get("context_dim") or unet_cfg.get("num_classes"):
+        kind = "text-conditioned (cross-attention)" if unet_cfg.get("context_dim") else "class-conditional"
+        raise InteropError(f"unet.init_from loads an unconditional diffusers UNet2DModel; this run's U-Net is {kind} "
+                           f"and has layers UNet2DModel lacks (use conditioning=none)")
     config, state = read_diffusers_unet(source)
     options = unet_options_from_diffusers(config)
     check_unet_matches(unet_cfg, options, source)
     for key in ("time_embedding_order", "time_freq_shift", "downsample_padding"):
         unet_cfg[key] = options[key]
-    net = instantiate(unet_cfg)
+    net = instantiate(without_init_from(unet_cfg))
     if not isinstance(net, UNet):
         raise OptionError(f"unet.init_from loads a diffusers UNet2DModel into diffexp's UNet, not {unet_cfg._target_}")
+    weights = from_diffusers_state(net, state)
     print(f"[diffexp] unet.init_from={source}: UNet2DModel weights imported ({sum(v.numel() for v in state.values()):,} "
           f"parameters; time embedding {options['time_embedding_order']}, freq shift {options['time_freq_shift']:g}, "
           f"downsample padding {options['downsample_padding']})", file=sys.stderr)
-    return from_diffusers_state(net, state)
+    return weights

@@ -1,7 +1,8 @@
 """Export a trained pixel model as a diffusers pipeline folder.
 
     python -m diffexp.export ckpt=logs/train/latest/checkpoints/last.ckpt out=exported/digits
-    python -m diffexp.export ckpt=RUN/checkpoints/model.safetensors out=DIR ema=false overwrite=true
+    python -m diffexp.export ckpt=RUN/checkpoints/last.ckpt out=DIR ema=false overwrite=true   # raw weights
+    python -m diffexp.export ckpt=RUN/checkpoints/model.safetensors out=DIR                    # the shared weights
 
 Then, in any diffusers environment:
 
@@ -16,6 +17,7 @@ on a random batch; the maximum difference is printed and stored in ``out/diffexp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,24 +45,34 @@ def parse(argv: list[str]) -> dict:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    """A clear error, before any work, for an ``out=`` that cannot become the export folder."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={str(out)!r} is a file; pass a folder to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"out={str(out)!r} exists and is not empty; choose another folder or pass overwrite=true")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"out={str(out)!r} cannot be created: {parent} is not a writable folder")
 
 
-def verify(model, out: Path, seed: int = 0) -> float:
-    """max |UNet2DModel(out) - diffexp net| on a random batch of 4 at random timesteps."""
-    import torch
-    from diffusers import UNet2DModel
+def weights_kind(ckpt: str, ema: bool) -> str:
+    """Which weights ``load_model(ckpt, use_ema=ema)`` gives: "EMA", "raw", or those train.py shared in
+    model.safetensors; a clear error for what export cannot use (a VAE, raw weights of a model.safetensors)."""
+    from diffexp.callbacks.ema import ema_state_from_checkpoint
+    from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 
-    unet = UNet2DModel.from_pretrained(out, subfolder="unet").eval()
-    net = model.net.eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, net.in_channels, net.image_size, net.image_size, generator=g)
-    t = torch.randint(0, model.schedule.num_timesteps, (4,), generator=g)
-    with torch.no_grad():
-        return float((unet(x, t).sample - net(x, t)).abs().max())
+    checkpoint = read_checkpoint(ckpt, "ckpt")
+    if str(checkpoint[CONFIG_KEY].get("model", {}).get("_target_", "")).endswith("VAETraining"):
+        raise ValueError(f"ckpt={ckpt!r} is an autoencoder (model=vae) checkpoint; export writes diffusion models "
+                         f"(model=pixel) as diffusers pipelines")
+    if Path(ckpt).suffix == ".safetensors":
+        if not ema:
+            raise ValueError(f"ema=false: {ckpt} holds only the weights train.py shares (EMA when the run had EMA); "
+                             f"pass the run's checkpoints/last.ckpt for its raw weights")
+        return "shared (EMA when the run had EMA)"
+    return "EMA" if ema and ema_state_from_checkpoint(checkpoint) is not None else "raw"
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -76,16 +88,21 @@ def main(argv: list[str] | None = None) -> Path:
             import diffusers  # noqa: F401
         except ImportError:
             raise MissingPackageError("export writes a diffusers pipeline: pip install -e '.[diffusers]'") from None
+        kind = weights_kind(args["ckpt"], args["ema"])
         model, _ = load_model(args["ckpt"], use_ema=args["ema"])
-        export_pipeline(model, out)
-        diff = verify(model, out)
-    except (ValueError, FileNotFoundError, FileExistsError, InteropError, MissingPackageError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, InteropError, MissingPackageError) as e:
         sys.exit(f"error: {e}")
-    record = {"ckpt": str(args["ckpt"]), "ema": args["ema"], "max_abs_diff_vs_diffexp": diff,
+    try:
+        diff = export_pipeline(model, out, overwrite=args["overwrite"])
+    except (ValueError, FileExistsError, InteropError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: out={args['out']!r} cannot be written ({e.strerror or e}); nothing was exported")
+    record = {"ckpt": str(args["ckpt"]), "weights": kind, "max_abs_diff_vs_diffexp": diff,
               "prediction_type": model.prediction_type, "num_train_timesteps": model.schedule.num_timesteps}
     (out / "diffexp_export.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[diffexp] exported {args['ckpt']} ({'EMA' if args['ema'] else 'raw'} weights) to {out}: UNet2DModel + "
-          f"DDPMScheduler ({model.prediction_type}); max |diffusers - diffexp| on a random batch = {diff:.2e}")
+    print(f"[diffexp] exported {args['ckpt']} ({kind} weights) to {out}: UNet2DModel + DDPMScheduler "
+          f"({model.prediction_type}); max |diffusers - diffexp| on a random batch = {diff:.2e}")
     print(f"  from diffusers import DDIMPipeline; DDIMPipeline.from_pretrained({str(out)!r})(batch_size=16)")
     return out
 

@@ -13,6 +13,8 @@ What has no counterpart is refused with :class:`InteropError` naming the option.
 """
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -131,10 +133,23 @@ def _param_names(layer) -> list[tuple[str, str]]:
     return [("weight", "weight"), ("bias", "bias")]
 
 
+def plain_state(net: UNet) -> dict[str, torch.Tensor]:
+    """``net``'s state dict under its plain names: LoRA adapters (:mod:`diffexp.lora`) merged into their base
+    weights first, adapter tensors dropped."""
+    from diffexp.lora import base_key, is_adapter_key, lora_layers, merge_lora
+
+    if not lora_layers(net):
+        return net.state_dict()
+    net = copy.deepcopy(net)
+    merge_lora(net)
+    return {base_key(k): v for k, v in net.state_dict().items() if not is_adapter_key(k)}
+
+
 def to_diffusers_state(net: UNet, state: dict | None = None) -> dict[str, torch.Tensor]:
-    """``net``'s weights (or ``state``, a state dict of ``net``) under ``UNet2DModel``'s parameter names."""
+    """``net``'s weights (or ``state``, a state dict of ``net``; LoRA adapters merged) under ``UNet2DModel``'s
+    parameter names."""
     diffusers_unet_config(net)
-    state = dict(net.state_dict() if state is None else state)
+    state = dict(plain_state(net) if state is None else state)
     out = {}
     for ours, theirs, layer in _module_pairs(net):
         for o, t in _param_names(layer):
@@ -273,6 +288,9 @@ def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tenso
     elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise FileNotFoundError(f"unet.init_from={str(source)!r} is neither a folder nor a hub id like "
                                 f"google/ddpm-cifar10-32")
+    def reason(error) -> str:
+        return " ".join(str(error).split())[:240]
+
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder=subfolder)
     except (OSError, EnvironmentError) as e:
@@ -280,11 +298,11 @@ def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tenso
             try:  # pipeline repositories keep the U-Net in unet/
                 unet = UNet2DModel.from_pretrained(source, subfolder="unet")
             except (OSError, EnvironmentError):
-                raise InteropError(f"unet.init_from={str(source)!r}: no UNet2DModel could be loaded ({str(e)[:200]}); "
-                                   f"offline, download it once or pass a local folder") from None
+                raise InteropError(f"unet.init_from={str(source)!r}: there is no such local folder, and no hub model "
+                                   f"of that id could be loaded ({reason(e)}); offline, download it once or pass a "
+                                   f"local folder") from None
         else:
-            raise InteropError(f"unet.init_from={str(source)!r}: no UNet2DModel could be loaded "
-                               f"({str(e)[:200]})") from None
+            raise InteropError(f"unet.init_from={str(source)!r}: no UNet2DModel could be loaded ({reason(e)})") from None
     return dict(unet.config), {k: v.detach().float() for k, v in unet.state_dict().items()}
 
 
@@ -300,7 +318,8 @@ def check_unet_matches(unet_cfg, options: dict, source: str) -> None:
               "scale_shift": options["scale_shift"], "in_channels": options["in_channels"]}
     differing = [f"unet.{k}={v}" for k, v in wanted.items() if _plain(unet_cfg.get(k)) != v]
     if ours_levels != levels:
-        differing.append(f"unet.attention_levels={levels} (attention at these levels; now {ours_levels})")
+        differing.append(f"unet.attention_resolutions=[] unet.attention_levels={levels} (attention at these levels; "
+                         f"now {ours_levels})")
     if (unet_cfg.get("out_channels") or unet_cfg.in_channels) != options["out_channels"]:
         differing.append(f"unet.out_channels={options['out_channels']}")
     if differing:
@@ -323,22 +342,53 @@ def diffusers_scheduler_config(schedule, prediction_type: str) -> dict:
             "timestep_spacing": "leading", "steps_offset": 0}
 
 
-def export_pipeline(model, out: str | Path) -> Path:
-    """Write ``model`` (a pixel-space, unconditional :class:`~diffexp.lit.DiffusionModel`) as a diffusers
-    ``DDPMPipeline`` folder: ``unet/`` (safetensors), ``scheduler/``, ``model_index.json``. ``out`` must not
-    exist or be empty."""
+EXPORT_TOLERANCE = 1e-4  # max |UNet2DModel - diffexp| on a random batch an export must meet
+
+
+def export_pipeline(model, out: str | Path, overwrite: bool = False) -> float:
+    """Write ``model`` (a pixel-space, unconditional :class:`~diffexp.lit.DiffusionModel`; LoRA adapters merged) as
+    a diffusers ``DDPMPipeline`` folder: ``unet/`` (safetensors), ``scheduler/``, ``model_index.json``. The folder is
+    written beside ``out``, loaded back and compared with ``model.net`` (:func:`export_difference`), then moved into
+    place (replacing ``out`` only with ``overwrite``); returns that difference."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from diffexp.spaces import PixelSpace
+    from diffexp.spaces import LatentSpace
 
-    if not isinstance(model.space, PixelSpace):
-        raise InteropError(f"this is a {type(model.space).__name__} model: its U-Net runs on an autoencoder's "
-                           f"latents, and a diffusers pipeline of a UNet2DModel runs on pixels; export supports "
-                           f"pixel models (model=pixel)")
+    if isinstance(model.space, LatentSpace):
+        raise InteropError("this is a latent diffusion model: its U-Net runs on an autoencoder's latents, and a "
+                           "diffusers pipeline of a UNet2DModel runs on pixels; export supports pixel models "
+                           "(model=pixel)")
     config = diffusers_unet_config(model.net)
     unet = UNet2DModel(**config)
     unet.load_state_dict(to_diffusers_state(model.net), strict=True)
     scheduler = DDPMScheduler(**diffusers_scheduler_config(model.schedule, model.prediction_type))
     out = Path(out)
-    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(out, safe_serialization=True)
-    return out
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"out={str(out)!r} exists and is not empty; choose another folder or pass overwrite=true")
+    staging = out.with_name(f".{out.name}.export-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+        difference = export_difference(model, staging)
+        if not difference <= EXPORT_TOLERANCE:
+            raise InteropError(f"the exported UNet2DModel differs from this model by {difference:.2e} (> "
+                               f"{EXPORT_TOLERANCE:g}) on a random batch; nothing was written to {out}")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return difference
+
+
+def export_difference(model, folder: str | Path, seed: int = 0) -> float:
+    """max |UNet2DModel(folder) - diffexp's net| on a random batch of 4 at random timesteps."""
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    net = model.net.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, net.in_channels, net.image_size, net.image_size, generator=g)
+    t = torch.randint(0, model.schedule.num_timesteps, (4,), generator=g)
+    with torch.no_grad():
+        return float((unet(x, t).sample - net(x, t)).abs().max())
