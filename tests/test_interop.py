@@ -196,7 +196,7 @@ def test_train_from_imported_unet_and_export_cli(ddpm_cifar10_folder, tmp_path):
     assert (cfg.unet.time_embedding_order, cfg.unet.downsample_padding) == ("sin_cos", 0)
     assert 0 < max_diff(model.net, unet, 3, 32) < 1.0  # one optimizer step away from the imported weights
     result = subprocess.run([sys.executable, "-m", "diffexp.export", f"ckpt={run_dir / 'checkpoints' / 'model.safetensors'}",
-                             f"out={tmp_path / 'exp'}", "ema=false"], capture_output=True, text=True, cwd=tmp_path)
+                             f"out={tmp_path / 'exp'}"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "max |diffusers - diffexp|" in result.stdout
     assert UNet2DModel.from_pretrained(tmp_path / "exp", subfolder="unet").config.freq_shift == 1
@@ -222,8 +222,8 @@ def test_readme_export_and_import_commands_as_typed(fresh_workdir):
     export = readme_command("python -m diffexp.export ckpt=logs/train/latest/checkpoints/last.ckpt out=exported/digits")
     result = run_as_typed(export, fresh_workdir, shrink=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (fresh_workdir / "exported" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((fresh_workdir / "exported" / "diffexp_export.json").read_text())["max_abs_diff_vs_diffexp"] < 1e-5
+    assert (fresh_workdir / "exported" / "digits" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((fresh_workdir / "exported" / "digits" / "diffexp_export.json").read_text())["max_abs_diff_vs_diffexp"] < 1e-5
     import subprocess
     import sys
 
