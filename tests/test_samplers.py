@@ -290,3 +290,18 @@ def test_alpha_bar_at_interpolates_log_sigma():
 def test_registry_is_the_source_of_sampler_names():
     assert isinstance(get_sampler("ddim", get_schedule("linear", T)), Sampler)
     assert set(SAMPLERS) >= {"ddim", "ddpm"}
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "heun"])
+def test_observe_sees_each_step_and_changes_nothing(name):
+    """``observe(i, t, x_t, x0)`` is called once per step with that step's input and predicted x0 (the ones a
+    trajectory records) and leaves the samples bit-identical."""
+    schedule = get_schedule("linear", 1000)
+    sampler = SAMPLERS[name](schedule, steps=6, progress=False)
+    seen = []
+    observed = sampler.sample(toy_model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                              observe=lambda i, t, x, x0: seen.append((i, t, x.clone(), x0.clone())))
+    traj = sampler.sample(toy_model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert torch.equal(observed, traj.sample)
+    assert [s[0] for s in seen] == list(range(len(traj.timesteps))) and [s[1] for s in seen] == traj.timesteps
+    assert all(torch.equal(s[2], x) and torch.equal(s[3], x0) for s, x, x0 in zip(seen, traj.xs, traj.x0s))
