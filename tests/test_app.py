@@ -59,13 +59,19 @@ def test_sampling_stream_shows_every_step_and_ends_with_sample_py_grid(tmp_path)
             list(app.sampling_stream(bad, "ddim", 10, 0, 4, "", 3.0))
     with pytest.raises(gradio.Error, match="not text-conditioned"):
         list(app.sampling_stream("digits", "ddim", 10, 0, 4, "a red circle", 3.0))
+    for args, message in [(("digits", "ddim", 10, 0, 0, "", 3.0), "images=0"), (("", "ddim", 10, 0, 4, "", 3.0),
+                          "choose a checkpoint"), (("shapes_text", "ddim", 10, 0, 4, "", None), "guidance scale is empty"),
+                          (("digits", "ddim", None, 0, 4, "", 3.0), "steps is empty")]:
+        with pytest.raises(gradio.Error, match=message):
+            list(app.sampling_stream(*args))
 
 
 def test_cli_refuses_bad_arguments():
-    for args, message in [(["--ckpt", "/no/such/file"], "--ckpt"), (["--port", "0"], "--port 0")]:
+    for args, env, message in [(["--ckpt", "/no/such/file"], {}, "--ckpt"), (["--port", "0"], {}, "--port 0"),
+                               ([], {"GRADIO_SERVER_PORT": "abc"}, "GRADIO_SERVER_PORT='abc'")]:
         result = subprocess.run([sys.executable, "-m", "diffexp.app", *args], capture_output=True, text=True,
-                                env=user_env(Path("/tmp")), timeout=120)
-        assert result.returncode != 0 and message in result.stderr
+                                env=user_env(Path("/tmp"), **env), timeout=120)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- in a browser

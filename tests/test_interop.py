@@ -269,6 +269,26 @@ def test_export_cli_refuses_what_it_cannot_export(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_export_never_deletes_the_folder_it_runs_in_and_refuses_adapter_files(tmp_path, monkeypatch):
+    from diffexp.checkpoints import read_weights, save_weights
+    from diffexp.export import main
+    from diffexp.pretrained import path
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    (tmp_path / "a" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in ("..", ".", str(tmp_path)):
+        with pytest.raises(SystemExit, match="current folder or one above"):
+            main([f"ckpt={path('digits')}", f"out={out}", "overwrite=true"])
+    assert (tmp_path / "a" / "keep.txt").read_text() == "mine" and work.is_dir()
+    adapter = tmp_path / "adapter.safetensors"
+    config = read_weights(path("digits"))["diffexp_config"]
+    save_weights({"net.mid.1.qkv.lora_A.default.weight": torch.zeros(4, 64)}, config, adapter)
+    with pytest.raises(SystemExit, match="LoRA adapter file"):
+        main([f"ckpt={adapter}", f"out={tmp_path}/x"])
+
+
 def test_import_refuses_conditional_targets(ddpm_cifar10_folder, tmp_path):
     folder, _ = ddpm_cifar10_folder
     cfg = compose_config("train", ["data=cifar10", "unet=base", "conditioning=class", "conditioning.num_classes=10",

@@ -122,11 +122,20 @@ def curves_plot(schedules: dict, t: int):
     return fig
 
 
-def number(value, name: str) -> float:
-    """A control's value as a number; a clear error for an emptied field."""
+def number(value, name: str, low: float | None = None, high: float | None = None) -> float:
+    """A control's value as a number in [low, high]; a clear error for an emptied field or one out of range."""
     if value is None or value == "":
         raise ValueError(f"{name} is empty: enter a number")
-    return float(value)
+    value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value:g} must lie in [{low:g}, {high:g}]")
+    return value
+
+
+def counts(steps, seed, n) -> tuple[int, int, int]:
+    """The sampling tab's integers, checked: steps >= 1, 0 <= seed < 2^63, n >= 1."""
+    return (int(number(steps, "steps", 1, 10_000)), int(number(seed, "seed", 0, 2**63 - 1)),
+            int(number(n, "images", 1, 1024)))
 
 
 def forward_process(*controls):
@@ -169,6 +178,8 @@ def resolve_checkpoint(choice: str) -> Path:
     from diffexp.pretrained import MODELS, path
 
     choice = (choice or "").strip()
+    if not choice:
+        raise ValueError(f"choose a checkpoint: a shipped model ({checkpoint_choices()}), a file or a run directory")
     if choice in MODELS:
         return path(choice)
     candidate = Path(choice).expanduser()
@@ -239,12 +250,11 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
     import gradio as gr
 
     model = checked(lambda: load_checkpoint(str(resolve_checkpoint(choice))))
-    steps, seed, n = (checked(lambda v=v, k=k: int(number(v, k)))
-                      for v, k in ((steps, "steps"), (seed, "seed"), (n, "images")))
+    steps, seed, n = checked(counts, steps, seed, n)
     sampler = checked(build_sampler, model, sampler_name, steps)
     conditions = checked(conditions_for, model, n, prompt)
-    guidance = float(guidance) if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys \
-        else None
+    guidance = checked(number, guidance, "guidance scale", 0, 100) \
+        if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys else None
     updates: queue.Queue = queue.Queue()
     result: dict = {}
 
@@ -274,12 +284,15 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
 def compare_samplers(choice, sampler_a, steps_a, sampler_b, steps_b, seed, n, prompt, guidance):
     """Compare tab: two samplers from the same noise (the same seed)."""
     model = checked(lambda: load_checkpoint(str(resolve_checkpoint(choice))))
-    seed, n = (checked(lambda v=v, k=k: int(number(v, k))) for v, k in ((seed, "seed"), (n, "images")))
+    steps_a, seed, n = checked(counts, steps_a, seed, n)
+    steps_b = checked(counts, steps_b, seed, n)[0]
     conditions = checked(conditions_for, model, n, prompt)
+    guidance = checked(number, guidance, "guidance scale", 0, 100) \
+        if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys else None
     grids = []
     for name, steps in ((sampler_a, steps_a), (sampler_b, steps_b)):
         sampler = checked(build_sampler, model, name, steps)
-        grids.append(grid_file(sample_images(model, sampler, n, seed, conditions, float(guidance)), f"{name}.png"))
+        grids.append(grid_file(sample_images(model, sampler, n, seed, conditions, guidance), f"{name}.png"))
     return grids[0], grids[1]
 
 
@@ -388,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env_port = os.environ.get("GRADIO_SERVER_PORT")  # Gradio reads it on import
+    if env_port is not None and not (env_port.isdigit() and 0 < int(env_port) < 65536):
+        sys.exit(f"error: GRADIO_SERVER_PORT={env_port!r} must be a port number in 1..65535 (or unset it and pass --port)")
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -399,9 +415,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --ckpt {e}")
     if args.port is not None and not 0 < args.port < 65536:
         sys.exit(f"error: --port {args.port} must lie in 1..65535")
-    env_port = os.environ.get("GRADIO_SERVER_PORT")
-    if args.port is None and env_port is not None and not (env_port.isdigit() and 0 < int(env_port) < 65536):
-        sys.exit(f"error: GRADIO_SERVER_PORT={env_port!r} must be a port number in 1..65535 (or pass --port)")
     app = build_app(args.ckpt)
     try:
         app.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True,

@@ -50,7 +50,10 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"out={str(out)!r} is a file; pass a folder to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"out={str(out)!r} exists and is not empty; choose another folder or pass overwrite=true")
-    parent = out.resolve().parent
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.cwd() or resolved in Path.cwd().parents:
+        raise ValueError(f"out={str(out)!r} is the current folder or one above it; pass a new folder for the export")
+    parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -58,12 +61,18 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def weights_kind(ckpt: str, ema: bool) -> str:
-    """Which weights ``load_model(ckpt, use_ema=ema)`` gives: "EMA", "raw", or those train.py shared in
-    model.safetensors; a clear error for what export cannot use (a VAE, raw weights of a model.safetensors)."""
+    """Which weights ``load_model(ckpt, use_ema=ema)`` gives, "EMA" or "raw" (a model.safetensors holds the EMA
+    weights when its run had EMA); a clear error for what export cannot use (a VAE, an adapter file, raw weights
+    of a model.safetensors)."""
     from diffexp.callbacks.ema import ema_state_from_checkpoint
     from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 
+    from diffexp.lora import is_adapter_key
+
     checkpoint = read_checkpoint(ckpt, "ckpt")
+    if not any(k.startswith("net.") and not is_adapter_key(k) for k in checkpoint["state_dict"]):
+        raise ValueError(f"ckpt={ckpt!r} holds no U-Net weights (a LoRA adapter file?); export the run's "
+                         f"checkpoints/last.ckpt or model.safetensors, which carry the base weights and the adapters")
     if str(checkpoint[CONFIG_KEY].get("model", {}).get("_target_", "")).endswith("VAETraining"):
         raise ValueError(f"ckpt={ckpt!r} is an autoencoder (model=vae) checkpoint; export writes diffusion models "
                          f"(model=pixel) as diffusers pipelines")
@@ -71,7 +80,7 @@ def weights_kind(ckpt: str, ema: bool) -> str:
         if not ema:
             raise ValueError(f"ema=false: {ckpt} holds only the weights train.py shares (EMA when the run had EMA); "
                              f"pass the run's checkpoints/last.ckpt for its raw weights")
-        return "shared (EMA when the run had EMA)"
+        return "EMA" if (checkpoint[CONFIG_KEY].get("callbacks") or {}).get("ema") else "raw"
     return "EMA" if ema and ema_state_from_checkpoint(checkpoint) is not None else "raw"
 
 

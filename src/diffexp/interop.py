@@ -362,7 +362,9 @@ def export_pipeline(model, out: str | Path, overwrite: bool = False) -> float:
     unet = UNet2DModel(**config)
     unet.load_state_dict(to_diffusers_state(model.net), strict=True)
     scheduler = DDPMScheduler(**diffusers_scheduler_config(model.schedule, model.prediction_type))
-    out = Path(out)
+    out = Path(out).resolve()
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ValueError(f"out={str(out)!r} is the current folder or one above it; export into a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"out={str(out)!r} exists and is not empty; choose another folder or pass overwrite=true")
     staging = out.with_name(f".{out.name}.export-tmp")
