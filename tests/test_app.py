@@ -66,6 +66,7 @@ def test_sampling_stream_shows_every_step_and_ends_with_sample_py_grid(tmp_path)
             list(app.sampling_stream(*args))
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_arguments():
     for args, env, message in [(["--ckpt", "/no/such/file"], {}, "--ckpt"), (["--port", "0"], {}, "--port 0"),
                                ([], {"GRADIO_SERVER_PORT": "abc"}, "GRADIO_SERVER_PORT='abc'")]:
