@@ -235,9 +235,11 @@ def conditions_for(model, n: int, prompt: str | None) -> dict:
 
 
 def sample_images(model, sampler, n: int, seed: int, conditions: dict, guidance: float | None, observe=None):
-    """``n`` samples as sample.py draws them (one batch, the noise from a generator seeded with ``seed``)."""
-    return model.sample(int(n), sampler=sampler, generator=torch.Generator().manual_seed(int(seed)), progress=False,
-                        guidance_scale=guidance, observe=observe, **conditions).cpu()
+    """``n`` samples drawn as sample.py draws them (:func:`diffexp.sample.draw_samples`, one batch)."""
+    from diffexp.sample import draw_samples
+
+    return draw_samples(model, int(n), sampler, int(seed), batch_size=int(n), conditions=conditions, progress=False,
+                        guidance_scale=guidance, observe=observe)
 
 
 def grid_file(images: torch.Tensor, name: str = "grid.png") -> str:

@@ -94,7 +94,7 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
                  progress: bool = True, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None, batch_seconds: list | None = None,
                  init_images: torch.Tensor | None = None, strength: float = 1.0,
-                 mask: torch.Tensor | None = None, resampling: dict | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, resampling: dict | None = None, observe=None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
@@ -102,7 +102,7 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
     wall time (the first includes compilation when the net is compiled). With ``init_images`` (one per sample)
     each is edited instead (:meth:`diffexp.lit.DiffusionModel.edit`, SDEdit at ``strength``), or inpainted where
     ``mask`` is 1 (:meth:`diffexp.lit.DiffusionModel.inpaint`, with ``resampling``: its ``jump_length`` and
-    ``jump_n_sample``).
+    ``jump_n_sample``). ``observe(i, t, x_t, x0)`` sees each step of plain sampling as it runs (the playground).
     """
     if n <= 0:
         raise ValueError(f"n must be a positive number of samples, got {n}")
@@ -122,7 +122,7 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         elif init_images is not None:
             chunks.append(model.edit(init_images[start:start + m], strength, sampler, generator, **options).cpu())
         else:
-            chunks.append(model.sample(m, sampler=sampler, generator=generator, **options).cpu())
+            chunks.append(model.sample(m, sampler=sampler, generator=generator, observe=observe, **options).cpu())
         if batch_seconds is not None:
             batch_seconds.append(time.perf_counter() - start_time)
     return torch.cat(chunks)
