@@ -21,6 +21,19 @@ from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.images import save_grid
 
 
+def held_out_reconstructions(ckpt, n: int = 1000, batch: int = 250):
+    """(autoencoder, up to ``n`` validation images of its run's data, their reconstructions from the posterior
+    mean, per-image PSNR in dB over the [-1, 1] range)."""
+    cfg = OmegaConf.create(read_checkpoint(ckpt, "--ckpt")[CONFIG_KEY])
+    net = load_autoencoder(ckpt)
+    datamodule = data_of_run(cfg)
+    datamodule.setup("fit")
+    images = torch.stack([datamodule.val_set[i]["image"] for i in range(min(n, len(datamodule.val_set)))])
+    with torch.no_grad():
+        recon = torch.cat([net(x, sample_posterior=False)[0].clamp(-1, 1) for x in images.split(batch)])
+    return net, images, recon, peak_signal_noise_ratio(recon, images, data_range=2.0, reduction="none", dim=(1, 2, 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
@@ -28,15 +41,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--out", default=None, help="JSON results (a reconstruction grid is written beside it)")
     args = parser.parse_args()
-    cfg = OmegaConf.create(read_checkpoint(args.ckpt, "--ckpt")[CONFIG_KEY])
-    net = load_autoencoder(args.ckpt)
-    datamodule = data_of_run(cfg)
-    datamodule.setup("fit")
-    n = min(args.n, len(datamodule.val_set))
-    images = torch.stack([datamodule.val_set[i]["image"] for i in range(n)])
-    with torch.no_grad():
-        recon = torch.cat([net(x, sample_posterior=False)[0].clamp(-1, 1) for x in images.split(args.batch)])
-    psnr = peak_signal_noise_ratio(recon, images, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    net, images, recon, psnr = held_out_reconstructions(args.ckpt, args.n, args.batch)
+    n = len(images)
     result = {"ckpt": str(args.ckpt), "n": n, "downsampling_factor": net.downsampling_factor,
               "latent_shape": [net.latent_channels, net.latent_size, net.latent_size],
               "psnr_mean_db": psnr.mean().item(), "psnr_median_db": psnr.median().item(),

@@ -75,7 +75,6 @@ def to_shipped(state: dict) -> dict:
 
 def measure(name: str, weights: Path, n: int) -> dict:
     """The figures of a shipped model's card, measured on the shipped (float16) file, on the CPU."""
-    from omegaconf import OmegaConf
 
     from diffexp.config import data_of_run
     from diffexp.course import load, sampler
@@ -83,18 +82,10 @@ def measure(name: str, weights: Path, n: int) -> dict:
     from diffexp.sample import draw_samples
 
     if name == "shapes_vae":
-        from torchmetrics.functional.image import peak_signal_noise_ratio
+        sys.path.insert(0, str(Path(__file__).parent))
+        from evaluate_vae import held_out_reconstructions
 
-        from diffexp.autoencoders import load_autoencoder
-        from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
-
-        net = load_autoencoder(weights)
-        datamodule = data_of_run(OmegaConf.create(read_checkpoint(weights)[CONFIG_KEY]))
-        datamodule.setup("fit")
-        images = torch.stack([datamodule.val_set[i]["image"] for i in range(min(1000, len(datamodule.val_set)))])
-        with torch.no_grad():
-            recon = torch.cat([net(x, sample_posterior=False)[0].clamp(-1, 1) for x in images.split(250)])
-        psnr = peak_signal_noise_ratio(recon, images, data_range=2.0, reduction="none", dim=(1, 2, 3))
+        _, images, _, psnr = held_out_reconstructions(weights, 1000)
         return {"held-out PSNR (dB), mean over %d validation images" % len(images): round(psnr.mean().item(), 2)}
     model, cfg = load(weights)
     datamodule = data_of_run(cfg)
