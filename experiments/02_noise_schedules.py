@@ -27,7 +27,7 @@ from diffexp.compare import read_metrics
 from diffexp.course import data_of, load, notebook_settings, pretrained_or_train
 from diffexp.metrics.evaluate import evaluate
 from diffexp.samplers import DDIMSampler
-from diffexp.sample import draw_samples
+from diffexp.api import draw_samples
 from diffexp.viz.images import make_grid
 from diffexp.viz.schedules import schedules_figure
 

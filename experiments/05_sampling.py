@@ -31,7 +31,7 @@ import torch
 from diffexp.course import data_of, load, notebook_settings, pretrained_or_train, sampler as make_sampler
 from diffexp.diffusion import prediction_to_x0_eps
 from diffexp.metrics.evaluate import evaluate
-from diffexp.sample import draw_samples
+from diffexp.api import draw_samples
 from diffexp.samplers import DDIMSampler, DDPMSampler
 from diffexp.viz.reverse import quality_vs_steps_figure, trajectories, trajectory_figure
 

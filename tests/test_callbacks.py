@@ -44,7 +44,7 @@ def test_rank_split_and_merge_restore_sample_order(world, k):
 
 def test_log_images_grids(tiny_checkpoint):
     """The module draws its own images: forward rows (x_t, x0_hat), reverse rows, samples; callbacks only send them."""
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     model, _ = load_model(tiny_checkpoint)
     sampler = DDIMSampler(model.schedule, steps=5, progress=False)
@@ -96,7 +96,7 @@ def test_ddp_two_processes_fid_equals_single_process(tmp_path):
     from diffexp.checkpoints import CONFIG_KEY
     from diffexp.metrics.features import build_feature_extractor
     from diffexp.metrics.reference import reference_features
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     run_dir = tmp_path / "ddp"
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *SHRINK, *FID_OVERRIDES, "trainer=ddp_cpu",

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffexp.checkpoints import CONFIG_KEY
+from diffexp.checkpoints import CONFIG_KEY, FORMAT
 from diffexp.conditioning import ClassConditioner, TextConditioner, Unconditional
 from diffexp.samplers import DDIMSampler
 from diffexp.schedules import SCHEDULES, register_schedule
 from tests.conftest import ROOT, SHRINK, compose_config, tiny_hf_folder
 
 SRC = ROOT / "src" / "diffexp"
-CORE = ("schedules", "diffusion", "samplers", "guidance", "nets")
+CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "samplers", "guidance", "precision", "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
-               "viz.__main__", "export", "app")
+               "viz.__main__", "export", "app", "api")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")
 
 
@@ -141,7 +141,7 @@ def test_image_folder_declares_captions_in_item_order(tmp_path):
 
 @pytest.mark.parametrize("encoder", ["learned", "minilm", "clip", "t5"])
 def test_image_folder_with_captions_trains_with_every_text_encoder(tmp_path, encoder):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.train import run
 
     root = image_folder(tmp_path / "imgs")
@@ -206,7 +206,7 @@ def test_a_new_schedule_and_sampler_need_one_definition_and_one_yaml(tmp_path, m
 
 # --- class conditioning end to end ---------------------------------------------------------------------------
 def test_class_conditional_training_and_sampling(tmp_path):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.sample import run as sample_run
     from diffexp.train import run
 
@@ -289,7 +289,7 @@ def test_format1_checkpoints_sample_exactly_as_before(tmp_path, name, ckpt, extr
 
 def test_format1_checkpoint_resumes(tmp_path):
     """Resuming (ckpt_path=) from a format-1 text checkpoint: its tokenizer, captions and EMA carry over."""
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.train import run
 
     path = format1_checkpoint("text", tmp_path)
@@ -300,7 +300,7 @@ def test_format1_checkpoint_resumes(tmp_path):
     run(compose_config("train", overrides, tmp_path / "resumed"))
     resumed = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     new = torch.load(resumed, map_location="cpu", weights_only=False)
-    assert new["global_step"] == 4 and new["diffexp_format"] == 2
+    assert new["global_step"] == 4 and new["diffexp_format"] == FORMAT
     model, _ = load_model(resumed)
     assert model.conditioner.example_captions == old["diffexp_example_captions"]
     assert model.conditioner.encoder.vocab == old["state_dict"]["text_encoder._extra_state"]["vocab"]

@@ -1,9 +1,10 @@
-"""Image editing: SDEdit image-to-image (DiffusionModel.edit)."""
+"""Image editing (diffexp.editing): SDEdit image-to-image, inpainting with RePaint, interpolation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from diffexp.editing import edit, inpaint, interpolate
 from diffexp.lit import DiffusionModel
 from diffexp.nets import UNet
 from diffexp.samplers import DDIMSampler
@@ -23,14 +24,14 @@ def test_strength_zero_returns_the_input_and_one_is_sampling_from_noise():
     sampler = DDIMSampler(model.schedule, steps=10, timestep_spacing="trailing", prediction_type="v_prediction",
                           progress=False)
     images = torch.rand(3, 1, 8, 8) * 2 - 1
-    assert torch.equal(model.edit(images, 0.0, sampler), images)
-    edited = model.edit(images, 1.0, sampler, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(edit(model, images, 0.0, sampler), images)
+    edited = edit(model, images, 1.0, sampler, generator=torch.Generator().manual_seed(7))
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
     sampled = model.sample(3, sampler=sampler, x_T=noise)
     assert torch.equal(edited, sampled)  # abar at the first trailing timestep is 0: nothing of the image is left
     stochastic = DDIMSampler(model.schedule, steps=10, eta=1.0, timestep_spacing="trailing",
                              prediction_type="v_prediction", progress=False)
-    first, again = (model.edit(images, 0.5, stochastic, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    first, again = (edit(model, images, 0.5, stochastic, generator=torch.Generator().manual_seed(1)) for _ in range(2))
     assert torch.equal(first, again)  # every draw, in the steps too, comes from the generator
 
 
@@ -40,12 +41,12 @@ def test_strength_runs_the_last_steps_from_the_forward_noised_image():
     calls = []
     model.net.register_forward_hook(lambda module, args, out: calls.append(args[1][0].item()))
     images = torch.rand(2, 1, 8, 8) * 2 - 1
-    out = model.edit(images, 0.4, sampler, generator=torch.Generator().manual_seed(0))
+    out = edit(model, images, 0.4, sampler, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.abs().max() <= 1
     assert calls == sampler.timesteps[6:].tolist()  # round(0.4 * 10) = 4 steps, the last four timesteps
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="strength must lie in"):
-            model.edit(images, bad, sampler)
+            edit(model, images, bad, sampler)
 
 
 @pytest.mark.slow
@@ -109,18 +110,18 @@ def test_inpainting_keeps_the_known_pixels_exactly():
     images = torch.rand(2, 1, 8, 8) * 2 - 1
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1  # regenerate the centre
-    out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0))
+    out = inpaint(model, images, mask, sampler, generator=torch.Generator().manual_seed(0))
     known = mask.expand_as(images) == 0
     assert torch.equal(out[known], images[known])
     assert not torch.equal(out[~known], images[~known])
     # nothing masked: the input; everything masked: an edit at strength 1 (DDIM draws no noise in its steps)
-    assert torch.equal(model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler), images)
-    full = model.inpaint(images, torch.ones(1, 1, 8, 8), sampler, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(full, model.edit(images, 1.0, sampler, generator=torch.Generator().manual_seed(3)))
-    assert torch.equal(model.inpaint(images, mask, sampler, strength=0.05), images)  # 0.4 of 8 steps: none runs
+    assert torch.equal(inpaint(model, images, torch.zeros(1, 1, 8, 8), sampler), images)
+    full = inpaint(model, images, torch.ones(1, 1, 8, 8), sampler, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(full, edit(model, images, 1.0, sampler, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(inpaint(model, images, mask, sampler, strength=0.05), images)  # 0.4 of 8 steps: none runs
     for bad_mask, message in [(torch.zeros(1, 8, 8), "mask must be"), (torch.full((1, 1, 8, 8), 2.0), "mask values")]:
         with pytest.raises(ValueError, match=message):
-            model.inpaint(images, bad_mask, sampler)
+            inpaint(model, images, bad_mask, sampler)
 
 
 def test_repaint_levels_follow_the_jump_schedule():
@@ -152,17 +153,17 @@ def test_repaint_resampling_keeps_known_pixels_and_counts_its_evaluations():
                     DPMSolver2M(model.schedule, steps=10, progress=False),
                     HeunSampler(model.schedule, steps=6, progress=False)):
         calls.clear()
-        plain = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0))
+        plain = inpaint(model, images, mask, sampler, generator=torch.Generator().manual_seed(0))
         assert len(calls) == sampler.nfe()
         calls.clear()
-        out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=2,
+        out = inpaint(model, images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=2,
                             jump_n_sample=3)
         assert len(calls) == sampler.nfe(0, 2, 3) > sampler.nfe()
         known = mask.expand_as(images) == 0
         assert torch.equal(out[known], images[known]) and torch.isfinite(out).all()
         assert not torch.equal(out, plain)
         calls.clear()
-        same = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_n_sample=1,
+        same = inpaint(model, images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_n_sample=1,
                              jump_length=3)
         assert torch.equal(same, plain)  # jump_n_sample = 1: no resampling, whatever jump_length
 
@@ -184,14 +185,14 @@ def test_latent_inpainting_keeps_known_pixels_and_blends_a_downsampled_mask():
     mask[..., 4:12, 4:12] = 1
     seen = []
     model.net.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
-    out = model.inpaint(images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=1,
+    out = inpaint(model, images, mask, sampler, generator=torch.Generator().manual_seed(0), jump_length=1,
                         jump_n_sample=2)
     known = mask.expand_as(images) == 0
     assert out.shape == images.shape and torch.equal(out[known], images[known])
     assert not torch.allclose(out[~known], images[~known])
     assert seen[0].shape == (2, 4, 8, 8)  # the sampler ran in the 8 x 8 latent grid
     with pytest.raises(ValueError, match="mask must be"):
-        model.inpaint(images, torch.zeros(1, 1, 8, 8), sampler)  # the latent grid's size is not the images'
+        inpaint(model, images, torch.zeros(1, 1, 8, 8), sampler)  # the latent grid's size is not the images'
 
 
 def test_slerp_keeps_endpoints_exactly_and_the_norm_of_orthogonal_noise():
@@ -211,16 +212,16 @@ def test_interpolation_endpoints_are_the_two_plain_samples():
     model = model_with()
     sampler = DDIMSampler(model.schedule, steps=5, progress=False)
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    frames = model.interpolate(5, x_T, sampler)
+    frames = interpolate(model, 5, x_T, sampler)
     assert frames.shape == (5, 1, 8, 8)
     torch.testing.assert_close(frames[0], model.sample(1, sampler=sampler, x_T=x_T[:1])[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(frames[-1], model.sample(1, sampler=sampler, x_T=x_T[1:])[0], atol=1e-5, rtol=0)
     assert not torch.allclose(frames[2], frames[0], atol=1e-3) and not torch.allclose(frames[2], frames[-1], atol=1e-3)
     for frames_, noise, message in [(1, x_T, "frames must be"), (3, x_T[:1], "two endpoint noises")]:
         with pytest.raises(ValueError, match=message):
-            model.interpolate(frames_, noise, sampler)
+            interpolate(model, frames_, noise, sampler)
     with pytest.raises(ValueError, match="text-conditioned"):
-        model.interpolate(3, x_T, sampler, captions=("a", "b"))
+        interpolate(model, 3, x_T, sampler, captions=("a", "b"))
 
 
 def test_prompt_interpolation_endpoints_are_the_two_prompts_samples():
@@ -237,9 +238,9 @@ def test_prompt_interpolation_endpoints_are_the_two_prompts_samples():
     sampler = DDIMSampler(model.schedule, steps=4, progress=False)
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     prompts = ("a red circle", "a big blue square at the top")  # token masks of different lengths
-    frames = model.interpolate(4, x_T, sampler, captions=prompts, guidance_scale=2.0)
+    frames = interpolate(model, 4, x_T, sampler, captions=prompts, guidance_scale=2.0)
     for frame, noise, prompt in ((frames[0], x_T[:1], prompts[0]), (frames[-1], x_T[1:], prompts[1])):
         plain = model.sample(1, sampler=sampler, x_T=noise, captions=[prompt], guidance_scale=2.0)[0]
         torch.testing.assert_close(frame, plain, atol=1e-5, rtol=0)
-    same_noise = model.interpolate(3, x_T[[0, 0]], sampler, captions=prompts, guidance_scale=2.0)
+    same_noise = interpolate(model, 3, x_T[[0, 0]], sampler, captions=prompts, guidance_scale=2.0)
     assert not torch.allclose(same_noise[0], same_noise[-1], atol=1e-3)  # only the prompt moved

@@ -152,7 +152,7 @@ def test_init_from_loads_ema_weights_and_lora_fine_tuning_saves_a_small_adapter(
     assert abs(outs["adapter"] - outs["run"]).max() == 0
     assert abs(outs["adapter"] - outs["merged"]).max() <= 1  # merged weights: the same function up to rounding
     from diffexp.finetune import load_adapter
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     other, _ = load_model(tiny_checkpoint)
     with torch.no_grad():

@@ -103,7 +103,7 @@ def test_mismatched_latent_channels_or_size_fail_before_training(tmp_path, vae_c
 
 
 def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_ckpt, monkeypatch):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.spaces import LatentSpace
     from diffexp.train import run
 
@@ -136,7 +136,7 @@ def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_
 
 
 def test_latent_sampling_returns_images_at_data_size(tmp_path, vae_ckpt, monkeypatch):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.train import run
 
     monkeypatch.setenv("DIFFEXP_CACHE", str(tmp_path / "cache"))
@@ -271,7 +271,7 @@ def test_latent_checkpoint_is_self_contained(tmp_path, vae_ckpt, monkeypatch):
     """The latent checkpoint carries its VAE's weights and architecture: sample.py works after the VAE file is gone."""
     import shutil
 
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
     from diffexp.sample import run as sample_run
     from diffexp.train import run
 

@@ -61,7 +61,7 @@ def test_a_pickle_payload_never_runs(tiny_checkpoint, vae_ckpt, tmp_path):
     ("diffexp.cache.cached_tensor", ["{marker}", None]),
 ])
 def test_a_hostile_target_in_the_stored_config_is_refused(tiny_checkpoint, tmp_path, target, args):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     marker = tmp_path / MARKER_NAME
     evil = poisoned(tiny_checkpoint, tmp_path / "evil.ckpt", marker)
@@ -187,7 +187,7 @@ def test_a_diverging_run_stops_and_writes_no_nan_checkpoint(tmp_path):
 
 
 def test_sample_refuses_non_finite_weights(tiny_checkpoint, tmp_path):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     key = next(k for k in checkpoint["state_dict"] if k.startswith("net."))

@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from diffexp.paths import DiscretePath
 from diffexp.samplers import SAMPLERS, DDIMSampler, DDPMSampler, Sampler, get_sampler, spaced_timesteps
 from diffexp.schedules import alpha_bar_at, get_schedule
 
@@ -45,7 +46,7 @@ SAMPLER_CASES = [(name, {}) for name in sorted(SAMPLERS)] + [
 @pytest.mark.parametrize("name,kwargs", SAMPLER_CASES)
 class TestEverySampler:
     def make(self, name, kwargs, **extra):
-        return get_sampler(name, schedule=get_schedule("linear", T), progress=False, **kwargs, **extra)
+        return get_sampler(name, get_schedule("linear", T), progress=False, **kwargs, **extra)
 
     def test_shape_and_determinism(self, name, kwargs):
         sampler = self.make(name, kwargs)
@@ -114,7 +115,7 @@ class TestEverySampler:
     def test_gaussian_oracle_mean(self, name, kwargs, prediction_type):
         """With the exact denoiser for N(mu, sigma^2) data, every sampler lands on the data mean."""
         schedule = get_schedule("linear", T)
-        sampler = get_sampler(name, schedule=schedule, progress=False, prediction_type=prediction_type, **kwargs)
+        sampler = get_sampler(name, schedule, progress=False, prediction_type=prediction_type, **kwargs)
         x = sampler.sample(gaussian_denoiser(schedule, 0.5, 0.3, prediction_type), shape=(4000, 1, 2, 2),
                            generator=torch.Generator().manual_seed(0))
         assert x.mean().item() == pytest.approx(0.5, abs=0.01)
@@ -132,7 +133,7 @@ def test_gaussian_oracle_full_chain(name, kwargs, prediction_type):
     """Over all T steps the discretisation error vanishes: samples have the data's mean and std."""
     schedule = get_schedule("linear", T)
     mu, sigma = 0.5, 0.3
-    sampler = get_sampler(name, schedule=schedule, progress=False, prediction_type=prediction_type, **kwargs)
+    sampler = get_sampler(name, schedule, progress=False, prediction_type=prediction_type, **kwargs)
     x = sampler.sample(gaussian_denoiser(schedule, mu, sigma, prediction_type), shape=(4000, 1, 2, 2),
                        generator=torch.Generator().manual_seed(0))
     assert x.mean().item() == pytest.approx(mu, abs=0.01)
@@ -147,7 +148,7 @@ def test_ddim_gaussian_error_shrinks_with_steps(eta):
     model_fn = gaussian_denoiser(schedule, 0.5, sigma, "epsilon")
     errors = []
     for steps in (10, 50, 200):
-        x = get_sampler("ddim", schedule=schedule, steps=steps, eta=eta, progress=False).sample(
+        x = get_sampler("ddim", schedule, steps=steps, eta=eta, progress=False).sample(
             model_fn, shape=(4000, 1, 2, 2), generator=torch.Generator().manual_seed(0))
         errors.append(abs(x.std().item() / sigma - 1))
     assert errors[0] > errors[1] > errors[2]
@@ -164,7 +165,7 @@ def pinned_ddim(steps, spacing):
 def test_ddim_timesteps_match_diffusers(steps, spacing):
     ref = pinned_ddim(steps, spacing)
     ref.set_timesteps(steps)
-    assert torch.equal(spaced_timesteps(T, steps, spacing), ref.timesteps.long())
+    assert torch.equal(spaced_timesteps(DiscretePath(get_schedule("linear", T)), steps, spacing), ref.timesteps.long())
 
 
 @pytest.mark.parametrize("steps,spacing,eta", [(50, "leading", 0.0), (20, "trailing", 0.0), (25, "leading", 0.5)])
@@ -239,7 +240,8 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="not a known sampler"):
         get_sampler("lms", s)
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
-        DDIMSampler(get_schedule("linear", T, rescale_zero_terminal_snr=True), prediction_type="epsilon")
+        DDIMSampler(get_schedule("linear", T, rescale_zero_terminal_snr=True), prediction_type="epsilon",
+                    timestep_spacing="trailing")
 
 
 class HalfStepDDIM(DDIMSampler):

@@ -6,6 +6,7 @@ import diffusers
 import pytest
 import torch
 
+from diffexp.paths import DiscretePath
 from diffexp.samplers import SAMPLERS, get_sampler, spaced_timesteps
 from diffexp.schedules import alpha_bar_at, get_schedule, karras_sigmas, sigmas_of, timestep_at_sigma
 from tests.test_samplers import gaussian_denoiser
@@ -78,7 +79,7 @@ def test_solver_trajectories_match_diffusers(name, prediction_type, schedule_nam
     schedule = get_schedule(schedule_name, T)
     spacings = ["trailing"] if name == "euler_ancestral" else ["karras", "trailing"]
     for spacing in spacings:
-        sampler = get_sampler(name, schedule=schedule, steps=steps, timestep_spacing=spacing,
+        sampler = get_sampler(name, schedule, steps=steps, timestep_spacing=spacing,
                               prediction_type=prediction_type, progress=False)
         rounds_t = spacing == "karras" and name in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
         model_fn = (lambda x, t: toy_model(x, t.round())) if rounds_t else toy_model
@@ -107,7 +108,7 @@ def test_karras_timesteps_match_diffusers_before_rounding():
         sch = diffusers.EulerDiscreteScheduler(num_train_timesteps=T, trained_betas=schedule.betas.numpy(),
                                                use_karras_sigmas=True)
         sch.set_timesteps(12)
-        ours = spaced_timesteps(T, 12, "karras", schedule.alphas_cumprod)
+        ours = spaced_timesteps(DiscretePath(schedule), 12, "karras")
         torch.testing.assert_close(ours.float(), sch.timesteps, rtol=1e-4, atol=1e-2)  # diffusers: float32
     edm = karras_sigmas(0.002, 80.0, 3, rho=7.0)  # EDM's defaults: the midpoint is the mean of sigma^(1/7)
     torch.testing.assert_close(edm, torch.tensor([80.0, ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7, 0.002],
@@ -123,8 +124,8 @@ def test_euler_is_ddim():
     schedule = get_schedule("linear", T)
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     for spacing in ("karras", "trailing"):
-        euler = get_sampler("euler", schedule=schedule, steps=15, timestep_spacing=spacing, progress=False)
-        ddim = get_sampler("ddim", schedule=schedule, steps=15, timestep_spacing=spacing, progress=False)
+        euler = get_sampler("euler", schedule, steps=15, timestep_spacing=spacing, progress=False)
+        ddim = get_sampler("ddim", schedule, steps=15, timestep_spacing=spacing, progress=False)
         torch.testing.assert_close(euler.sample(toy_model, x_T=x_T), ddim.sample(toy_model, x_T=x_T),
                                    rtol=1e-5, atol=1e-5)
 
@@ -132,7 +133,7 @@ def test_euler_is_ddim():
 def gaussian_errors(name, steps, **kwargs):
     """Relative errors of the samples' (mean, std) for N(0.5, 0.3^2) data under the exact denoiser."""
     schedule = get_schedule("linear", T)
-    sampler = get_sampler(name, schedule=schedule, steps=steps, progress=False, **kwargs)
+    sampler = get_sampler(name, schedule, steps=steps, progress=False, **kwargs)
     x = sampler.sample(gaussian_denoiser(schedule, 0.5, 0.3, "epsilon"), shape=(20000, 1, 1, 1),
                        generator=torch.Generator().manual_seed(0))
     return abs(x.mean().item() / 0.5 - 1), abs(x.std().item() / 0.3 - 1)
@@ -166,31 +167,31 @@ def test_zero_terminal_snr_with_v_prediction(name):
     that can start from pure noise does (finite samples, the data mean), the others say why not."""
     schedule = get_schedule("linear", T, rescale_zero_terminal_snr=True)
     kwargs = {"steps": 20} if name != "ddpm" else {}
-    make = lambda **extra: get_sampler(name, schedule=schedule, prediction_type="v_prediction", progress=False,
+    make = lambda **extra: get_sampler(name, schedule, prediction_type="v_prediction", progress=False,
                                        **kwargs, **extra)
     model_fn = gaussian_denoiser(schedule, 0.5, 0.3, "v_prediction")
-    if name == "heun":
-        with pytest.raises(ValueError, match="infinite noise"):
-            make(timestep_spacing="trailing")
-        return
     sampler = make(timestep_spacing="trailing")
-    x = sampler.sample(model_fn, shape=(4000, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    traj = sampler.sample(model_fn, shape=(4000, 1, 1, 1), generator=torch.Generator().manual_seed(0),
+                          return_trajectory=True)
+    x = traj.sample
     assert torch.isfinite(x).all() and x.mean().item() == pytest.approx(0.5, abs=0.02)
+    if name in ("heun", "edm"):  # Heun's correction is undefined from infinite noise: that first step is Euler's
+        assert traj.nfe == sampler.nfe() == 2 * len(sampler.timesteps) - 2
     with pytest.raises(ValueError, match="timestep_spacing=trailing"):
         make(timestep_spacing="karras")
 
 
 def test_nfe_of_heun_and_bad_settings():
     schedule = get_schedule("linear", T)
-    assert get_sampler("heun", schedule=schedule, steps=10).nfe() == 19
-    assert get_sampler("dpmpp_2m", schedule=schedule, steps=10).nfe() == 10
+    assert get_sampler("heun", schedule, steps=10).nfe() == 19
+    assert get_sampler("dpmpp_2m", schedule, steps=10).nfe() == 10
     for name, kwargs, fragment in [("dpmpp_2m", {"order": 4}, "sampler.order"),
                                    ("dpmpp_3m", {"eta": 0.5}, "orders 1 and 2"),
                                    ("unipc", {"order": 0}, "sampler.order"),
                                    ("euler_ancestral", {"eta": 2}, "sampler.eta"),
                                    ("dpmpp_2m", {"timestep_spacing": "exponential"}, "timestep_spacing")]:
         with pytest.raises(ValueError, match=fragment):
-            get_sampler(name, schedule=schedule, **kwargs)
+            get_sampler(name, schedule, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -201,7 +202,7 @@ def test_every_sampler_has_a_config_of_its_name(name, tmp_path):
     from tests.conftest import compose_config
 
     cfg = compose_config("train", [f"sampler={name}", "sampler.progress=false"], tmp_path)
-    sampler = instantiate(cfg.sampler)(schedule=get_schedule("linear", T))
+    sampler = instantiate(cfg.sampler)(path=get_schedule("linear", T))
     assert type(sampler) is SAMPLERS[name]
     assert getattr(sampler, "timestep_spacing", "karras") == ("leading" if name in ("ddim", "ddpm") else "karras")
 
@@ -279,14 +280,15 @@ def test_evaluate_samplers_nfe_grid_and_resume(tiny_checkpoint, tmp_path):
 
 def test_trailing_spacing_has_exactly_the_steps_asked_for():
     """T - i T/steps by arange gains a step for some counts (61, 103, ...) through float rounding; not here."""
+    path = DiscretePath(get_schedule("linear", T))
     for steps in range(1, T + 1):
-        ts = spaced_timesteps(T, steps, "trailing")
+        ts = spaced_timesteps(path, steps, "trailing")
         assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0 and (ts[:-1] > ts[1:]).all(), steps
 
 
 def test_unipc_keeps_what_a_step_hook_wrote_and_ends_first_order():
     schedule = get_schedule("linear", T)
-    sampler = get_sampler("unipc", schedule=schedule, steps=6, progress=False)
+    sampler = get_sampler("unipc", schedule, steps=6, progress=False)
     denoiser, state = sampler.denoiser(toy_model), {}
     ts = sampler.timesteps.tolist()
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -296,7 +298,7 @@ def test_unipc_keeps_what_a_step_hook_wrote_and_ends_first_order():
     sampler.step(denoiser, hooked, ts[1], ts[2], state=state)
     assert torch.equal(state["x"][0], hooked[0])  # the corrector left the hook's values
     assert not torch.equal(state["x"][1], hooked[1])  # and corrected the rest
-    no_lower = get_sampler("unipc", schedule=schedule, steps=6, lower_order_final=False, progress=False)
+    no_lower = get_sampler("unipc", schedule, steps=6, lower_order_final=False, progress=False)
     assert torch.isfinite(no_lower.sample(toy_model, x_T=x)).all()
 
 
@@ -305,6 +307,6 @@ def test_course_sampler_options():
 
     from diffexp import course
 
-    model = SimpleNamespace(make_sampler=lambda factory: factory(schedule=get_schedule("linear", T)))
+    model = SimpleNamespace(make_sampler=lambda factory: factory(path=get_schedule("linear", T)))
     assert len(course.sampler(model, "ddpm").timesteps) == T  # the sampler's own default steps
     assert course.sampler(model, "unipc", steps=7, progress=True, order=3).progress is True

@@ -59,7 +59,7 @@ def test_sample_ddpm_and_metrics_in_process(tiny_checkpoint, tmp_path, monkeypat
 
 
 def test_same_noise_gives_same_samples(tiny_checkpoint):
-    from diffexp.sample import draw_samples, load_model
+    from diffexp.api import draw_samples, load_model
 
     model, _ = load_model(tiny_checkpoint)
     a = draw_samples(model, 4, None, seed=3, batch_size=2, progress=False)

@@ -32,7 +32,7 @@ from diffexp.config import data_of_run, reported_errors
 from diffexp.metrics import check_metric_names, evaluate
 from diffexp.metrics.adherence import caption_adherence
 from diffexp.samplers import SAMPLERS
-from diffexp.sample import draw_samples, load_model
+from diffexp.api import draw_samples, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -76,7 +76,7 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
 def evaluate(model, prompts: dict[str, list[str]], args) -> dict:
     from diffexp.data.shapes import describe
     from diffexp.metrics.adherence import caption_adherence
-    from diffexp.sample import draw_samples
+    from diffexp.api import draw_samples
     from diffexp.samplers import DDIMSampler
 
     sampler = DDIMSampler(model.schedule, steps=args.sampler_steps, prediction_type=model.prediction_type,
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing --out results")
     args = parser.parse_args(argv)
     from diffexp.finetune import load_adapter
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     base = Path(args.base).resolve()
     if not base.is_file():

@@ -24,7 +24,7 @@ from diffexp.config import data_of_run  # noqa: E402
 from diffexp.data.shapes import make_shapes  # noqa: E402
 from diffexp.metrics import build_feature_extractor, extract_features, frechet_distance, reference_features  # noqa: E402
 from diffexp.metrics.adherence import caption_adherence  # noqa: E402
-from diffexp.sample import draw_samples, load_model  # noqa: E402
+from diffexp.api import draw_samples, load_model  # noqa: E402
 from diffexp.samplers import DDIMSampler  # noqa: E402
 from diffexp.viz.images import save_grid  # noqa: E402
 

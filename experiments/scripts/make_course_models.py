@@ -79,7 +79,7 @@ def measure(name: str, weights: Path, n: int) -> dict:
     from diffexp.config import data_of_run
     from diffexp.course import load, sampler
     from diffexp.metrics import evaluate
-    from diffexp.sample import draw_samples
+    from diffexp.api import draw_samples
 
     if name == "shapes_vae":
         sys.path.insert(0, str(Path(__file__).parent))

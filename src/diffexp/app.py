@@ -196,7 +196,7 @@ def resolve_checkpoint(choice: str) -> Path:
 
 @lru_cache(maxsize=4)
 def load_checkpoint(path: str):
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     return load_model(path)[0]
 
@@ -226,7 +226,7 @@ def build_sampler(model, name: str, steps: int):
 
 
 def conditions_for(model, n: int, prompt: str | None) -> dict:
-    from diffexp.sample import sampling_conditions
+    from diffexp.api import sampling_conditions
 
     prompt = (prompt or "").strip()
     if prompt and "captions" not in model.conditioner.keys:
@@ -235,8 +235,8 @@ def conditions_for(model, n: int, prompt: str | None) -> dict:
 
 
 def sample_images(model, sampler, n: int, seed: int, conditions: dict, guidance: float | None, observe=None):
-    """``n`` samples drawn as sample.py draws them (:func:`diffexp.sample.draw_samples`, one batch)."""
-    from diffexp.sample import draw_samples
+    """``n`` samples drawn as sample.py draws them (:func:`diffexp.api.draw_samples`, one batch)."""
+    from diffexp.api import draw_samples
 
     return draw_samples(model, int(n), sampler, int(seed), batch_size=int(n), conditions=conditions, progress=False,
                         guidance_scale=guidance, observe=observe)

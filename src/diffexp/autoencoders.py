@@ -20,6 +20,7 @@ from diffexp.checkpoints import CONFIG_KEY, read_checkpoint
 from diffexp.errors import MissingPackageError
 from diffexp.frozen import Frozen, hub_offline
 from diffexp.nets.autoencoder import AutoencoderKL
+from diffexp.registry import register_part
 
 
 class FrozenAutoencoder(Frozen):
@@ -87,6 +88,7 @@ def architecture_of(net_cfg: dict) -> dict:
     return {k: v for k, v in dict(net_cfg).items() if k != "_target_"}
 
 
+@register_part
 class OwnAutoencoder(FrozenAutoencoder):
     """A :class:`diffexp.nets.AutoencoderKL` trained here with ``python train.py model=vae`` (``ckpt``),
     or given as a module (``net``), or built from its constructor arguments (``architecture``) with the
@@ -123,6 +125,7 @@ class OwnAutoencoder(FrozenAutoencoder):
         return self.net.decode(latents)
 
 
+@register_part
 class DiffusersAutoencoder(FrozenAutoencoder):
     """diffusers' ``AutoencoderKL`` (e.g. ``stabilityai/sd-vae-ft-mse``) or ``AutoencoderTiny``
     (``madebyollin/taesd``) from a hub id, the HF cache or a local folder, or built from a config

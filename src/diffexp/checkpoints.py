@@ -1,10 +1,11 @@
 """Reading the checkpoints train.py writes safely, and bringing older ones up to the current layout.
 
 Loading never runs code: files are read with ``torch.load(weights_only=True)`` (tensors and plain data
-only), and a model is rebuilt from a stored config only through the targets in :data:`ALLOWED_TARGETS`.
+only), and a model is rebuilt from a stored config only through registered parts (:func:`allowed_targets`).
 Each checkpoint carries its composed run config under :data:`CONFIG_KEY` and the layout version under
-:data:`FORMAT_KEY`. Format 1 (before the conditioner/space restructuring) is upgraded on load by
-:func:`upgrade_checkpoint`, so old checkpoints keep working with ``sample.py`` and ``ckpt_path=``.
+:data:`FORMAT_KEY`. Older formats are upgraded on load by :func:`upgrade_checkpoint` (format 1: before the
+conditioner/space restructuring; format 2: before the continuous-time core, when a model had a discrete
+``schedule`` instead of a ``path``), so old checkpoints keep working with ``sample.py`` and ``ckpt_path=``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 CONFIG_KEY = "diffexp_config"
 FORMAT_KEY = "diffexp_format"
-FORMAT = 2
+FORMAT = 3
 DIFFUSION_TARGET = "diffexp.lit.DiffusionModel"
 LEGACY_DIFFUSION_TARGETS = ("diffexp.lit.pixel.PixelDiffusion", "diffexp.lit.latent.LatentDiffusion")
 # state-dict prefixes renamed in format 2
@@ -29,25 +30,32 @@ RENAMED_PREFIXES = {"text_encoder.": "conditioner.encoder.", "latent_scale": "sp
                     "latent_shift": "space.latent_shift"}
 
 
-# Every class or function a stored config may name when a model is rebuilt from a checkpoint: the project's own
-# model parts and the optimizers/data modules its configs use. Nothing that runs commands or reads arbitrary
-# files (a diffexp class that loads a file named in its arguments reads it with weights_only=True).
-ALLOWED_TARGETS = frozenset({
-    "diffexp.lit.DiffusionModel", "diffexp.lit.VAETraining", "diffexp.lit.base.linear_warmup", "diffexp.lit.base.warmup_cosine",
-    "diffexp.nets.UNet", "diffexp.nets.AutoencoderKL", "diffexp.schedules.get_schedule",
-    "diffexp.samplers.DDIMSampler", "diffexp.samplers.DDPMSampler", "diffexp.samplers.DPMSolver2M",
-    "diffexp.samplers.DPMSolver3M", "diffexp.samplers.DPMSolver2MSDE", "diffexp.samplers.UniPCSampler",
-    "diffexp.samplers.EulerSampler", "diffexp.samplers.HeunSampler", "diffexp.samplers.EulerAncestralSampler",
-    "diffexp.spaces.PixelSpace", "diffexp.spaces.LatentSpace",
-    "diffexp.conditioning.Unconditional", "diffexp.conditioning.ClassConditioner", "diffexp.conditioning.TextConditioner",
-    "diffexp.text.LearnedTextEncoder", "diffexp.text.PretrainedTextEncoder",
-    "diffexp.autoencoders.OwnAutoencoder", "diffexp.autoencoders.DiffusersAutoencoder",
-    "diffexp.data.DigitsDataModule", "diffexp.data.ShapesDataModule", "diffexp.data.ImageFolderDataModule",
-    "diffexp.data.TorchvisionDataModule",
-    "torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD",
-})
 # the parts of a run config that loading a model instantiates (``data`` too, when sample.py computes FID)
-MODEL_NODES = ("model", "unet", "conditioning", "text_encoder", "vae", "schedule", "sampler")
+MODEL_NODES = ("model", "unet", "conditioning", "text_encoder", "vae", "schedule", "sampler", "path", "density",
+               "weighting")
+
+
+def allowed_targets() -> frozenset[str]:
+    """Every ``_target_`` a stored config may name when a model is rebuilt: the parts in diffexp's registries
+    (:mod:`diffexp.registry`: paths, samplers, densities, weightings, and the modules, nets, conditioners, spaces,
+    encoders, autoencoders, data modules and optimizers marked ``register_part``), under each name that imports
+    them. A part defined outside the package joins by registering itself. Nothing that runs commands or reads
+    arbitrary files (a diffexp class that loads a file named in its arguments reads it with weights_only=True)."""
+    import diffexp.autoencoders  # noqa: F401  (each module registers its parts when imported)
+    import diffexp.conditioning  # noqa: F401
+    import diffexp.data  # noqa: F401
+    import diffexp.lit  # noqa: F401
+    import diffexp.nets  # noqa: F401
+    import diffexp.objectives  # noqa: F401
+    import diffexp.paths  # noqa: F401
+    import diffexp.samplers  # noqa: F401
+    import diffexp.schedules  # noqa: F401
+    import diffexp.spaces  # noqa: F401
+    import diffexp.text  # noqa: F401
+    from diffexp.registry import REGISTRIES, import_names
+
+    return frozenset(name for registry in REGISTRIES for part in registry.values() if callable(part)
+                     for name in import_names(part))
 
 
 class CheckpointError(ValueError):
@@ -81,11 +89,9 @@ def load_file(path: str | Path, option: str = "ckpt", legacy_format: bool = Fals
 
 
 def check_targets(cfg: dict, option: str = "ckpt", nodes=MODEL_NODES) -> None:
-    """Refuse a stored config whose ``nodes`` would instantiate anything outside :data:`ALLOWED_TARGETS` (or the
-    samplers' registry) when the model is rebuilt."""
-    from diffexp.samplers import SAMPLERS
-
-    allowed = ALLOWED_TARGETS | {f"{c.__module__}.{c.__qualname__}" for c in SAMPLERS.values()}
+    """Refuse a stored config whose ``nodes`` would instantiate anything outside :func:`allowed_targets` when the
+    model is rebuilt."""
+    allowed = allowed_targets()
 
     def walk(node, where):
         if isinstance(node, dict):
@@ -202,7 +208,7 @@ def read_weights(path: Path, option: str = "ckpt") -> dict:
 
 def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict:
     """The checkpoint dict at ``path`` in the current layout, read without running code and with its stored
-    config checked against :data:`ALLOWED_TARGETS`; a clear error (naming ``option``) if it is missing, not
+    config checked against :func:`allowed_targets`; a clear error (naming ``option``) if it is missing, not
     ours or unsafe."""
     path = Path(path)
     if path.is_dir():
@@ -260,6 +266,25 @@ def upgrade_run_config(cfg: dict) -> dict:
     return cfg
 
 
+def upgrade_run_config_to_paths(cfg: dict) -> dict:
+    """A format-2 run config in the format-3 layout: a diffusion model's discrete ``schedule`` becomes its ``path``
+    (:class:`diffexp.paths.DiscretePath` of that schedule); its density and weighting stay the defaults they were
+    (integer timesteps; min-SNR from ``min_snr_gamma``)."""
+    cfg = copy.deepcopy(cfg)
+    model = cfg.get("model", {})
+    if model.get("_target_") == DIFFUSION_TARGET and "schedule" in model and "path" not in model:
+        model["path"] = {"_target_": "diffexp.paths.DiscretePath", "schedule": model.pop("schedule")}
+    return cfg
+
+
+def fill_autoencoder(state: dict, own_state: dict) -> None:
+    """A latent checkpoint written before checkpoints carried their autoencoder keeps the autoencoder weights the
+    model was built with (from the VAE file its config names): they are copied from ``own_state`` into ``state``."""
+    for key, value in own_state.items():
+        if key.startswith("space.autoencoder.") and key not in state:
+            state[key] = value
+
+
 def _renamed(key: str) -> str:
     for old, new in RENAMED_PREFIXES.items():
         if key.startswith(old):
@@ -270,11 +295,22 @@ def _renamed(key: str) -> str:
 def upgrade_checkpoint(checkpoint: dict) -> dict:
     """Bring a checkpoint dict to the current format in place (config, state dict, EMA state); returns it.
 
-    Format 1 kept the text encoder under ``text_encoder.``, the latent scale as ``latent_scale`` and the
-    example captions beside the state dict; it did not carry the weights of an own VAE (the model fills
+    Format 2 named a diffusion model's discrete ``schedule`` where format 3 names its ``path``. Format 1 kept the
+    text encoder under ``text_encoder.``, the latent scale as ``latent_scale`` and the example captions beside the
+    state dict; it did not carry the weights of an own VAE (the model fills
     them from the VAE file it was built with, see ``DiffusionModel.on_load_checkpoint``)."""
-    if checkpoint.get(FORMAT_KEY, 1) >= FORMAT:
+    version = checkpoint.get(FORMAT_KEY, 1)
+    if version >= FORMAT:
         return checkpoint
+    if version < 2:
+        upgrade_to_format2(checkpoint)
+    checkpoint[CONFIG_KEY] = upgrade_run_config_to_paths(checkpoint[CONFIG_KEY])
+    checkpoint[FORMAT_KEY] = FORMAT
+    return checkpoint
+
+
+def upgrade_to_format2(checkpoint: dict) -> None:
+    """Format 1 -> 2 in place (:func:`upgrade_checkpoint`)."""
     checkpoint[CONFIG_KEY] = upgrade_run_config(checkpoint[CONFIG_KEY])
     if checkpoint[CONFIG_KEY].get("model", {}).get("_target_") == DIFFUSION_TARGET:
         checkpoint["state_dict"] = {_renamed(k): v for k, v in checkpoint["state_dict"].items()}
@@ -284,5 +320,3 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
         for state in checkpoint.get("callbacks", {}).values():
             if isinstance(state, dict) and isinstance(state.get("ema_state"), dict):
                 state["ema_state"] = {_renamed(k): v for k, v in state["ema_state"].items()}
-    checkpoint[FORMAT_KEY] = FORMAT
-    return checkpoint

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from diffexp.guidance import guided_model
+from diffexp.registry import register_part
 
 
 def check_p_uncond(p_uncond: float) -> float:
@@ -100,6 +101,7 @@ class Conditioner(nn.Module):
                             guidance_rescale)
 
 
+@register_part
 class Unconditional(Conditioner):
     """No conditioning: the net gets x_t and t only (``p_uncond`` is accepted and has nothing to drop)."""
 
@@ -110,6 +112,7 @@ class Unconditional(Conditioner):
         return net
 
 
+@register_part
 class ClassConditioner(Conditioner):
     """Class labels (``batch["label"]``) through the net's label embedding; label ``num_classes`` = no label.
 
@@ -157,6 +160,7 @@ class ClassConditioner(Conditioner):
         return {"class_labels": indices % self.num_classes}
 
 
+@register_part
 class TextConditioner(Conditioner):
     """Captions (``batch["caption"]``) through ``encoder`` (a :class:`diffexp.text.TextEncoder`) into the
     net's cross-attention; the empty caption is the null condition.

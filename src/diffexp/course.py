@@ -93,7 +93,7 @@ def data_of(cfg: DictConfig):
 
 def load(ckpt: str | Path, use_ema: bool = True):
     """(model in eval mode, its training config) from a checkpoint."""
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     return load_model(ckpt, use_ema=use_ema)
 

@@ -87,7 +87,7 @@ def weights_kind(ckpt: str, ema: bool) -> str:
 def main(argv: list[str] | None = None) -> Path:
     from diffexp.errors import MissingPackageError
     from diffexp.interop import InteropError, export_pipeline
-    from diffexp.sample import load_model
+    from diffexp.api import load_model
 
     try:
         args = parse(sys.argv[1:] if argv is None else argv)

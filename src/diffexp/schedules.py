@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from diffexp.registry import register_part
+
 BetasFn = Callable[..., torch.Tensor]  # betas(T, beta_start=, beta_end=, cosine_s=, max_beta=) -> float64 (T,)
 SCHEDULES: dict[str, BetasFn] = {}
 
@@ -102,6 +104,7 @@ def sigmoid_betas(T: int, beta_start: float, beta_end: float, **_) -> torch.Tens
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
+@register_part
 def get_schedule(
     name: str = "linear",
     num_timesteps: int = 1000,
@@ -145,12 +148,19 @@ def sigmas_of(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
-def timestep_at_sigma(alphas_cumprod: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+def timestep_at_sigma(alphas_cumprod: torch.Tensor, sigma: float | torch.Tensor, clamp: bool = False) -> torch.Tensor:
     """The real timestep t in [0, T-1] whose sigma is ``sigma``: the inverse of :func:`alpha_bar_at` (log sigma
-    linear in t between the integer timesteps around it; sigma is clamped to the schedule's range)."""
+    linear in t between the integer timesteps around it). A sigma outside the schedule's range (beyond rounding) is
+    an error, or its nearest end with ``clamp``."""
     log_sigmas = sigmas_of(alphas_cumprod).log()
     finite = log_sigmas[torch.isfinite(log_sigmas)]
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log().clamp(finite[0], finite[-1])
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    if not clamp and ((log_sigma < finite[0] - 1e-9) | (log_sigma > finite[-1] + 1e-9)).any():
+        raise ValueError(f"sigma {log_sigma.exp().min().item():.4g}..{log_sigma.exp().max().item():.4g} lies outside "
+                         f"this {len(alphas_cumprod)}-step schedule's range [{finite[0].exp().item():.4g}, "
+                         f"{finite[-1].exp().item():.4g}]; a discrete schedule is defined on its table only "
+                         f"(path=edm reaches any sigma)")
+    log_sigma = log_sigma.clamp(finite[0], finite[-1])
     high = torch.searchsorted(finite, log_sigma.reshape(-1)).clamp(1, len(finite) - 1).reshape(log_sigma.shape)
     low = high - 1
     w = (log_sigma - finite[low]) / (finite[high] - finite[low])

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from diffexp.autoencoders import FrozenAutoencoder
+from diffexp.registry import register_part
 
 
+@register_part
 class PixelSpace(nn.Module):
     """Diffusion on the images themselves (``model=pixel``)."""
 
@@ -52,6 +54,7 @@ class PixelSpace(nn.Module):
                          "diffuses pixels (use model=latent, or cache_latents=false)")
 
 
+@register_part
 class LatentSpace(PixelSpace):
     """Diffusion on z = (E(x) - shift) * scale of a frozen autoencoder (``model=latent``).
 

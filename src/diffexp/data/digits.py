@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffexp.data.base import ImageDataModule, TensorImageDataset, split_indices
+from diffexp.registry import register_part
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -21,6 +22,7 @@ def load_digits_tensor(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor
     return images * 2 - 1, torch.tensor(bunch.target, dtype=torch.long)
 
 
+@register_part
 class DigitsDataModule(ImageDataModule):
     """Digits resized to ``image_size`` with a fixed random train/val split."""
 

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffexp.data.base import ImageDataModule, split_indices
+from diffexp.registry import register_part
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -81,6 +82,7 @@ def read_metadata(root: Path) -> dict[str, str] | None:
     return captions
 
 
+@register_part
 class ImageFolderDataModule(ImageDataModule):
     """Images found recursively under ``root``, center-cropped to ``image_size``, split train/val.
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diffexp.data.base import ImageDataModule, TensorImageDataset
+from diffexp.registry import register_part
 
 COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.35, 0.95),
            "yellow": (0.95, 0.85, 0.15), "magenta": (0.9, 0.2, 0.85), "cyan": (0.15, 0.85, 0.9)}
@@ -108,6 +109,7 @@ def make_shapes(n: int, seed: int, image_size: int = 32, exclude=(), only=None, 
     return torch.stack(images), captions, torch.tensor(labels)
 
 
+@register_part
 class ShapesDataModule(ImageDataModule):
     """``data=shapes``: ``num_train``/``num_val`` captioned shapes; ``holdout`` pairs only in ``held_out_set``;
     ``shapes``: the shapes drawn (default the four of the default data; ``[star]``: a new concept to fine-tune on);

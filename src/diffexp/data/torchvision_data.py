@@ -6,6 +6,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from diffexp.data.base import ImageDataModule
+from diffexp.registry import register_part
 
 DATASETS = {
     # name: (torchvision class name, channels, native size, classes)
@@ -29,6 +30,7 @@ class _DictDataset(Dataset):
         return {"image": image, "label": label}
 
 
+@register_part
 class TorchvisionDataModule(ImageDataModule):
     """A torchvision dataset as dict batches; images resized to ``image_size`` and mapped to [-1, 1]."""
 

@@ -10,8 +10,13 @@ import lightning as L
 import torch
 
 from diffexp.checkpoints import CONFIG_KEY, FORMAT, FORMAT_KEY
+from diffexp.registry import register_part
+
+for _optimizer in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):  # the optimizers configs name
+    register_part(_optimizer)
 
 
+@register_part
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(step) = lr * min(1, (step + 1) / warmup_steps): a linear warm-up, then constant
     (``model.lr_scheduler=...``, a partial called with the optimizer)."""
@@ -30,6 +35,7 @@ def fused_option(factory: Callable, params: list[torch.Tensor]) -> dict:
     return {"fused": True} if params and all(p.is_cuda for p in params) else {}
 
 
+@register_part
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000,
                   min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(step) = lr * min(1, (step + 1) / warmup_steps) during warm-up, then cosine decay (Loshchilov & Hutter

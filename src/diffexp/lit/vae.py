@@ -9,10 +9,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from diffexp.lit.base import TrainingModule
 from diffexp.nets.autoencoder import AutoencoderKL
+from diffexp.registry import register_part
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
+@register_part
 class VAETraining(TrainingModule):
     """Trains an :class:`~diffexp.nets.AutoencoderKL` with the LDM objective (Rombach et al. 2022, App. G):
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffexp.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm
+from diffexp.registry import register_part
 
 
 class DiagonalGaussian:
@@ -93,6 +94,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+@register_part
 class AutoencoderKL(nn.Module):
     """The LDM first-stage model: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> x_hat``.
 

@@ -9,8 +9,10 @@ from torch import nn
 
 from diffexp.nets.layers import (AttentionBlock, Downsample, ResBlock, TransformerBlock, Upsample, group_norm,
                                  timestep_embedding)
+from diffexp.registry import register_part
 
 
+@register_part
 class UNet(nn.Module):
     """eps/x0/v-prediction U-Net: model(x_t, t, class_labels=None, context=None) -> Tensor like x_t.
 

@@ -5,6 +5,9 @@ as it needs (Heun: twice) and keep what it likes in a per-run ``state`` dict (mu
 history of model outputs). The loop in :meth:`Sampler.sample` is the same for all samplers; it can start
 at an intermediate step from a given x_t (image-to-image) and lets a hook replace part of x after each
 step (inpainting).
+
+Samplers run on any Gaussian path (:mod:`diffexp.paths`): a step reads alpha, sigma and the log-SNR of its times
+from the denoiser (which asks the path) and never which path it is on.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffexp.diffusion import check_prediction_type, prediction_to_x0_eps, x0_eps_from_prediction
+from diffexp.diffusion import check_prediction_type, to_x0_eps
+from diffexp.paths import GaussianPath, as_path
 from diffexp.samplers.spacing import spaced_timesteps
-from diffexp.schedules import NoiseSchedule, alpha_bar_at
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # model_fn(x_t, t) -> prediction
 StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]  # (step index, t_prev, x_prev) -> x_prev
@@ -83,76 +86,61 @@ def fixed_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
 
 
 class Denoiser:
-    """``model_fn`` as samplers see it: (x_t, t) -> (x0, eps), counting model evaluations in ``nfe``.
+    """``model_fn`` as samplers see it: (x_t, t) -> (x0, eps), counting model evaluations in ``nfe``, with the
+    path's alpha, sigma and log-SNR at any time (:mod:`diffexp.paths`).
 
-    ``t`` is a training timestep: an integer in [0, T), or a float between two of them. A float t is
-    passed to the net as a float tensor (the sinusoidal time embedding is defined for any real t) and
-    alpha-bar there comes from :func:`diffexp.schedules.alpha_bar_at` (log-sigma interpolation).
+    ``t`` is a time of the path (on a discrete path an integer timestep in [0, T) or a real one between two); the
+    model function receives it as the path's time tensor (:meth:`~diffexp.paths.GaussianPath.time_tensor`).
     ``clip_sample`` clamps x0 to [-1, 1] and recomputes eps from it.
     """
 
-    def __init__(self, model_fn: ModelFn, alphas_cumprod: torch.Tensor, prediction_type: str,
-                 clip_sample: bool = False):
-        self.model_fn, self.alphas_cumprod = model_fn, alphas_cumprod
+    def __init__(self, model_fn: ModelFn, path: GaussianPath, prediction_type: str, clip_sample: bool = False):
+        self.model_fn, self.path = model_fn, path
         self.prediction_type, self.clip_sample = prediction_type, clip_sample
         self.nfe = 0
-        self._alphas_device: torch.Tensor | None = None
-
-    def alphas_on(self, device: torch.device) -> torch.Tensor:
-        """alphas_cumprod on ``device``, copied once per sampling run (a copy per step would wait for the GPU)."""
-        if self._alphas_device is None or self._alphas_device.device != device:
-            self._alphas_device = self.alphas_cumprod.to(device)
-        return self._alphas_device
-
-    def alpha_bar(self, t: float) -> float:
-        """abar_t, with abar_{-1} = 1 (the clean data before t = 0)."""
-        if t < 0:
-            return 1.0
-        if float(t).is_integer():
-            return float(self.alphas_cumprod[int(t)])
-        return float(alpha_bar_at(self.alphas_cumprod, t))
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
-        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)): x_t = alpha_t x_0 + sigma_t eps."""
-        abar = self.alpha_bar(t)
-        return abar**0.5, (1 - abar) ** 0.5
+        """(alpha_t, sigma_t): x_t = alpha_t x_0 + sigma_t eps; (1, 0) at the clean time."""
+        return self.path.alpha_sigma(t)
 
-    def log_snr_half(self, t: float) -> float:
-        """lambda_t = log(alpha_t / sigma_t), half the log-SNR (Lu et al. 2022): +inf at t = -1 (clean data),
-        -inf where abar_t = 0 (zero terminal SNR)."""
-        abar = self.alpha_bar(t)
-        if abar >= 1:
-            return math.inf
-        if abar <= 0:
-            return -math.inf
-        return 0.5 * math.log(abar / (1 - abar))
+    def variance(self, t: float) -> float:
+        """sigma_t^2."""
+        return self.path.variance(t)
 
-    def sigma(self, t: float) -> float:
-        """Karras et al. (2022)'s sigma_t = sqrt((1 - abar_t) / abar_t): x_t / alpha_t = x_0 + sigma_t eps;
-        0 at t = -1, inf where abar_t = 0."""
-        abar = self.alpha_bar(t)
-        return math.inf if abar <= 0 else ((1 - abar) / abar) ** 0.5
+    def transition(self, s: float, t: float) -> tuple[float, float]:
+        """(a, v) of q(x_t | x_s) = N(a x_s, v I), s less noisy than t."""
+        return self.path.transition(s, t)
+
+    def half_log_snr(self, t: float) -> float:
+        """lambda_t = log(alpha_t / sigma_t), half the log-SNR (Lu et al. 2022): +inf at the clean time, -inf where
+        alpha_t = 0 (pure noise)."""
+        return self.path.half_log_snr(t)
+
+    def ve_sigma(self, t: float) -> float:
+        """Karras et al. (2022)'s sigma_t / alpha_t: x_t / alpha_t = x_0 + sigma eps; 0 at the clean time, inf where
+        alpha_t = 0."""
+        return self.path.ve_sigma(t)
+
+    def is_clean(self, t: float) -> bool:
+        """Whether ``t`` is the path's clean time (the end of sampling)."""
+        return t == self.path.clean_time
 
     def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         """The raw prediction of the model at (x_t, t): one model evaluation."""
-        integer = float(t).is_integer()
-        t_batch = torch.full((x_t.shape[0],), int(t) if integer else float(t),
-                             dtype=torch.long if integer else torch.float32, device=x_t.device)
         self.nfe += 1
-        return self.model_fn(x_t, t_batch)
+        return self.model_fn(x_t, self.path.time_tensor(t, x_t.shape[0], x_t.device))
 
     def x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: float):
-        """(x_0, eps) implied by ``model_output`` at t, x_0 optionally clipped."""
-        if float(t).is_integer():
-            t_batch = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
-            x0, eps = prediction_to_x0_eps(model_output, x_t, t_batch, self.alphas_on(x_t.device), self.prediction_type)
+        """(x_0, eps) implied by ``model_output`` at t (:func:`diffexp.diffusion.to_x0_eps`), x_0 optionally clipped."""
+        if x_t.dtype == torch.float32:
+            alpha, sigma = self.path.conversion_alpha_sigma(t)
         else:
-            abar = torch.tensor(self.alpha_bar(t), dtype=x_t.dtype, device=x_t.device)
-            x0, eps = x0_eps_from_prediction(model_output, x_t, abar, self.prediction_type)
+            alpha, sigma = self.path.alpha_sigma(t)
+        x0, eps = to_x0_eps(model_output, x_t, alpha, sigma, self.prediction_type, self.path.variance_preserving)
         if self.clip_sample:
             x0 = x0.clamp(-1, 1)
-            abar = self.alpha_bar(t)
-            eps = (x_t - abar**0.5 * x0) / (1 - abar) ** 0.5
+            alpha, sigma = self.path.alpha_sigma(t)
+            eps = (x_t - alpha * x0) / sigma
         return x0, eps
 
     def __call__(self, x_t: torch.Tensor, t: float):
@@ -164,8 +152,9 @@ class Sampler:
     """Base class: subclasses define ``timesteps`` and ``step``.
 
     Args:
-        schedule: the training noise schedule.
-        prediction_type: what ``model_fn`` predicts (``epsilon``, ``sample``, ``v_prediction``).
+        path: the Gaussian path the model was trained on (:mod:`diffexp.paths`; a
+            :class:`~diffexp.schedules.NoiseSchedule` stands for its discrete path).
+        prediction_type: what ``model_fn`` predicts (``epsilon``, ``sample``, ``v_prediction``, ``velocity``).
         clip_sample: clamp the predicted x_0 to [-1, 1] before each update.
         progress: show a progress bar by default.
     """
@@ -177,32 +166,43 @@ class Sampler:
 
     def __init__(
         self,
-        schedule: NoiseSchedule,
+        path: GaussianPath,
         prediction_type: str = "epsilon",
         clip_sample: bool = False,
         progress: bool = True,
     ):
-        self.schedule = schedule
+        self.path = as_path(path)
         self.prediction_type = check_prediction_type(prediction_type)
         self.clip_sample = clip_sample
         self.progress = progress
-        self.alphas_cumprod = schedule.alphas_cumprod  # float64
-        if prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) == 0.0:
+
+    def check_start(self) -> None:
+        """A clear error when the model cannot be evaluated where sampling starts: x_0 from an epsilon prediction
+        at alpha = 0 (pure noise, e.g. zero terminal SNR or the flow path's t = 1)."""
+        first = float(self.timesteps[0])
+        if self.prediction_type == "epsilon" and self.path.alpha_sigma(first)[0] == 0.0:
             raise ValueError(
-                "a zero-terminal-SNR schedule (abar_{T-1} = 0) cannot recover x_0 from an epsilon prediction; "
-                "use prediction_type=v_prediction or sample"
-            )
+                f"sampling starts at t={first:g}, where alpha = 0 (pure noise: a zero-terminal-SNR schedule, or a "
+                f"continuous path's end): x_0 cannot be recovered from an epsilon prediction there; use "
+                f"prediction_type=v_prediction, sample or velocity (or a spacing that starts below it)")
 
     @property
     def timesteps(self) -> torch.Tensor:
-        """Descending timesteps visited by the sampler (integers in [0, T), or floats between them)."""
+        """Descending times visited by the sampler (on a discrete path integers in [0, T), or reals between them)."""
         raise NotImplementedError
+
+    def step_evaluations(self, t, t_prev) -> int:
+        """Model evaluations of the step from ``t`` to ``t_prev`` (:attr:`evaluations_per_step` unless a sampler's
+        steps differ)."""
+        return self.evaluations_per_step
 
     def nfe(self, start_step: int = 0, jump_length: int = 10, jump_n_sample: int = 1) -> int:
         """Model evaluations of a run from ``timesteps[start_step]`` (what :attr:`Trajectory.nfe` reports), with
         RePaint resampling (:func:`resampling_levels`) when ``jump_n_sample`` > 1."""
-        levels = resampling_levels(len(self.timesteps) - start_step, jump_length, jump_n_sample)
-        return self.evaluations_per_step * sum(b > a for a, b in zip(levels, levels[1:]))
+        ts = [t.item() for t in self.timesteps][start_step:]
+        levels = resampling_levels(len(ts), jump_length, jump_n_sample)
+        return sum(self.step_evaluations(ts[a], ts[b] if b < len(ts) else self.path.clean_time)
+                   for a, b in zip(levels, levels[1:]) if b > a)
 
     def with_options(self, **changes) -> "Sampler":
         """A copy with some of the :attr:`adjustable` settings changed (e.g. ``clip_sample=False``); this sampler
@@ -215,8 +215,8 @@ class Sampler:
         return other
 
     def denoiser(self, model_fn: ModelFn) -> Denoiser:
-        """``model_fn`` wrapped for :meth:`step` with this sampler's schedule, prediction type and clipping."""
-        return Denoiser(model_fn, self.alphas_cumprod, self.prediction_type, self.clip_sample)
+        """``model_fn`` wrapped for :meth:`step` with this sampler's path, prediction type and clipping."""
+        return Denoiser(model_fn, self.path, self.prediction_type, self.clip_sample)
 
     def steps_left(self, t: float) -> int:
         """How many steps of this sampler remain from timestep ``t`` on, this one included (1 on the last)."""
@@ -225,7 +225,8 @@ class Sampler:
 
     def step(self, denoiser: Denoiser, x_t: torch.Tensor, t, t_prev, generator: torch.Generator | None = None,
              state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One reverse update x_t -> x_{t_prev} (t_prev = -1 on the last step); returns (x_prev, predicted x_0).
+        """One reverse update x_t -> x_{t_prev} (t_prev = the path's clean time on the last step); returns (x_prev,
+        predicted x_0).
 
         ``denoiser(x, t)`` gives (x0, eps) and may be called any number of times; ``state`` is a dict that
         lives for one sampling run (history for multistep solvers); noise comes from ``generator``.
@@ -249,27 +250,33 @@ class Sampler:
         jump_n_sample: int = 1,
         observe: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | Trajectory:
-        """Run the reverse process from x_T (given, or N(0, I) drawn from ``generator``) to x_0.
+        """Run the reverse process from noise (``x_T``, or N(0, I) drawn from ``generator``) to x_0.
 
-        ``model_fn(x_t, t)`` gets t of shape (N,) (LongTensor at integer timesteps; bind conditions with
-        ``functools.partial``). ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x
-        at that time (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after the i-th step run
-        (i counts the steps run, from 0; t_prev = -1 after the last), e.g. for inpainting. ``jump_n_sample`` > 1
-        adds RePaint resampling (:func:`resampling_levels`): x at t is noised back to t' > t by
-        q(x_t' | x_t) = N(sqrt(abar_t' / abar_t) x_t, (1 - abar_t' / abar_t) I) and the steps are run again
-        (multistep solvers restart their history there). ``observe(i, t, x_t, x0)`` sees each step's input and
-        predicted x_0 as it runs (a live view; it changes nothing).
+        ``model_fn(x_t, t)`` gets t of shape (N,) (the path's time tensor: a LongTensor at a discrete path's integer
+        timesteps; bind conditions with ``functools.partial``). Sampling starts from ``prior_std * x_T`` at
+        ``timesteps[0]``, prior_std the path's (:meth:`~diffexp.paths.GaussianPath.prior_std`: 1 on
+        variance-preserving paths and on the flow path at t = 1, sigma_max on EDM's), so ``x_T`` is unit noise on
+        every path. ``start_step`` > 0 starts at ``timesteps[start_step]`` with ``x_T`` taken as x itself at that
+        time (image-to-image); ``on_step(i, t_prev, x_prev)`` may replace x after the i-th step run (i counts the
+        steps run, from 0; t_prev = the path's clean time after the last), e.g. for inpainting. ``jump_n_sample`` > 1
+        adds RePaint resampling (:func:`resampling_levels`): x at t is noised back to t' > t by the forward process
+        q(x_t' | x_t) (:meth:`~diffexp.paths.GaussianPath.renoised`) and the steps are run again (multistep
+        solvers restart their history there). ``observe(i, t, x_t, x0)`` sees each step's input and predicted
+        x_0 as it runs (a live view; it changes nothing).
         Returns the final sample, or a :class:`Trajectory` when ``return_trajectory``.
         """
+        ts = [t.item() for t in self.timesteps]
+        if not 0 <= start_step < len(ts):
+            raise ValueError(f"start_step={start_step} must lie in [0, {len(ts)}) (the sampler's steps)")
         if x_T is None:
             if shape is None:
                 raise ValueError("sample() needs either shape or x_T")
             x = randn(shape, generator, device or "cpu")
         else:
             x = x_T.to(device) if device is not None else x_T
-        ts = [t.item() for t in self.timesteps]
-        if not 0 <= start_step < len(ts):
-            raise ValueError(f"start_step={start_step} must lie in [0, {len(ts)}) (the sampler's steps)")
+        scale = self.path.prior_std(ts[0]) if start_step == 0 else 1.0
+        if scale != 1.0:
+            x = x * scale
         ts = ts[start_step:]
         levels = resampling_levels(len(ts), jump_length, jump_n_sample)
         denoiser = self.denoiser(model_fn)
@@ -281,11 +288,10 @@ class Sampler:
         for k, k_next in zip(levels, levels[1:]):
             bar.update()
             if k_next < k:  # RePaint: back up to ts[k_next] by the forward process
-                ratio = denoiser.alpha_bar(ts[k_next]) / denoiser.alpha_bar(ts[k])
-                x = ratio**0.5 * x + (1 - ratio) ** 0.5 * randn(x.shape, generator, x.device, x.dtype)
+                x = self.path.renoised(x, ts[k], ts[k_next], randn(x.shape, generator, x.device, x.dtype))
                 state = {}
                 continue
-            t, t_prev = ts[k], ts[k_next] if k_next < len(ts) else -1
+            t, t_prev = ts[k], ts[k_next] if k_next < len(ts) else self.path.clean_time
             x_prev, x0 = self.step(denoiser, x, t, t_prev, generator=generator, state=state)
             if observe is not None:
                 observe(steps_run, t, x, x0)
@@ -312,16 +318,21 @@ def checked_eta(eta: float) -> float:
 
 
 class SpacedSampler(Sampler):
-    """A sampler visiting ``steps`` timesteps chosen by ``timestep_spacing`` (leading, trailing, linspace or
-    karras: :func:`diffexp.samplers.spacing.spaced_timesteps`); ``default_spacing`` when not given."""
+    """A sampler visiting ``steps`` times chosen by ``timestep_spacing`` (leading, trailing, linspace, uniform, karras
+    or shifted: :func:`diffexp.samplers.spacing.spaced_timesteps`, with ``rho`` for karras and ``shift`` for
+    shifted). Not given: the path's own spacing if it has one (flow and cosine: trailing; EDM: karras), else the
+    sampler's ``default_spacing``."""
 
     default_spacing = "leading"
 
-    def __init__(self, schedule: NoiseSchedule, steps: int = 50, timestep_spacing: str | None = None, **kwargs):
-        super().__init__(schedule, **kwargs)
+    def __init__(self, path: GaussianPath, steps: int = 50, timestep_spacing: str | None = None, rho: float = 7.0,
+                 shift: float = 3.0, **kwargs):
+        super().__init__(path, **kwargs)
         self.steps = steps
-        self.timestep_spacing = timestep_spacing or self.default_spacing
-        self._timesteps = spaced_timesteps(schedule.num_timesteps, steps, self.timestep_spacing, self.alphas_cumprod)
+        self.timestep_spacing = timestep_spacing or self.path.default_spacing or self.default_spacing
+        self.rho, self.shift = rho, shift
+        self._timesteps = spaced_timesteps(self.path, steps, self.timestep_spacing, rho=rho, shift=shift)
+        self.check_start()
 
     @property
     def timesteps(self) -> torch.Tensor:

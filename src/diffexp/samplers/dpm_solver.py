@@ -1,7 +1,7 @@
 """DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
 Models"): multistep solvers of the probability-flow ODE in data prediction, and the SDE variant.
 
-In lambda_t = log(alpha_t / sigma_t) (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)) the ODE's exact
+In lambda_t = log(alpha_t / sigma_t) (x_t = alpha_t x_0 + sigma_t eps on any Gaussian path) the ODE's exact
 solution from s to t is x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda;
 the solvers approximate x0(lambda) by the last ``order`` predictions (h = lambda_t - lambda_s, D0 = x0 at s):
 
@@ -11,8 +11,8 @@ the solvers approximate x0(lambda) by the last ``order`` predictions (h = lambda
 
 The SDE variant (Lu et al. 2022b, Appendix; ``eta`` as in k-diffusion's ``sample_dpmpp_2m_sde``, eta = 1 is
 diffusers' ``sde-dpmsolver++``) replaces e^-h by e^-(1+eta)h in the x0 terms, scales x_s by e^-eta h and adds
-sigma_t sqrt(1 - e^-2 eta h) z. The first step is first order (no history yet); the step to t = -1 (sigma = 0)
-is always first order, it returns the last x0 prediction; with ``lower_order_final`` runs of fewer than 15
+sigma_t sqrt(1 - e^-2 eta h) z. The first step is first order (no history yet); the step to the clean time
+(sigma = 0) is always first order, it returns the last x0 prediction; with ``lower_order_final`` runs of fewer than 15
 steps also use at most second order on the step before it (diffusers' rule).
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ class DPMSolverPlusPlus(SpacedSampler):
     default_order = 2
     default_eta = 0.0
 
-    def __init__(self, schedule, steps: int = 20, order: int | None = None, eta: float | None = None,
+    def __init__(self, path, steps: int = 20, order: int | None = None, eta: float | None = None,
                  lower_order_final: bool = True, timestep_spacing: str | None = None, **kwargs):
-        super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
+        super().__init__(path, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         self.order = self.default_order if order is None else order
         self.eta = checked_eta(self.default_eta if eta is None else eta)
         if self.order not in (1, 2, 3):
@@ -44,7 +44,7 @@ class DPMSolverPlusPlus(SpacedSampler):
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, _ = denoiser(x_t, t)
         history = state.setdefault("history", [])  # (lambda, x0) of the steps so far, newest last
-        history.append((denoiser.log_snr_half(t), x0))
+        history.append((denoiser.half_log_snr(t), x0))
         del history[:-self.order]
         left = self.steps_left(t)
         order = min(self.order, len(history))
@@ -58,7 +58,7 @@ class DPMSolverPlusPlus(SpacedSampler):
     def update(self, denoiser, x, s, t, history, order, noise=None):
         """x at ``t`` from x at ``s`` and the x0 ``history`` [(lambda, x0), ...] (newest last)."""
         sigma_s, (alpha_t, sigma_t) = denoiser.alpha_sigma(s)[1], denoiser.alpha_sigma(t)
-        lam_s, lam_t = history[-1][0], denoiser.log_snr_half(t)
+        lam_s, lam_t = history[-1][0], denoiser.half_log_snr(t)
         h = lam_t - lam_s
         eta_h = self.eta * h if self.eta > 0 else 0.0
         decay = -math.expm1(-h - eta_h)  # 1 - e^-(1+eta)h

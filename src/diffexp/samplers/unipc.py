@@ -1,5 +1,5 @@
 """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
-Models"), data-prediction form with B(h) = e^h - 1 ("bh2").
+Models"), data-prediction form with B(h) = e^h - 1 ("bh2"), on any Gaussian path.
 
 Each step evaluates the model once at the predicted x_t; before the next prediction that evaluation also
 corrects x_t (UniC), so the corrector costs no extra model call. With lambda = log(alpha / sigma),
@@ -30,9 +30,9 @@ class UniPCSampler(SpacedSampler):
 
     default_spacing = "karras"
 
-    def __init__(self, schedule, steps: int = 20, order: int = 2, lower_order_final: bool = True,
+    def __init__(self, path, steps: int = 20, order: int = 2, lower_order_final: bool = True,
                  corrector: bool = True, timestep_spacing: str | None = None, **kwargs):
-        super().__init__(schedule, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
+        super().__init__(path, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         if order not in (1, 2, 3):
             raise ValueError(f"sampler.order must be 1, 2 or 3, got {order!r}")
         self.order, self.lower_order_final, self.corrector = order, lower_order_final, corrector
@@ -40,7 +40,7 @@ class UniPCSampler(SpacedSampler):
     def step(self, denoiser, x_t, t, t_prev, generator=None, state=None):
         x0, _ = denoiser(x_t, t)
         history = state.setdefault("history", [])  # (lambda, x0) at the points visited, newest last
-        lam = denoiser.log_snr_half(t)
+        lam = denoiser.half_log_snr(t)
         if self.corrector and history:
             corrected = self.unified_update(denoiser, state["x"], state["t"], t, history, state["order"], (lam, x0))
             # where an on_step hook replaced the predicted x (inpainting), its values stay
@@ -50,7 +50,7 @@ class UniPCSampler(SpacedSampler):
         order = min(self.order, len(history))
         if self.lower_order_final:
             order = min(order, self.steps_left(t))
-        if t_prev < 0:
+        if denoiser.is_clean(t_prev):
             order = 1  # to sigma = 0 a higher order extrapolates (h = inf): the step returns the x0 prediction
         predicted = self.unified_update(denoiser, x_t, t, t_prev, history, order)
         state.update(x=x_t, t=t, order=order, predicted=predicted)
@@ -61,7 +61,7 @@ class UniPCSampler(SpacedSampler):
         """UniP (``new`` None) or UniC (``new`` = (lambda_t, x0 at the predicted x_t)) from ``s`` to ``t``."""
         sigma_s, (alpha_t, sigma_t) = denoiser.alpha_sigma(s)[1], denoiser.alpha_sigma(t)
         lam_s0, m0 = history[-1]
-        h = denoiser.log_snr_half(t) - lam_s0
+        h = denoiser.half_log_snr(t) - lam_s0
         hh = -h
         phi = math.expm1(hh)  # h phi_1(h) in the paper's notation
         b_h = math.expm1(hh)  # bh2

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
+from diffexp.registry import register_part
 
 PAD, UNK, EMPTY = "<pad>", "<unk>", "<empty>"
 
@@ -15,6 +16,7 @@ def words(caption: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", caption.lower())
 
 
+@register_part
 class LearnedTextEncoder(TextEncoder):
     """Word embeddings + learned positions + a few transformer encoder layers.
 

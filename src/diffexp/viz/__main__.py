@@ -87,7 +87,7 @@ def cmd_unet(args) -> Path:
 
 
 def load(args):
-    from diffexp.sample import load_model, resolve_device
+    from diffexp.api import load_model, resolve_device
 
     model, _ = load_model(args.ckpt, device=resolve_device(args.device))
     return model
@@ -96,12 +96,12 @@ def load(args):
 def cmd_trajectories(args) -> Path:
     import torch
 
-    from diffexp.samplers import DDIMSampler, DDPMSampler
+    from diffexp.course import sampler
     from diffexp.viz.reverse import trajectories, trajectory_figure
 
     model = load(args)
-    kw = dict(prediction_type=model.prediction_type, progress=False)
-    samplers = {"DDPM-1000": DDPMSampler(model.schedule, **kw), f"DDIM-{args.steps}": DDIMSampler(model.schedule, steps=args.steps, **kw)}
+    ddpm = sampler(model, "ddpm")
+    samplers = {f"DDPM-{len(ddpm.timesteps)}": ddpm, f"DDIM-{args.steps}": sampler(model, "ddim", args.steps)}
     cond = {"captions": [args.prompt]} if args.prompt else model.conditioner.for_sampling(torch.arange(1))
     save_figure(trajectory_figure(trajectories(model, samplers, n=1, seed=args.seed, **cond), args.frames), Path(args.out))
     return Path(args.out)
@@ -117,8 +117,8 @@ def cmd_guidance(args) -> Path:
 
 
 def cmd_interpolate(args) -> Path:
+    from diffexp.course import sampler as make_sampler
     from diffexp.images import save_grid
-    from diffexp.samplers import DDIMSampler
     from diffexp.viz.animation import frames_from_images, save_animation
     from diffexp.viz.interpolation import interpolation_figure, interpolation_frames
 
@@ -142,7 +142,7 @@ def cmd_interpolate(args) -> Path:
     if prompts is not None and len(prompts) == 1:
         prompts = prompts * 2
     model = load(args)
-    sampler = DDIMSampler(model.schedule, steps=args.steps, prediction_type=model.prediction_type, progress=False)
+    sampler = make_sampler(model, "ddim", args.steps)
     moving_prompt = prompts is not None and prompts[0] != prompts[1]
     seed_b = args.seed_b if args.seed_b is not None else (args.seed if moving_prompt else args.seed + 1)
     images = interpolation_frames(model, args.frames, args.seed, seed_b, prompts and tuple(prompts), sampler,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffexp.diffusion import q_sample
+from diffexp.paths import DiscretePath
 from diffexp.schedules import NoiseSchedule, get_schedule
 
 
@@ -23,7 +23,7 @@ def noised(image: torch.Tensor, schedule: str | NoiseSchedule, timesteps, seed: 
     if len(bad):
         raise ValueError(f"timesteps {bad.tolist()} outside [0, {schedule.num_timesteps})")
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed)).expand(len(t), *image.shape)
-    return q_sample(image.float().expand(len(t), *image.shape), t, noise, schedule.alphas_cumprod.float())
+    return DiscretePath(schedule).noised(image.float().expand(len(t), *image.shape), t, noise)
 
 
 def forward_grid_figure(image: torch.Tensor, schedules=("linear", "cosine"), timesteps=(0, 100, 250, 500, 750, 999),

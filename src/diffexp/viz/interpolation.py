@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from diffexp.editing import interpolate
 from diffexp.samplers import fixed_noise
 
 
 def interpolation_frames(model, frames: int = 8, seed: int = 0, seed_b: int | None = None,
                          prompts: tuple[str, str] | None = None, sampler=None, guidance_scale: float | None = None):
-    """(frames, C, H, W) images from :meth:`diffexp.lit.DiffusionModel.interpolate`: endpoint noises are the
+    """(frames, C, H, W) images from :func:`diffexp.editing.interpolate`: endpoint noises are the
     first :func:`~diffexp.samplers.fixed_noise` image of ``seed`` and of ``seed_b`` (default ``seed + 1``; the
     same noise when only the prompt should move, ``seed_b = seed``), ``prompts`` = (a, b) for text models (one
     prompt twice: noise interpolation under that prompt; default: the model's first example caption)."""
@@ -24,8 +25,8 @@ def interpolation_frames(model, frames: int = 8, seed: int = 0, seed_b: int | No
         raise ValueError("--prompt needs a text-conditioned checkpoint (this one is not)")
     else:
         options.update({k: [v[0]] * frames for k, v in model.conditioner.for_sampling(torch.arange(1)).items()})
-    return model.interpolate(frames, x_T.to(model.device), sampler=sampler, progress=False,
-                             guidance_scale=guidance_scale, **options)
+    return interpolate(model, frames, x_T.to(model.device), sampler=sampler, progress=False,
+                       guidance_scale=guidance_scale, **options)
 
 
 def interpolation_figure(images: torch.Tensor, title: str = ""):
