@@ -14,6 +14,8 @@ from PIL import Image
 
 from diffexp.checkpoints import CONFIG_KEY, FORMAT
 from diffexp.conditioning import ClassConditioner, TextConditioner, Unconditional
+from diffexp.objectives import Density, Weighting
+from diffexp.paths import GaussianPath
 from diffexp.samplers import DDIMSampler
 from diffexp.schedules import SCHEDULES, register_schedule
 from tests.conftest import ROOT, SHRINK, compose_config, tiny_hf_folder
@@ -202,6 +204,82 @@ def test_a_new_schedule_and_sampler_need_one_definition_and_one_yaml(tmp_path, m
                                                    f"out={tmp_path / 'samples'}", "progress=false"], tmp_path / "s"))
     assert CountingDDIM.visited == [750, 500, 250, 0] and summary["nfe"] == 4
     assert (tmp_path / "samples" / "grid.png").is_file()
+
+
+class QuadraticFlowPath(GaussianPath):
+    """A path defined only here: alpha = 1 - t^2, sigma = t on [0, 1] (log-SNR 2 log((1 - t^2) / t), decreasing)."""
+
+    default_spacing = "trailing"
+
+    def __init__(self, t_min: float = 0.01, t_max: float = 1.0):
+        super().__init__(t_min, t_max)
+
+    def _alpha_sigma(self, t):
+        return 1 - t**2, t
+
+    def _time_at_log_snr(self, lam):
+        r = torch.exp(lam / 2)  # (1 - t^2) / t = r  ->  t^2 + r t - 1 = 0
+        return (torch.sqrt(r**2 + 4) - r) / 2
+
+    def noise_input(self, t):
+        return 1000 * t
+
+
+class UniformLogSNR(Density):
+    """A density defined only here: lambda ~ U[low, high], mapped through the path."""
+
+    def __init__(self, low: float = -6.0, high: float = 6.0):
+        self.low, self.high = low, high
+
+    def sample(self, n, path, generator, device):
+        lam = self.low + (self.high - self.low) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        return path.time_at_log_snr(lam, clamp=True)
+
+
+class SNRPlusOne(Weighting):
+    """A weighting defined only here: SNR + 1 on the x0 error."""
+
+    def __call__(self, snr, log_snr, scale):
+        return (snr + 1) / scale
+
+
+def test_a_new_path_sampler_and_objective_need_one_definition_and_one_yaml_each(tmp_path, monkeypatch):
+    """A Gaussian path, a sampler, a density and a weighting written outside the package, each registered where it is
+    defined and named by a YAML in the user's own config folder, train a model whose checkpoint sample.py rebuilds
+    (the registries are the checkpoint allow-list)."""
+    from diffexp.objectives import DENSITIES, WEIGHTINGS
+    from diffexp.paths import PATHS
+    from diffexp.samplers import SAMPLERS
+    from diffexp.sample import run as sample_run
+    from diffexp.api import load_model
+    from diffexp.train import run
+
+    for registry, name, part in [(PATHS, "test_quadratic_flow", QuadraticFlowPath), (SAMPLERS, "test_counting", CountingDDIM),
+                                 (DENSITIES, "test_uniform_log_snr", UniformLogSNR), (WEIGHTINGS, "test_snr_plus_one", SNRPlusOne)]:
+        monkeypatch.setitem(registry, name, part)  # registered as a decorator would, removed after the test
+    conf = tmp_path / "my_conf"
+    for group, name, body in [("path", "quadratic_flow", "t_min: 0.02\n"), ("sampler", "counting", "_partial_: true\nsteps: 4\nprogress: false\n"),
+                              ("density", "uniform_log_snr", "low: -5.0\nhigh: 5.0\n"), ("weighting", "snr_plus_one", "")]:
+        cls = {"path": QuadraticFlowPath, "sampler": CountingDDIM, "density": UniformLogSNR, "weighting": SNRPlusOne}[group]
+        (conf / group).mkdir(parents=True, exist_ok=True)
+        (conf / group / f"{name}.yaml").write_text(f"_target_: {__name__}.{cls.__name__}\n{body}")
+    searchpath = f"hydra.searchpath=[file://{conf}]"
+    overrides = [searchpath, "path=quadratic_flow", "density=uniform_log_snr", "weighting=snr_plus_one",
+                 "model.prediction_type=velocity", "model.min_snr_gamma=null", "trainer.max_steps=2"]
+    run(compose_config("train", SHRINK + overrides, tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    model, _ = load_model(ckpt)
+    assert isinstance(model.path, QuadraticFlowPath) and model.path.t_min == 0.02
+    assert isinstance(model.objective.density, UniformLogSNR) and isinstance(model.objective.weighting, SNRPlusOne)
+    CountingDDIM.visited.clear()
+    summary = sample_run(compose_config("sample", [searchpath, f"ckpt={ckpt}", "sampler=counting", "n=3",
+                                                   f"out={tmp_path / 'samples'}", "progress=false"], tmp_path / "s"))
+    assert CountingDDIM.visited == [1.0, 0.75, 0.5, 0.25] and summary["nfe"] == 4  # the path's trailing spacing
+    monkeypatch.delitem(PATHS, "test_quadratic_flow")
+    from diffexp.checkpoints import UnsafeCheckpointError
+
+    with pytest.raises(UnsafeCheckpointError, match="QuadraticFlowPath"):  # unregistered: refused, never built
+        load_model(ckpt)
 
 
 # --- class conditioning end to end ---------------------------------------------------------------------------

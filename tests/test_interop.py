@@ -136,6 +136,38 @@ def test_export_refuses_models_without_a_pipeline(tmp_path):
     odd = UNet(image_size=16, in_channels=1, base_channels=24, channel_mult=(1, 2), attention_resolutions=())
     with pytest.raises(InteropError, match="multiple of 32"):
         diffusers_unet_config(odd)
+    for overrides, message in [(["formulation=edm"], "EDM's preconditioning scales the net's input"),
+                               (["formulation=vp"], "no diffusers scheduler that reproduces it"),
+                               (["formulation=flow", "model.prediction_type=epsilon", "path.t_max=0.99"],
+                                "steps on a velocity"),
+                               (["model.prediction_type=velocity"], "DDPMScheduler takes epsilon, sample or v")]:
+        model = build_model(compose_config("train", overrides, tmp_path / "f"))
+        with pytest.raises(InteropError, match=message):
+            export_pipeline(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_flow_model_exports_with_flow_match_euler_and_samples_as_diffexp(tmp_path):
+    """A flow-matching model exports as UNet2DModel + FlowMatchEulerDiscreteScheduler; DDPMPipeline's loop (the
+    UNet at the scheduler's 1000 t, Euler on its velocity) from the same noise gives diffexp's Euler samples with
+    uniform spacing (linspace(1, 1/1000): the scheduler's sigmas)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffexp.course import sampler
+
+    model = build_model(compose_config("train", ["formulation=flow"], tmp_path / "f")).eval()
+    randomise(model.net)
+    out = tmp_path / "flow"
+    assert export_pipeline(model, out) < 1e-5
+    pipe = DDPMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=12,
+                  output_type="np").images
+    x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    ours = model.sample(2, sampler(model, "euler", steps=12, timestep_spacing="uniform"), x_T=x_T)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(theirs - ours).max() < 1e-4
 
 
 def test_export_cli_and_pipelines_match_diffexp(tiny_checkpoint, tmp_path):

@@ -364,9 +364,12 @@ def _resume_matches(tmp_path, overrides, resume_from: str, compare: list[str]):
 
 
 @pytest.mark.slow
-def test_ddp_resume_in_mid_epoch_is_exact(tmp_path):
-    """2 CPU processes, 32 images in batches of 8: 2 steps per epoch and rank, so step 3 is mid-epoch."""
-    _resume_matches(tmp_path, ["trainer=ddp_cpu", "data=shapes", "data.num_train=32", "data.num_val=8",
+@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
+def test_ddp_resume_in_mid_epoch_is_exact(tmp_path, formulation):
+    """2 CPU processes, 32 images in batches of 8: 2 steps per epoch and rank, so step 3 is mid-epoch; on DDPM's
+    discrete path and on EDM's continuous one (times and noise per rank)."""
+    _resume_matches(tmp_path, [f"formulation={formulation}", "trainer=ddp_cpu", "data=shapes", "data.num_train=32",
+                               "data.num_val=8",
                                "unet.channel_mult=[1,2]", "trainer.max_steps=8",
                                "callbacks.model_checkpoint.every_n_train_steps=3"],
                     "step0000003.ckpt", ["step0000006.ckpt", "last.ckpt"])

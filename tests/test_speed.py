@@ -210,12 +210,13 @@ def test_sample_py_bf16_on_cpu(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_resumes_exactly_and_samples(tmp_path):
-    """model.compile=true with the inductor backend on the CPU: checkpoints hold the plain keys, a run resumed
-    from its step-2 checkpoint ends where the uninterrupted compiled run ends, sample.py compile=true matches."""
+    """model.compile=true with the inductor backend on the CPU, on the flow formulation (float noise inputs):
+    checkpoints hold the plain keys, a run resumed from its step-2 checkpoint ends where the uninterrupted compiled
+    run ends, sample.py compile=true matches."""
     common = ["trainer.max_steps=4", "eval_every=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
               "trainer.enable_progress_bar=false", "data.batch_size=8", "callbacks.sample_grid.n=4",
               "callbacks.denoising_grid.num_images=2", "sampler.steps=3", "unet.base_channels=16",
-              "model.compile=true", "paths.latest_link=null", "trainer.enable_model_summary=false"]
+              "model.compile=true", "paths.latest_link=null", "trainer.enable_model_summary=false", "formulation=flow"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_script("train.py", *common, f"hydra.run.dir={full}", cwd=tmp_path, check=True, timeout=1500)
     ckpt = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)

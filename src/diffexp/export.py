@@ -10,7 +10,8 @@ Then, in any diffusers environment:
     images = DDIMPipeline.from_pretrained("exported/digits")(batch_size=16, num_inference_steps=50).images
 
 The folder holds ``unet/`` (``UNet2DModel`` config + safetensors; EMA weights unless ``ema=false``),
-``scheduler/`` (the training schedule's betas exactly and the prediction type) and ``model_index.json``
+``scheduler/`` (a DDPM path's betas exactly and the prediction type; a flow model's FlowMatchEulerDiscreteScheduler)
+and ``model_index.json``
 (``DDPMPipeline``). After writing, the export is loaded back with diffusers and compared with diffexp's network
 on a random batch; the maximum difference is printed and stored in ``out/diffexp_export.json``.
 """
@@ -108,11 +109,14 @@ def main(argv: list[str] | None = None) -> Path:
     except OSError as e:
         sys.exit(f"error: out={args['out']!r} cannot be written ({e.strerror or e}); nothing was exported")
     record = {"ckpt": str(args["ckpt"]), "weights": kind, "max_abs_diff_vs_diffexp": diff,
-              "prediction_type": model.prediction_type, "num_train_timesteps": model.schedule.num_timesteps}
+              "prediction_type": model.prediction_type, "path": repr(model.path),
+              "num_train_timesteps": model.path.num_timesteps}
     (out / "diffexp_export.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[diffexp] exported {args['ckpt']} ({kind} weights) to {out}: UNet2DModel + DDPMScheduler "
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    print(f"[diffexp] exported {args['ckpt']} ({kind} weights) to {out}: UNet2DModel + {scheduler} "
           f"({model.prediction_type}); max |diffusers - diffexp| on a random batch = {diff:.2e}")
-    print(f"  from diffusers import DDIMPipeline; DDIMPipeline.from_pretrained({str(out)!r})(batch_size=16)")
+    pipeline = "DDIMPipeline" if scheduler == "DDPMScheduler" else "DDPMPipeline"
+    print(f"  from diffusers import {pipeline}; {pipeline}.from_pretrained({str(out)!r})(batch_size=16)")
     return out
 
 

@@ -2,8 +2,10 @@
 
 ``python -m diffexp.export ckpt=PATH out=DIR`` writes a folder ``DDPMPipeline.from_pretrained(DIR)`` and
 ``DDIMPipeline.from_pretrained(DIR)`` load: ``unet/`` (``UNet2DModel`` config + safetensors weights, EMA by
-default) and ``scheduler/`` (the training schedule's betas exactly, as ``trained_betas``, and the prediction
-type). ``unet.init_from=DIR_OR_HUB_ID`` is the inverse: a ``UNet2DModel``'s weights in the matching diffexp U-Net,
+default) and ``scheduler/``: for a DDPM path the training schedule's betas exactly, as ``trained_betas``, and the
+prediction type (``DDPMScheduler``); for a flow-matching model a ``FlowMatchEulerDiscreteScheduler``. Paths and
+predictions a ``DDPMPipeline`` cannot run (EDM's preconditioning, the continuous cosine path) are refused with the
+reason. ``unet.init_from=DIR_OR_HUB_ID`` is the inverse: a ``UNet2DModel``'s weights in the matching diffexp U-Net,
 its conventions (time-embedding order and frequency shift, downsampling padding) taken from its config.
 
 The map is one-to-one because both networks are the DDPM U-Net (Ho et al. 2020): the same residual blocks
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from diffexp.diffusion import check_prediction_type
+from diffexp.paths import DiscretePath, FlowPath
 from diffexp.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample
 from diffexp.nets.unet import UNet
 
@@ -343,14 +346,46 @@ def diffusers_scheduler_config(schedule, prediction_type: str) -> dict:
 
 
 EXPORT_TOLERANCE = 1e-4  # max |UNet2DModel - diffexp| on a random batch an export must meet
+FLOW_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's num_train_timesteps: the net's input is this x t
+
+
+def diffusers_scheduler(model):
+    """The diffusers scheduler that samples ``model`` in a ``DDPMPipeline`` (which calls ``unet(x, t)`` at the
+    scheduler's timesteps and steps on its output, with no input scaling): ``DDPMScheduler`` with the exact betas
+    for a DDPM path (epsilon, sample, v), ``FlowMatchEulerDiscreteScheduler`` for the flow path with the velocity
+    target and the net input 1000 t; anything else is an :class:`InteropError` saying why."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    path, prediction = model.path, model.prediction_type
+    if isinstance(path, DiscretePath):
+        if prediction not in ("epsilon", "sample", "v_prediction"):
+            raise InteropError(f"model.prediction_type={prediction}: diffusers' DDPMScheduler takes epsilon, sample or "
+                               f"v_prediction outputs; a {prediction} model on a DDPM path has no DDPMPipeline form")
+        return DDPMScheduler(**diffusers_scheduler_config(path.schedule, prediction))
+    if isinstance(path, FlowPath):
+        if prediction != "velocity":
+            raise InteropError(f"a flow-path model exports with diffusers' FlowMatchEulerDiscreteScheduler, which "
+                               f"steps on a velocity; this model predicts {prediction} (train with "
+                               f"model.prediction_type=velocity, as formulation=flow does)")
+        if path.noise_input_scale != FLOW_TIMESTEPS:
+            raise InteropError(f"path.noise_input_scale={path.noise_input_scale:g}: FlowMatchEulerDiscreteScheduler "
+                               f"gives the net {FLOW_TIMESTEPS} t; export needs the default scale")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_TIMESTEPS, shift=1.0)
+    if prediction == "edm":
+        raise InteropError("EDM's preconditioning scales the net's input by c_in(sigma) before every call; "
+                           "DDPMPipeline calls the UNet2DModel on x itself (diffusers' EDMEulerScheduler needs a "
+                           "pipeline that calls scale_model_input), so an EDM model has no DDPMPipeline form")
+    raise InteropError(f"path {path!r}: DDPMPipeline runs DDPM's discrete schedules and flow matching; this path has "
+                       f"no diffusers scheduler that reproduces it exactly")
 
 
 def export_pipeline(model, out: str | Path, overwrite: bool = False) -> float:
     """Write ``model`` (a pixel-space, unconditional :class:`~diffexp.lit.DiffusionModel`; LoRA adapters merged) as
-    a diffusers ``DDPMPipeline`` folder: ``unet/`` (safetensors), ``scheduler/``, ``model_index.json``. The folder is
+    a diffusers ``DDPMPipeline`` folder: ``unet/`` (safetensors), ``scheduler/`` (:func:`diffusers_scheduler`),
+    ``model_index.json``. The folder is
     written beside ``out``, loaded back and compared with ``model.net`` (:func:`export_difference`), then moved into
     place (replacing ``out`` only with ``overwrite``); returns that difference."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, UNet2DModel
 
     from diffexp.spaces import LatentSpace
 
@@ -358,10 +393,10 @@ def export_pipeline(model, out: str | Path, overwrite: bool = False) -> float:
         raise InteropError("this is a latent diffusion model: its U-Net runs on an autoencoder's latents, and a "
                            "diffusers pipeline of a UNet2DModel runs on pixels; export supports pixel models "
                            "(model=pixel)")
+    scheduler = diffusers_scheduler(model)
     config = diffusers_unet_config(model.net)
     unet = UNet2DModel(**config)
     unet.load_state_dict(to_diffusers_state(model.net), strict=True)
-    scheduler = DDPMScheduler(**diffusers_scheduler_config(model.schedule, model.prediction_type))
     out = Path(out).resolve()
     if out == Path.cwd() or out in Path.cwd().parents:
         raise ValueError(f"out={str(out)!r} is the current folder or one above it; export into a new folder")
@@ -384,13 +419,17 @@ def export_pipeline(model, out: str | Path, overwrite: bool = False) -> float:
 
 
 def export_difference(model, folder: str | Path, seed: int = 0) -> float:
-    """max |UNet2DModel(folder) - diffexp's net| on a random batch of 4 at random timesteps."""
+    """max |UNet2DModel(folder) - diffexp's net| on a random batch of 4 at the net inputs of random times."""
     from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
     net = model.net.eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, net.in_channels, net.image_size, net.image_size, generator=g)
-    t = torch.randint(0, model.schedule.num_timesteps, (4,), generator=g)
+    path = model.path
+    if path.num_timesteps is not None:
+        t = path.noise_input(torch.randint(0, path.num_timesteps, (4,), generator=g))
+    else:
+        t = path.noise_input(path.t_min + (path.t_max - path.t_min) * torch.rand(4, generator=g, dtype=torch.float64)).float()
     with torch.no_grad():
         return float((unet(x, t).sample - net(x, t)).abs().max())

@@ -1,0 +1,80 @@
+"""Nothing the continuous-time core replaced changed what existing models do: every shipped course model and
+format-1 checkpoint samples the very uint8 images the discrete-time code sampled (DDIM-50, DPM-Solver++(2M)-20, DDPM
+over all 1,000 steps; the other samplers, SDEdit and inpainting with RePaint on the digits model), and training
+gives the very losses and weights it gave (`tests/data/compat/`, written by its scripts at the commit in their
+manifests, before the change)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, SHRINK, compose_config
+
+COMPAT = ROOT / "tests" / "data" / "compat"
+MANIFEST = json.loads((COMPAT / "manifest.json").read_text())
+TRAINING = json.loads((COMPAT / "training.json").read_text())
+
+
+def reference_case(name: str):
+    return pytest.param(name, marks=[pytest.mark.slow] if "ddpm" in name.split("_")[-1] else [], id=name)
+
+
+@pytest.fixture(scope="module")
+def format1_latent(tmp_path_factory) -> Path:
+    """The format-1 latent checkpoint, its VAE path pointed at the fixture beside it (format 1 did not carry it)."""
+    tmp = tmp_path_factory.mktemp("format1_latent")
+    checkpoint = torch.load(ROOT / "tests" / "data" / "format1" / "latent.ckpt", map_location="cpu", weights_only=False)
+    shutil.copy(ROOT / "tests" / "data" / "format1" / "vae.ckpt", tmp / "vae.ckpt")
+    checkpoint["diffexp_config"]["vae"]["ckpt"] = str(tmp / "vae.ckpt")
+    torch.save(checkpoint, tmp / "latent.ckpt")
+    return tmp / "latent.ckpt"
+
+
+@pytest.mark.parametrize("name", [reference_case(n) for n in MANIFEST["files"]])
+def test_existing_models_sample_the_same_images(name, format1_latent, tmp_path):
+    from diffexp.sample import run
+
+    entry = MANIFEST["files"][name]
+    ckpt = format1_latent if name.startswith("format1_latent") else ROOT / entry["ckpt"]
+    args = [a.replace("tests/data/compat", str(COMPAT)) for a in entry["args"]]
+    out = tmp_path / "out"
+    run(compose_config("sample", [f"ckpt={ckpt}", *args, "progress=false", f"out={out}"], tmp_path / "s"))
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["images"], np.load(COMPAT / name)["images"])
+
+
+@pytest.mark.parametrize("name", TRAINING["runs"])
+def test_ddpm_training_is_unchanged(name, tmp_path):
+    """formulation=ddpm (the default) trains as the discrete-time code did: the same per-step losses (as floats)
+    and the same weights (their DDIM-5 samples)."""
+    from diffexp.sample import run as sample_run
+    from diffexp.train import run
+
+    entry = TRAINING["runs"][name]
+    assert TRAINING["shrink"] == SHRINK, "the references were made with the suite's SHRINK list of that commit"
+    run(compose_config("train", SHRINK + entry["overrides"], tmp_path / "run"))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == entry["train/loss"]
+    assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == entry["val/loss"]
+    out = tmp_path / "samples"
+    sample_run(compose_config("sample", [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "n=4", "seed=0",
+                                         "device=cpu", "progress=false", "sampler=ddim", "sampler.steps=5",
+                                         f"out={out}"], tmp_path / "s"))
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["images"],
+                                  np.load(COMPAT / "training_samples.npz")[name])
+
+
+def test_format2_configs_are_upgraded_to_paths():
+    """A format-2 run config (a discrete ``schedule`` on the model) loads as format 3 (its ``path``)."""
+    from diffexp.checkpoints import FORMAT, read_checkpoint
+
+    checkpoint = read_checkpoint(ROOT / "src" / "diffexp" / "pretrained" / "digits" / "model.safetensors")
+    model_cfg = checkpoint["diffexp_config"]["model"]
+    assert checkpoint["diffexp_format"] == FORMAT == 3 and "schedule" not in model_cfg
+    assert model_cfg["path"]["_target_"] == "diffexp.paths.DiscretePath"
+    assert model_cfg["path"]["schedule"]["name"] == "linear"
