@@ -20,7 +20,7 @@
 # $$x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,\qquad \varepsilon\sim\mathcal N(0, I),
 # \qquad \bar\alpha_t = \prod_{s\le t}(1-\beta_s).$$
 #
-# This is `diffexp.diffusion.q_sample`, the same function training uses. Here we watch it on a
+# This is `diffexp.paths.DiscretePath.noised`, the forward process training uses. Here we watch it on a
 # real image (a handwritten digit from scikit-learn's bundled set).
 #
 # Set `DIFFEXP_NOTEBOOK_MODE=ci` for the quick settings CI uses.

@@ -57,10 +57,10 @@ results = {}
 for name in ["linear", "quadratic", "cosine"]:
     run_dir = RUNS / f"schedule_{name}"
     shipped = "digits" if name == "linear" else f"digits_{name}"
-    ckpt = pretrained_or_train(shipped, ["experiment=quickstart", f"schedule={name}"], run_dir, steps=steps)
+    ckpt = pretrained_or_train(shipped, ["experiment=quickstart", "formulation=ddpm", f"schedule={name}"], run_dir, steps=steps)
     model, cfg = load(ckpt)
     n = 64 if FAST else 256
-    images = draw_samples(model, n, DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type,
+    images = draw_samples(model, n, DDIMSampler(model.path, steps=20, prediction_type=model.prediction_type,
                                                 progress=False), seed=0, batch_size=256, progress=False)
     scores = evaluate(["fid_digits", "digits_classifier"], images, data_of(cfg))
     curves = read_metrics(ckpt.parent if ckpt.suffix == ".safetensors" else run_dir)  # shipped: beside the weights

@@ -31,9 +31,9 @@ from torch.nn import functional as F
 
 from diffexp.course import notebook_settings
 from diffexp.data import DigitsDataModule
-from diffexp.diffusion import q_sample
 from diffexp.lit import DiffusionModel
 from diffexp.nets import UNet
+from diffexp.paths import DiscretePath
 from diffexp.schedules import get_schedule
 
 FAST, _, FIGURES = notebook_settings()
@@ -41,6 +41,7 @@ torch.manual_seed(0)
 data = DigitsDataModule(image_size=16, batch_size=64)
 data.setup("fit")
 schedule = get_schedule("linear", 1000)
+path = DiscretePath(schedule)      # the forward process of this schedule (diffexp/paths.py)
 alphas_cumprod = schedule.alphas_cumprod.float()
 net = UNet(image_size=16, in_channels=1, base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
            attention_resolutions=[], attention_levels=[-1], num_heads=1, dropout=0.0)
@@ -54,18 +55,18 @@ batch = next(iter(data.train_dataloader()))
 x0 = batch["image"]                                           # 1. clean images in [-1, 1]
 t = torch.randint(0, schedule.num_timesteps, (len(x0),))      # 2. random timesteps
 eps = torch.randn_like(x0)                                    #    and noise
-x_t = q_sample(x0, t, eps, alphas_cumprod)                    # 3. the forward jump
+x_t = path.noised(x0, t, eps)                                 # 3. the forward jump
 eps_hat = net(x_t, t)                                         # 4. the prediction
 loss = F.mse_loss(eps_hat, eps)                               # 5. the objective
 print("x0", tuple(x0.shape), "t[:8]", t[:8].tolist(), "loss", round(loss.item(), 4))
 
 # %% [markdown]
-# `q_sample` is nothing more than the formula:
+# `path.noised` is nothing more than the formula:
 
 # %%
 abar = alphas_cumprod[t].view(-1, 1, 1, 1)
 manual = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-print("max |q_sample - formula| =", (x_t - manual).abs().max().item())
+print("max |path.noised - formula| =", (x_t - manual).abs().max().item())
 
 # %% [markdown]
 # ## A short training loop
@@ -84,7 +85,7 @@ for step in range(steps):
     x0 = batch["image"]
     t = torch.randint(0, schedule.num_timesteps, (len(x0),))
     eps = torch.randn_like(x0)
-    loss = F.mse_loss(net(q_sample(x0, t, eps, alphas_cumprod), t), eps)
+    loss = F.mse_loss(net(path.noised(x0, t, eps), t), eps)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -97,8 +98,9 @@ plt.show()
 
 # %% [markdown]
 # ## The same thing in the LightningModule
-# `DiffusionModel.loss` draws t and noise the same way and computes the same MSE (plus optional
-# min-SNR weighting and other prediction targets). With the same random state the numbers agree:
+# `DiffusionModel.loss` runs its objective (`diffexp/objectives.py`: a time density, a weighting and the prediction's
+# target), which for DDPM draws t and noise the same way and computes the same MSE (other formulations swap the
+# path, the target, the density or the weighting). With the same random state the numbers agree:
 
 # %%
 module = DiffusionModel(net, schedule, prediction_type="epsilon")
@@ -109,7 +111,7 @@ torch.manual_seed(123)
 x0 = batch["image"]
 t = torch.randint(0, schedule.num_timesteps, (len(x0),))
 eps = torch.randn_like(x0)
-by_hand = F.mse_loss(net(q_sample(x0, t, eps, alphas_cumprod), t), eps).item()
+by_hand = F.mse_loss(net(path.noised(x0, t, eps), t), eps).item()
 print(f"module {by_module:.6f}  by hand {by_hand:.6f}")
 assert abs(by_module - by_hand) < 1e-6
 

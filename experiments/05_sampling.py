@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from diffexp.course import data_of, load, notebook_settings, pretrained_or_train, sampler as make_sampler
-from diffexp.diffusion import prediction_to_x0_eps
+from diffexp.diffusion import to_x0_eps
 from diffexp.metrics.evaluate import evaluate
 from diffexp.api import draw_samples
 from diffexp.samplers import DDIMSampler, DDPMSampler
@@ -37,7 +37,7 @@ from diffexp.viz.reverse import quality_vs_steps_figure, trajectories, trajector
 
 FAST, RUNS, FIGURES = notebook_settings()
 steps = 30 if FAST else 600
-ckpt = pretrained_or_train("digits", ["experiment=quickstart"], RUNS / "digits", steps=steps)
+ckpt = pretrained_or_train("digits", ["experiment=quickstart", "formulation=ddpm"], RUNS / "digits", steps=steps)
 model, cfg = load(ckpt)
 kw = dict(prediction_type=model.prediction_type, progress=False)
 
@@ -49,8 +49,8 @@ kw = dict(prediction_type=model.prediction_type, progress=False)
 
 # %%
 ddpm_steps = 20 if FAST else 1000
-samplers = {f"DDPM-{ddpm_steps}": DDPMSampler(model.schedule, steps=ddpm_steps, **kw),
-            "DDIM-50": DDIMSampler(model.schedule, steps=50, **kw)}
+samplers = {f"DDPM-{ddpm_steps}": DDPMSampler(model.path, steps=ddpm_steps, **kw),
+            "DDIM-50": DDIMSampler(model.path, steps=50, **kw)}
 trajs = trajectories(model, samplers, n=2, seed=1)
 fig = trajectory_figure(trajs, frames=8)
 fig.savefig(FIGURES / "05_ddpm_vs_ddim.png", dpi=70, bbox_inches="tight")
@@ -79,7 +79,8 @@ samples = abar[t].sqrt().view(1, -1, 1, 1) * x0 + (1 - abar[t]).sqrt().view(1, -
 slope = (eps * samples).mean(0) / (samples**2).mean(0)
 print("slope E[eps|x_t]/x_t, Monte Carlo:", slope.flatten().tolist())
 print("sqrt(1 - abar_t), from the score:  ", (1 - abar[t]).sqrt().tolist())
-x0_hat, eps_hat = prediction_to_x0_eps(eps_from_score, x_t, t, abar, "epsilon")
+alpha, sigma = model.path.coefficients(t, x_t)    # sqrt(abar_t), sqrt(1 - abar_t) on this DDPM path
+x0_hat, eps_hat = to_x0_eps(eps_from_score, x_t, alpha, sigma, "epsilon")
 print("x0_hat = E[x0|x_t] = sqrt(abar) x_t:", torch.allclose(x0_hat, abar[t].sqrt().view(-1, 1, 1, 1) * x_t, atol=1e-5))
 
 # %% [markdown]
@@ -97,11 +98,11 @@ print("x0_hat = E[x0|x_t] = sqrt(abar) x_t:", torch.allclose(x0_hat, abar[t].sqr
 # %%
 x_T = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
 euler = make_sampler(model, "euler", steps=10, timestep_spacing="leading")
-ddim10 = DDIMSampler(model.schedule, steps=10, **kw)
+ddim10 = DDIMSampler(model.path, steps=10, **kw)
 print("Euler on the ODE == DDIM:", torch.allclose(model.sample(2, sampler=euler, x_T=x_T),
                                                     model.sample(2, sampler=ddim10, x_T=x_T), atol=1e-5))
 ode = {"DDIM-10": ddim10, "DPM-Solver++(2M)-10": make_sampler(model, "dpmpp_2m", steps=10),
-       f"DDPM-{ddpm_steps}": DDPMSampler(model.schedule, steps=ddpm_steps, **kw)}
+       f"DDPM-{ddpm_steps}": DDPMSampler(model.path, steps=ddpm_steps, **kw)}
 trajs = trajectories(model, ode, n=2, seed=1)
 fig = trajectory_figure(trajs, frames=6)
 fig.savefig(FIGURES / "05_ddim_dpm_ddpm.png", dpi=70, bbox_inches="tight")

@@ -40,7 +40,7 @@ steps = 20 if FAST else 300
 ckpt = pretrained_or_train("shapes_text", ["experiment=shapes_text2img"] + (["data.num_train=512"] if FAST else []),
                            RUNS / "shapes_text", steps=steps)
 model, cfg = load(ckpt)
-sampler = DDIMSampler(model.schedule, steps=10 if FAST else 20, prediction_type=model.prediction_type, progress=False)
+sampler = DDIMSampler(model.path, steps=10 if FAST else 20, prediction_type=model.prediction_type, progress=False)
 print("text encoder:", type(model.conditioner.encoder).__name__, "width", model.conditioner.encoder.dim)
 
 # %% [markdown]

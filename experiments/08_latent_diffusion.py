@@ -92,7 +92,7 @@ ldm_ckpt = pretrained_or_train("shapes_latent", ["experiment=shapes_latent", f"v
                                RUNS / "latent", steps=ldm_steps)
 model, cfg = load(ldm_ckpt)
 print("U-Net input", model.sample_shape, "stored scale", round(model.space.latent_scale.item(), 4))
-sampler = DDIMSampler(model.schedule, steps=20, prediction_type=model.prediction_type, progress=False)
+sampler = DDIMSampler(model.path, steps=20, prediction_type=model.prediction_type, progress=False)
 traj = model.sample(8, sampler=sampler, generator=torch.Generator().manual_seed(0), return_trajectory=True,
                     progress=False)
 plt.figure(figsize=(10, 1.6))

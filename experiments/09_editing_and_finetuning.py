@@ -32,6 +32,7 @@ import torch
 
 from diffexp.course import load, notebook_settings, pretrained_or_train, sampler as make_sampler, train
 from diffexp.data.shapes import render
+from diffexp.editing import edit, inpaint
 from diffexp.finetune import load_adapter
 from diffexp.metrics.adherence import caption_adherence
 from diffexp.viz.images import show_image
@@ -47,7 +48,7 @@ guidance = 3.0
 
 # %% [markdown]
 # ## SDEdit: how much of the input survives
-# `model.edit(images, strength)` noises the input to the sampler's timestep at `strength` by
+# `edit(model, images, strength)` (`diffexp/editing.py`) noises the input to the sampler's timestep at `strength` by
 # $q(x_t \mid x_0) = \mathcal N(\sqrt{\bar\alpha_t}\,x_0, (1-\bar\alpha_t) I)$ and runs the remaining steps.
 # At strength 0 nothing happens; at 1 only $\sqrt{\bar\alpha_{t_0}}$ of the image is left (it is sampling).
 # The input below is a crude painting — a blocky red patch with pixel noise — and the prompt asks for a circle.
@@ -75,7 +76,7 @@ def roughness(images):
 real_roughness = roughness(torch.stack([render(c, s, "center", "large") for c in ("red", "blue", "green")
                                         for s in ("circle", "square", "triangle", "diamond")]))
 for strength in strengths:
-    out = model.edit(painting.expand(n_edits, -1, -1, -1), strength, ddim, generator=torch.Generator().manual_seed(1),
+    out = edit(model, painting.expand(n_edits, -1, -1, -1), strength, ddim, generator=torch.Generator().manual_seed(1),
                      captions=[prompt] * n_edits, guidance_scale=guidance)
     edits[strength] = out
     faithful.append(float((out - painting).pow(2).mean()))
@@ -103,7 +104,7 @@ for strength, mse, r in zip(strengths, faithful, rough):
 
 # %% [markdown]
 # ## Inpainting: regenerate a region, keep the rest
-# `model.inpaint(images, mask)` runs the reverse process and after every step replaces the known region
+# `inpaint(model, images, mask)` runs the reverse process and after every step replaces the known region
 # (mask 0) by the input noised to that step's time, so the generated region must fit around it. At the end the
 # known pixels are the input's exactly. RePaint's *resampling* (`jump_length`, `jump_n_sample`) goes back a few
 # steps and denoises again, several times, which harmonises the boundary at the cost of more model calls.
@@ -117,9 +118,9 @@ mask[..., :14, :14] = 1  # white = regenerate
 request = "a large green diamond in the top left"
 n_fill = 2 if FAST else 4
 options = dict(captions=[request] * n_fill, guidance_scale=guidance)
-plain = model.inpaint(scene.expand(n_fill, -1, -1, -1), mask, ddim, generator=torch.Generator().manual_seed(2),
+plain = inpaint(model, scene.expand(n_fill, -1, -1, -1), mask, ddim, generator=torch.Generator().manual_seed(2),
                       **options)
-resampled = model.inpaint(scene.expand(n_fill, -1, -1, -1), mask, ddim, generator=torch.Generator().manual_seed(2),
+resampled = inpaint(model, scene.expand(n_fill, -1, -1, -1), mask, ddim, generator=torch.Generator().manual_seed(2),
                           jump_length=2, jump_n_sample=3, **options)
 known = (mask == 0).expand(n_fill, 3, -1, -1)
 print("known pixels kept exactly:", bool((plain[known] == scene.expand(n_fill, -1, -1, -1)[known]).all()),

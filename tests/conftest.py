@@ -140,12 +140,22 @@ def train_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of a few quickstart training steps (trained once per test session)."""
+    """A checkpoint of a few quickstart training steps (rectified flow; trained once per test session)."""
     from diffexp.train import run
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_config("train", SHRINK, out)
     run(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a few steps of the DDPM quickstart (formulation=ddpm; trained once per test session)."""
+    from diffexp.train import run
+
+    out = tmp_path_factory.mktemp("tiny_ddpm_run")
+    run(compose_config("train", SHRINK + ["formulation=ddpm"], out))
     return out / "checkpoints" / "last.ckpt"
 
 

@@ -45,9 +45,10 @@ def test_rank_split_and_merge_restore_sample_order(world, k):
 def test_log_images_grids(tiny_checkpoint):
     """The module draws its own images: forward rows (x_t, x0_hat), reverse rows, samples; callbacks only send them."""
     from diffexp.api import load_model
+    from diffexp.course import sampler as course_sampler
 
     model, _ = load_model(tiny_checkpoint)
-    sampler = DDIMSampler(model.schedule, steps=5, progress=False)
+    sampler = course_sampler(model, "ddim", steps=5)
     images = torch.rand(2, 1, 16, 16) * 2 - 1
     grids = model.log_images({"image": images}, samples=3, timesteps=(0, 500, 999), trajectories=1, frames=4,
                              sampler=sampler, seed=0, options_for_other_modules=True)

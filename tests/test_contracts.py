@@ -160,7 +160,7 @@ def test_image_folder_with_captions_trains_with_every_text_encoder(tmp_path, enc
     if encoder == "learned":  # the tokenizer learned the caption words, never the file names
         vocab = set(model.conditioner.encoder.vocab)
         assert {"red", "circle", "square", "diamond"} <= vocab and not vocab & {"img", "png", "part0", "000"}
-    images = model.sample(2, captions=CAPTIONS[:2], progress=False, sampler=DDIMSampler(model.schedule, steps=2))
+    images = model.sample(2, captions=CAPTIONS[:2], progress=False, sampler=DDIMSampler(model.path, steps=2, prediction_type=model.prediction.sampler_type))
     assert images.shape == (2, 3, 16, 16)
 
 
@@ -194,7 +194,8 @@ def test_a_new_schedule_and_sampler_need_one_definition_and_one_yaml(tmp_path, m
     (conf / "sampler" / "counting.yaml").write_text(f"_target_: {__name__}.CountingDDIM\n_partial_: true\nsteps: 4\n"
                                                     f"progress: false\n")
     searchpath = f"hydra.searchpath=[file://{conf}]"
-    cfg = compose_config("train", SHRINK + [searchpath, "schedule=constant", "trainer.max_steps=2"], tmp_path / "run")
+    cfg = compose_config("train", SHRINK + [searchpath, "formulation=ddpm", "schedule=constant", "trainer.max_steps=2"],
+                         tmp_path / "run")
     run(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)[CONFIG_KEY]
@@ -296,7 +297,7 @@ def test_class_conditional_training_and_sampling(tmp_path):
     assert saved["conditioning"]["num_classes"] == 10 == saved["unet"]["num_classes"]  # from the data, written on purpose
     model, _ = load_model(ckpt)
     noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    sampler = DDIMSampler(model.schedule, steps=3, progress=False)
+    sampler = DDIMSampler(model.path, steps=3, prediction_type=model.prediction.sampler_type, progress=False)
     labels = torch.tensor([0, 1, 2, 3])
     guided = model.sample(4, sampler=sampler, x_T=noise, class_labels=labels, guidance_scale=3.0)
     plain = model.sample(4, sampler=sampler, x_T=noise, class_labels=labels, guidance_scale=1.0)

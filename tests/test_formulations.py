@@ -16,7 +16,7 @@ FORMULATIONS = ["ddpm", "edm", "flow", "vp"]
 EXPECTED = {  # path, prediction, density, weighting, default sampler
     "ddpm": ("DiscretePath", "epsilon", "UniformTimesteps", "MinSNR", "DDIMSampler"),
     "edm": ("EDMPath", "edm", "LogNormal", "EDMWeighting", "EDMSampler"),
-    "flow": ("FlowPath", "velocity", "LogitNormal", None, "EulerSampler"),
+    "flow": ("FlowPath", "velocity", "Uniform", None, "EulerSampler"),
     "vp": ("CosinePath", "v_prediction", "Uniform", None, "DPMSolver2M"),
 }
 

@@ -140,7 +140,7 @@ def test_export_refuses_models_without_a_pipeline(tmp_path):
                                (["formulation=vp"], "no diffusers scheduler that reproduces it"),
                                (["formulation=flow", "model.prediction_type=epsilon", "path.t_max=0.99"],
                                 "steps on a velocity"),
-                               (["model.prediction_type=velocity"], "DDPMScheduler takes epsilon, sample or v")]:
+                               (["formulation=ddpm", "model.prediction_type=velocity"], "DDPMScheduler takes epsilon, sample or v")]:
         model = build_model(compose_config("train", overrides, tmp_path / "f"))
         with pytest.raises(InteropError, match=message):
             export_pipeline(model, tmp_path / "x")
@@ -170,17 +170,17 @@ def test_flow_model_exports_with_flow_match_euler_and_samples_as_diffexp(tmp_pat
     assert abs(theirs - ours).max() < 1e-4
 
 
-def test_export_cli_and_pipelines_match_diffexp(tiny_checkpoint, tmp_path):
+def test_export_cli_and_pipelines_match_diffexp(tiny_ddpm_checkpoint, tmp_path):
     """python -m diffexp.export writes a folder DDPMPipeline/DDIMPipeline load; DDIM from the same noise gives
     diffexp's DDIM samples; bad arguments and a non-empty out are refused."""
     from diffexp.course import load, sampler
     from diffexp.export import main
 
     out = tmp_path / "exported"
-    main([f"ckpt={tiny_checkpoint}", f"out={out}"])
+    main([f"ckpt={tiny_ddpm_checkpoint}", f"out={out}"])
     record = json.loads((out / "diffexp_export.json").read_text())
     assert record["max_abs_diff_vs_diffexp"] < 1e-5 and record["weights"] == "EMA"
-    model, _ = load(tiny_checkpoint)
+    model, _ = load(tiny_ddpm_checkpoint)
 
     ddim = DDIMPipeline.from_pretrained(out)
     ddim.set_progress_bar_config(disable=True)
@@ -201,9 +201,9 @@ def test_export_cli_and_pipelines_match_diffexp(tiny_checkpoint, tmp_path):
 
     before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="not empty"):
-        main([f"ckpt={tiny_checkpoint}", f"out={out}"])
+        main([f"ckpt={tiny_ddpm_checkpoint}", f"out={out}"])
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
-    for bad, message in [(["ckpt=x"], "out= is required"), ([f"ckpt={tiny_checkpoint}", f"out={tmp_path}/o", "ema=maybe"],
+    for bad, message in [(["ckpt=x"], "out= is required"), ([f"ckpt={tiny_ddpm_checkpoint}", f"out={tmp_path}/o", "ema=maybe"],
                                                             "ema='maybe'"), (["outdir=x"], "unknown argument")]:
         with pytest.raises(SystemExit, match=message):
             main(bad)

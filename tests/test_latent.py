@@ -241,7 +241,8 @@ def test_pretrained_vae_uses_its_published_scale_and_needs_no_estimate(tmp_path,
     assert cfg.unet.in_channels == 4 and cfg.unet.image_size == 8
     assert model.space.latent_scale.item() == 1.0 and model.sample_shape == (4, 8, 8)
     images = model.sample(2, generator=torch.Generator().manual_seed(0), progress=False,
-                          sampler=model.make_sampler().__class__(model.schedule, steps=2))
+                          sampler=model.make_sampler().__class__(model.path, steps=2,
+                                                                        prediction_type=model.prediction.sampler_type))
     assert images.shape == (2, 3, 32, 32)
 
 

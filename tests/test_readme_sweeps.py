@@ -86,3 +86,37 @@ def test_quickstart_then_sampling_from_the_latest_link(fresh_workdir):
     metrics = summary["metrics"]
     assert metrics["fid_digits"]["n"] == 256 and sum(metrics["digits_classifier"]["class_counts"]) == 256
     assert summary["sampler"]["_target_"] == "diffexp.samplers.DPMSolver2M" and summary["nfe"] == 20
+
+
+def test_formulation_sweep_and_its_comparison(fresh_workdir):
+    """The design-space sweep as written: one job per formulation, each with its own path and objective; then the
+    comparison script on it (with a small N and NFE grid) writes the table and plot."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, user_env
+
+    run_as_typed(readme_command("python train.py -m formulation=ddpm,edm,flow,vp"), fresh_workdir)
+    sweep = sweep_dir(fresh_workdir)
+    jobs = job_dirs(sweep)
+    paths = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["model"]["path"]["_target_"] for j in jobs]
+    assert paths == ["diffexp.paths.DiscretePath", "diffexp.paths.EDMPath", "diffexp.paths.FlowPath",
+                     "diffexp.paths.CosinePath"]
+    out = fresh_workdir / "cmp"
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "scripts" / "compare_formulations.py"),
+                             "--sweep", str(sweep), "--n", "8", "--nfe", "2", "3", "--reference-steps", "4",
+                             "--out", str(out)], cwd=fresh_workdir, env=user_env(fresh_workdir), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "formulations.md").read_text()
+    assert all(f"| {name} |" in table for name in ("ddpm", "edm", "flow", "vp")) and "converged ODE" in table
+    assert (out / "formulations.png").is_file() and (out / "flow.json").is_file()
+
+
+def test_single_formulation_commands_as_typed(fresh_workdir):
+    for command in ("python train.py formulation=flow", "python train.py formulation=edm sampler.S_churn=40"):
+        run_as_typed(readme_command(command), fresh_workdir)
+    runs = sorted((fresh_workdir / "logs" / "train" / "runs").iterdir())
+    configs = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text()) for r in runs]
+    assert [c["model"]["prediction_type"] for c in configs] == ["velocity", "edm"]
+    assert configs[1]["sampler"]["S_churn"] == 40

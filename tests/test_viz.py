@@ -91,9 +91,9 @@ def test_trajectory_and_guidance_figures_from_a_checkpoint(tiny_checkpoint):
     from diffexp.api import load_model
 
     model, _ = load_model(tiny_checkpoint)
-    kw = dict(prediction_type=model.prediction_type, progress=False)
-    trajs = reverse.trajectories(model, {"a": DDIMSampler(model.schedule, steps=3, **kw),
-                                         "b": DDIMSampler(model.schedule, steps=5, **kw)}, n=2)
+    kw = dict(prediction_type=model.prediction.sampler_type, progress=False)
+    trajs = reverse.trajectories(model, {"a": DDIMSampler(model.path, steps=3, **kw),
+                                         "b": DDIMSampler(model.path, steps=5, **kw)}, n=2)
     assert torch.equal(trajs["a"].xs[0], trajs["b"].xs[0])  # the same x_T
     fig = reverse.trajectory_figure(trajs, frames=3)
     assert len(fig.axes) == 4 * 4  # 2 samplers x (x_t, x0) rows, 3 frames + final sample

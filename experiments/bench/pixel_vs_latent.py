@@ -106,7 +106,7 @@ def train_rate(model, batches, steps: int, device, use_cache: bool) -> float:
 
 def sample_rate(model, n: int, steps: int, device) -> float:
     """Images/s of drawing ``n`` samples with DDIM-``steps``."""
-    sampler = DDIMSampler(model.schedule, steps=steps, prediction_type=model.prediction_type, progress=False)
+    sampler = DDIMSampler(model.path, steps=steps, prediction_type=model.prediction_type, progress=False)
     model.sample(2, sampler=sampler, progress=False)  # warm-up
     sync(device)
     start = time.perf_counter()

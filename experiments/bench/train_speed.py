@@ -210,7 +210,7 @@ def sample_rows(args, device: torch.device, rows: list, save=lambda: None) -> li
             model.speed_up(compile=True, mode=compile_mode)
         for spec in args.samplers:
             name, _, steps = spec.partition(":")
-            sampler = SAMPLERS[name](schedule=model.schedule, prediction_type="epsilon", steps=int(steps),
+            sampler = SAMPLERS[name](model.path, prediction_type="epsilon", steps=int(steps),
                                      progress=False)
 
             def run(model=model, sampler=sampler, precision=precision):

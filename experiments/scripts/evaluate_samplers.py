@@ -6,7 +6,7 @@
 
 Rows: ``--samplers`` (``ddim:50`` = DDIM with 50 steps; default DDPM-1000, DDIM-50/20/10), or with ``--nfe`` every
 solver of ``--solvers`` at each number of model evaluations (Heun: steps = round((NFE + 1) / 2), Python's round
-with halves to even, so NFE 2 steps - 1 = 5, 7, 11, 15, 19, 51 for the grid 5 8 10 15 20 50), plus with
+with halves to even, so NFE 2 steps - 1 = 5, 7, 11, 15, 19, 51 for the grid 5 8 10 15 20 50; EDM's sampler likewise), plus with
 ``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral), or the
 reference rows given. Tables are rewritten after every row; ``--resume`` adds only the rows missing from ``--out``.
 Every row starts from the same noise x_T (one batch of N drawn from ``--seed``; with a smaller ``--batch-size`` the
@@ -54,8 +54,10 @@ def parse_sampler(spec: str):
 
 
 def steps_for(name: str, nfe: int) -> int:
-    """Sampler steps spending about ``nfe`` model evaluations (Heun: 2 per step, 1 on the last)."""
-    return max(2, round((nfe + 1) / 2)) if name == "heun" else nfe
+    """Sampler steps spending about ``nfe`` model evaluations (Heun and EDM's sampler: 2 per step, 1 on the last)."""
+    from diffexp.samplers import HeunSampler
+
+    return max(2, round((nfe + 1) / 2)) if issubclass(SAMPLERS[name], HeunSampler) else nfe
 
 
 REFERENCES = ["ddim:1000", "ddpm:1000"]
@@ -70,7 +72,14 @@ def conditions_for(model, datamodule, n: int) -> dict | None:
 
 
 def grid_specs(solvers: list[str], nfes: list[int]) -> list[str]:
-    return [f"{name}:{steps_for(name, nfe)}" for name in solvers for nfe in nfes]
+    """``name`` or ``name:spacing`` per solver, at the steps of each NFE."""
+    specs = []
+    for solver in solvers:
+        name, _, spacing = solver.partition(":")
+        if name not in SAMPLERS:
+            raise ValueError(f"--solvers {solver!r}: the sampler must be one of {sorted(SAMPLERS)}")
+        specs += [f"{name}:{steps_for(name, nfe)}" + (f":{spacing}" if spacing else "") for nfe in nfes]
+    return specs
 
 
 def write_tables(rows: list[dict], out: Path, header: dict) -> None:
@@ -120,7 +129,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default N: one batch, the same x_T for every row")
     parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:50", "ddim:20", "ddim:10"])
     parser.add_argument("--nfe", nargs="+", type=int, help="an NFE grid: every --solvers entry at each NFE")
-    parser.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"])
+    parser.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"],
+                        help="samplers of the --nfe grid, each optionally with a spacing: unipc:trailing")
     parser.add_argument("--references", nargs="*", default=None,
                         help="reference rows (plotted as lines): alone DDIM-1000 and DDPM-1000, or specs such as ddim:1000")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and add the missing ones")

@@ -79,7 +79,7 @@ def evaluate(model, prompts: dict[str, list[str]], args) -> dict:
     from diffexp.api import draw_samples
     from diffexp.samplers import DDIMSampler
 
-    sampler = DDIMSampler(model.schedule, steps=args.sampler_steps, prediction_type=model.prediction_type,
+    sampler = DDIMSampler(model.path, steps=args.sampler_steps, prediction_type=model.prediction_type,
                           progress=False)
     out = {}
     for name, captions in prompts.items():

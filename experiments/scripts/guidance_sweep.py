@@ -53,7 +53,7 @@ def main() -> None:
     real = reference_features(dm, extractor, "shapes", "train")
     n_div, per_div = args.diversity
     diversity_captions = [c for c in seen_captions[:n_div] for _ in range(per_div)]
-    sampler = DDIMSampler(model.schedule, steps=args.steps, prediction_type=model.prediction_type, clip_sample=True,
+    sampler = DDIMSampler(model.path, steps=args.steps, prediction_type=model.prediction_type, clip_sample=True,
                           progress=False)
     out, rows = Path(args.out), []
     out.parent.mkdir(parents=True, exist_ok=True)

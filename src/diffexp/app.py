@@ -31,7 +31,7 @@ from diffexp.images import make_grid, save_grid
 DATASETS = ("digits", "shapes")
 GRID_SCALE = 2  # sample.py's default grid_scale: the final grid is the file sample.py writes
 VIEW_PIXELS = 256  # live views are upscaled (nearest) to about this width
-SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc")
 
 
 def upscale(array: np.ndarray, factor: int) -> np.ndarray:

@@ -89,6 +89,7 @@ def build(cfg: DictConfig):
                          f"and validation), got {every!r}")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    warn_unused_schedule(model)
     if cfg.get("init_from"):
         start_from_weights(model, cfg)
     if cfg.get("cache_latents"):
@@ -104,6 +105,18 @@ def build(cfg: DictConfig):
     callbacks += quiet_progress_bar(cfg.trainer, callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, callbacks, loggers, trainer
+
+
+def warn_unused_schedule(model) -> None:
+    """``schedule=`` / ``schedule.*`` typed on the command line of a model whose path is not DDPM's discrete one (whose
+    betas the schedule sets): say that it has no effect."""
+    if not isinstance(model, DiffusionModel) or getattr(model.path, "schedule", None) is not None \
+            or not HydraConfig.initialized():
+        return
+    typed = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] == "schedule"]
+    if typed:
+        rank_zero_warn(f"{' '.join(typed)} has no effect: the schedule sets the betas of DDPM's discrete path, and this "
+                       f"model's path is {model.path!r} (path=, formulation=)")
 
 
 def start_from_weights(model, cfg: DictConfig) -> None:

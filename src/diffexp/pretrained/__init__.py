@@ -26,11 +26,12 @@ class CourseModel:
 
 
 MODELS: dict[str, CourseModel] = {
-    "digits": CourseModel(("experiment=quickstart",), "unconditional 16x16 digits, linear schedule (the quickstart)",
+    "digits": CourseModel(("experiment=quickstart", "formulation=ddpm"),
+                          "unconditional 16x16 digits, DDPM on the linear schedule (the quickstart before wave 3)",
                           notebooks=("02", "05")),
-    "digits_quadratic": CourseModel(("experiment=quickstart", "schedule=quadratic"),
+    "digits_quadratic": CourseModel(("experiment=quickstart", "formulation=ddpm", "schedule=quadratic"),
                                     "the quickstart with the quadratic schedule", notebooks=("02",)),
-    "digits_cosine": CourseModel(("experiment=quickstart", "schedule=cosine"),
+    "digits_cosine": CourseModel(("experiment=quickstart", "formulation=ddpm", "schedule=cosine"),
                                  "the quickstart with the cosine schedule", notebooks=("02",)),
     "shapes_text": CourseModel(("experiment=shapes_text2img",),
                                "text-to-image on 32x32 shapes, learned text encoder, classifier-free guidance",
