@@ -5,8 +5,9 @@
         --solvers ddim dpmpp_2m dpmpp_3m dpmpp_2m_sde unipc euler heun euler_ancestral --references
 
 Rows: ``--samplers`` (``ddim:50`` = DDIM with 50 steps; default DDPM-1000, DDIM-50/20/10), or with ``--nfe`` every
-solver of ``--solvers`` at each number of model evaluations (Heun: steps = round((NFE + 1) / 2), Python's round
-with halves to even, so NFE 2 steps - 1 = 5, 7, 11, 15, 19, 51 for the grid 5 8 10 15 20 50; EDM's sampler likewise), plus with
+solver of ``--solvers`` at each number of model evaluations (:func:`steps_for`: Heun and EDM's sampler spend 2 per
+step, 1 on the last and 1 on a first step from infinite noise, so on a DDPM path NFE = 2 steps - 1 = 5, 7, 11, 15, 19,
+51 for the grid 5 8 10 15 20 50 and on a flow path, whose t = 1 is pure noise, 2 steps - 2), plus with
 ``--references`` DDIM-1000 (eta = 0, the probability-flow ODE's converged result) and DDPM-1000 (ancestral), or the
 reference rows given. Tables are rewritten after every row; ``--resume`` adds only the rows missing from ``--out``.
 Every row starts from the same noise x_T (one batch of N drawn from ``--seed``; with a smaller ``--batch-size`` the
@@ -53,11 +54,21 @@ def parse_sampler(spec: str):
     return f"{name.upper()}-{steps or 'all'}" + (f"-{spacing}" if spacing else ""), partial(SAMPLERS[name], **kwargs)
 
 
-def steps_for(name: str, nfe: int) -> int:
-    """Sampler steps spending about ``nfe`` model evaluations (Heun and EDM's sampler: 2 per step, 1 on the last)."""
+def steps_for(model, name: str, spacing: str, nfe: int) -> int:
+    """The sampler steps whose model evaluations (the built sampler's :meth:`~diffexp.samplers.Sampler.nfe` on this
+    model's path) are nearest ``nfe``; of two equally near, the steps round((NFE + 1) / 2) gives (Python's round:
+    halves to even). One evaluation per step for all but Heun-type samplers."""
     from diffexp.samplers import HeunSampler
 
-    return max(2, round((nfe + 1) / 2)) if issubclass(SAMPLERS[name], HeunSampler) else nfe
+    if not issubclass(SAMPLERS[name], HeunSampler):
+        return nfe
+    options = {"timestep_spacing": spacing} if spacing else {}
+    spent = {steps: model.make_sampler(partial(SAMPLERS[name], steps=steps, progress=False, **options)).nfe()
+             for steps in range(2, nfe + 3)}
+    nearest = min(abs(n - nfe) for n in spent.values())
+    tied = [steps for steps, n in spent.items() if abs(n - nfe) == nearest]
+    formula = max(2, round((nfe + 1) / 2))
+    return formula if formula in tied else tied[0]
 
 
 REFERENCES = ["ddim:1000", "ddpm:1000"]
@@ -71,14 +82,14 @@ def conditions_for(model, datamodule, n: int) -> dict | None:
     return {"captions": [captions[i % len(captions)] for i in range(n)]}
 
 
-def grid_specs(solvers: list[str], nfes: list[int]) -> list[str]:
-    """``name`` or ``name:spacing`` per solver, at the steps of each NFE."""
+def grid_specs(model, solvers: list[str], nfes: list[int]) -> list[str]:
+    """``name`` or ``name:spacing`` per solver, at the steps of each NFE on ``model``'s path."""
     specs = []
     for solver in solvers:
         name, _, spacing = solver.partition(":")
         if name not in SAMPLERS:
             raise ValueError(f"--solvers {solver!r}: the sampler must be one of {sorted(SAMPLERS)}")
-        specs += [f"{name}:{steps_for(name, nfe)}" + (f":{spacing}" if spacing else "") for nfe in nfes]
+        specs += [f"{name}:{steps_for(model, name, spacing, nfe)}" + (f":{spacing}" if spacing else "") for nfe in nfes]
     return specs
 
 
@@ -152,13 +163,16 @@ def run(args) -> None:
     if args.nfe and min(args.nfe) <= 0:
         raise ValueError(f"--nfe values must be positive, got {args.nfe}")
     check_metric_names(args.metrics)
-    specs = grid_specs(args.solvers, args.nfe) if args.nfe else list(args.samplers)
+    for solver in args.solvers if args.nfe else []:
+        if solver.partition(":")[0] not in SAMPLERS:
+            raise ValueError(f"--solvers {solver!r}: the sampler must be one of {sorted(SAMPLERS)}")
     references = (args.references or REFERENCES) if args.references is not None else []
     out = Path(args.out)
     if out.with_suffix(".json").exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"--out {str(out)!r} already holds results ({out.with_suffix('.json').name}); add rows "
                               f"to it with --resume, replace it with --overwrite, or choose another --out")
     model, train_cfg = load_model(args.ckpt, device=args.device)
+    specs = grid_specs(model, args.solvers, args.nfe) if args.nfe else list(args.samplers)
     for spec in specs + references:  # every spec builds (spacing, steps) before any sampling
         model.make_sampler(parse_sampler(spec)[1])
     header = {"ckpt": args.ckpt, "seed": args.seed, "guidance_scale": args.guidance}
