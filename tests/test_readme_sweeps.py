@@ -114,9 +114,12 @@ def test_formulation_sweep_and_its_comparison(fresh_workdir):
 
 
 def test_single_formulation_commands_as_typed(fresh_workdir):
-    for command in ("python train.py formulation=flow", "python train.py formulation=edm sampler.S_churn=40"):
+    """The quickstart with another formulation: a command-line formulation= wins over the quickstart's own (flow)."""
+    for command in ("python train.py formulation=ddpm", "python train.py formulation=edm sampler.S_churn=40"):
         run_as_typed(readme_command(command), fresh_workdir)
     runs = sorted((fresh_workdir / "logs" / "train" / "runs").iterdir())
     configs = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text()) for r in runs]
-    assert [c["model"]["prediction_type"] for c in configs] == ["velocity", "edm"]
-    assert configs[1]["sampler"]["S_churn"] == 40
+    assert [(c["model"]["prediction_type"], c["model"]["path"]["_target_"]) for c in configs] == [
+        ("epsilon", "diffexp.paths.DiscretePath"), ("edm", "diffexp.paths.EDMPath")]
+    assert configs[0]["model"]["min_snr_gamma"] == 5.0 and configs[1]["sampler"]["S_churn"] == 40
+    assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)

@@ -6,7 +6,7 @@
 For every job of the sweep (its formulation read from ``.hydra/overrides.yaml``), ``evaluate_samplers.py`` scores
 the formulation's natural samplers (:data:`NATURAL`, at the path's own spacing unless one is named) at each NFE
 of ``--nfe`` from the same x_T, plus the probability-flow ODE's converged result (DPM-Solver++(2M) with
-``--reference-steps`` steps); per-job tables land in ``OUT/<formulation>.{json,md,png}``, the comparison in
+``--reference-steps`` steps, default 100); per-job tables land in ``OUT/<formulation>.{json,md,png}``, the comparison in
 ``OUT/formulations.{json,md,png}``: fid_digits and the digits classifier's confident fraction per cell, the best
 sampler of each formulation at each NFE, and a plot of the best fid_digits against NFE per formulation.
 """
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--sweep", required=True, help="the sweep directory (logs/train/multiruns/<time>)")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50])
-    parser.add_argument("--reference-steps", type=int, default=200)
+    parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "formulations"))
     args = parser.parse_args()
     sweep = Path(args.sweep)
