@@ -116,7 +116,7 @@ def test_lora_on_a_continuous_formulation(formulation, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("formulation", ["edm", "flow", "vp"])
+@pytest.mark.parametrize("formulation", ["edm", "vp"])  # flow: the quickstart's, resumed in test_safety
 def test_every_formulation_trains_resumes_and_samples_through_the_scripts(formulation, tmp_path):
     """train.py formulation=X as a user types it: EMA in the checkpoint and model.safetensors; resumed from its
     step-2 checkpoint it ends with the uninterrupted run's weights (and EMA) bit for bit; sample.py samples it and

@@ -144,7 +144,7 @@ def test_bad_settings():
         Objective(FlowPath(), get_prediction("velocity"), UniformTimesteps())
     with pytest.raises(ValueError, match="density.s must be a positive"):
         LogitNormal(s=0)
-    with pytest.raises(ValueError, match="model.min_snr_gamma must be a positive"):
+    with pytest.raises(ValueError, match="weighting.gamma must be a positive"):
         MinSNR(-1)
     assert Objective(EDMPath(), get_prediction("edm"), None, NoWeighting()).weighting is None
     assert isinstance(Objective(FlowPath(), get_prediction("velocity")).density, Uniform)

@@ -99,7 +99,7 @@ def test_formulation_sweep_and_its_comparison(fresh_workdir):
     run_as_typed(readme_command("python train.py -m formulation=ddpm,edm,flow,vp"), fresh_workdir)
     sweep = sweep_dir(fresh_workdir)
     jobs = job_dirs(sweep)
-    paths = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["model"]["path"]["_target_"] for j in jobs]
+    paths = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["path"]["_target_"] for j in jobs]
     assert paths == ["diffexp.paths.DiscretePath", "diffexp.paths.EDMPath", "diffexp.paths.FlowPath",
                      "diffexp.paths.CosinePath"]
     out = fresh_workdir / "cmp"
@@ -119,7 +119,7 @@ def test_single_formulation_commands_as_typed(fresh_workdir):
         run_as_typed(readme_command(command), fresh_workdir)
     runs = sorted((fresh_workdir / "logs" / "train" / "runs").iterdir())
     configs = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text()) for r in runs]
-    assert [(c["model"]["prediction_type"], c["model"]["path"]["_target_"]) for c in configs] == [
+    assert [(c["model"]["prediction_type"], c["path"]["_target_"]) for c in configs] == [
         ("epsilon", "diffexp.paths.DiscretePath"), ("edm", "diffexp.paths.EDMPath")]
     assert configs[0]["model"]["min_snr_gamma"] == 5.0 and configs[1]["sampler"]["S_churn"] == 40
     assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)

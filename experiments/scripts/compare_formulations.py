@@ -6,7 +6,8 @@
 For every job of the sweep (its formulation read from ``.hydra/overrides.yaml``), ``evaluate_samplers.py`` scores
 the formulation's natural samplers (:data:`NATURAL`, at the path's own spacing unless one is named) at each NFE
 of ``--nfe`` from the same x_T, plus the probability-flow ODE's converged result (DPM-Solver++(2M) with
-``--reference-steps`` steps, default 100); per-job tables land in ``OUT/<formulation>.{json,md,png}``, the comparison in
+``--reference-steps`` steps, default 100); per-job tables land in ``OUT/<formulation>.{json,md,png}`` (``--out``,
+default ``SWEEP/formulations``; rows already there are kept, only missing ones are computed), the comparison in
 ``OUT/formulations.{json,md,png}``: fid_digits and the digits classifier's confident fraction per cell, the best
 sampler of each formulation at each NFE, and a plot of the best fid_digits against NFE per formulation.
 """
@@ -71,7 +72,9 @@ def summarise(results: dict[str, list[dict]], nfes: list[int], out: Path) -> Non
               "| formulation | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     for formulation in results:
         lines.append(f"| {formulation} | " + " | ".join(
-            f"{best[(formulation, n)]['fid_digits']:.3f} ({best[(formulation, n)]['sampler']})" for n in nfes) + " |")
+            f"{best[(formulation, n)]['fid_digits']:.3f} ({best[(formulation, n)]['sampler']}"
+            + (f", NFE {best[(formulation, n)]['nfe']}" if best[(formulation, n)]["nfe"] != n else "") + ")"
+            for n in nfes) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"nfe": nfes, "results": results}, indent=2))
 
@@ -105,9 +108,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50])
     parser.add_argument("--reference-steps", type=int, default=100)
-    parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "formulations"))
+    parser.add_argument("--out", default=None, help="default: SWEEP/formulations (rows already there are kept, "
+                        "missing ones added)")
     args = parser.parse_args()
     sweep = Path(args.sweep)
+    if not sweep.is_dir():
+        sys.exit(f"error: --sweep {args.sweep!r} does not exist (pass logs/train/multiruns/<time> of a train.py -m sweep)")
+    args.out = args.out or str(sweep / "formulations")
     jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if sweep.is_dir() else []
     if not jobs:
         sys.exit(f"error: --sweep {args.sweep!r} holds no job directories (0/, 1/, ...) of a train.py -m sweep")

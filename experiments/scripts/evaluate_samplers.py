@@ -90,7 +90,7 @@ def grid_specs(model, solvers: list[str], nfes: list[int]) -> list[str]:
         if name not in SAMPLERS:
             raise ValueError(f"--solvers {solver!r}: the sampler must be one of {sorted(SAMPLERS)}")
         specs += [f"{name}:{steps_for(model, name, spacing, nfe)}" + (f":{spacing}" if spacing else "") for nfe in nfes]
-    return specs
+    return list(dict.fromkeys(specs))  # two NFEs may round to the same steps
 
 
 def write_tables(rows: list[dict], out: Path, header: dict) -> None:

@@ -3,6 +3,7 @@
     python experiments/scripts/seed_spread.py --ckpt ddpm=RUN_A/checkpoints/model.safetensors \
         --ckpt flow=RUN_B/checkpoints/model.safetensors --samplers unipc:10:trailing unipc:10 dpmpp_2m:20 \
         --seeds 0 1 2 3 4 --n 1000 --out experiments/results/formulations/seeds
+    (default --out logs/seed_spread/seeds; existing tables are replaced only with --overwrite)
 
 FID on 1,000 samples moves by a few hundredths between seeds of x_T (README, "One design space"), so differences of
 that size between two models say nothing without the spread. Samplers as in ``evaluate_samplers.py``
@@ -31,13 +32,17 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default="logs/seed_spread/seeds", help="writes OUT.json and OUT.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tables at --out")
     args = parser.parse_args()
     with reported_errors():
         run(args)
 
 
 def run(args) -> None:
+    if Path(args.out).with_suffix(".json").exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} already holds results; replace them with --overwrite or choose "
+                              f"another --out")
     checkpoints = {}
     for item in args.ckpt:
         name, sep, path = item.partition("=")

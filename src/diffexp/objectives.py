@@ -155,7 +155,7 @@ class MinSNR(Weighting):
     divided by the prediction's error scale; where that scale is 0 (epsilon at SNR = 0) its limit 1."""
 
     def __init__(self, gamma: float = 5.0):
-        self.gamma = check_positive("model.min_snr_gamma", gamma)
+        self.gamma = check_positive("weighting.gamma", gamma)
 
     def __call__(self, snr, log_snr, scale):
         clipped = torch.clamp(snr, max=self.gamma)
