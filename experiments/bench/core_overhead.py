@@ -4,8 +4,8 @@ the discrete-time code (a git commit, checked out into a temporary worktree), me
     python experiments/bench/core_overhead.py --baseline 1162283 --json experiments/results/speed/core_overhead_cpu.json
 
 Each round runs one fresh process per tree (interleaved, so drift of the machine hits both): it builds the
-quickstart model from the tree's own config (``experiment=quickstart``, the DDPM one: ``formulation=ddpm`` here,
-whose quickstart is rectified flow now, and the same with ``--current-overrides formulation=flow``), times ``--steps`` training steps on
+quickstart model from the tree's own config (``experiment=quickstart``; this tree adds ``--current-overrides``,
+default ``formulation=ddpm``: the baseline's quickstart was DDPM's, this tree's is rectified flow), times ``--steps`` training steps on
 digits batches of 64 (``model.loss`` with the per-step generator, backward, AdamW; the data prepared beforehand)
 after ``--warmup`` steps, and DDIM-50 sampling of ``--n`` images from fixed noise. The report gives the median
 images/s of each tree over ``--rounds`` rounds and their ratio (this tree / baseline).

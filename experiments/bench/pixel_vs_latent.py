@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,7 +107,7 @@ def train_rate(model, batches, steps: int, device, use_cache: bool) -> float:
 
 def sample_rate(model, n: int, steps: int, device) -> float:
     """Images/s of drawing ``n`` samples with DDIM-``steps``."""
-    sampler = DDIMSampler(model.path, steps=steps, prediction_type=model.prediction_type, progress=False)
+    sampler = model.make_sampler(partial(DDIMSampler, steps=steps, progress=False))
     model.sample(2, sampler=sampler, progress=False)  # warm-up
     sync(device)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ of ``--nfe`` from the same x_T, plus the probability-flow ODE's converged result
 ``--reference-steps`` steps, default 100); per-job tables land in ``OUT/<formulation>.{json,md,png}`` (``--out``,
 default ``SWEEP/formulations``; rows already there are kept, only missing ones are computed), the comparison in
 ``OUT/formulations.{json,md,png}``: fid_digits and the digits classifier's confident fraction per cell, the best
-sampler of each formulation at each NFE, and a plot of the best fid_digits against NFE per formulation.
+sampler of each formulation at each NFE, and a plot of fid_digits against NFE, one panel per formulation.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main() -> None:
     if not sweep.is_dir():
         sys.exit(f"error: --sweep {args.sweep!r} does not exist (pass logs/train/multiruns/<time> of a train.py -m sweep)")
     args.out = args.out or str(sweep / "formulations")
-    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if sweep.is_dir() else []
+    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     if not jobs:
         sys.exit(f"error: --sweep {args.sweep!r} holds no job directories (0/, 1/, ...) of a train.py -m sweep")
     results = {}

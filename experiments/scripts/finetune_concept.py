@@ -77,10 +77,11 @@ def evaluate(model, prompts: dict[str, list[str]], args) -> dict:
     from diffexp.data.shapes import describe
     from diffexp.metrics.adherence import caption_adherence
     from diffexp.api import draw_samples
+    from functools import partial
+
     from diffexp.samplers import DDIMSampler
 
-    sampler = DDIMSampler(model.path, steps=args.sampler_steps, prediction_type=model.prediction_type,
-                          progress=False)
+    sampler = model.make_sampler(partial(DDIMSampler, steps=args.sampler_steps, progress=False))
     out = {}
     for name, captions in prompts.items():
         images = draw_samples(model, len(captions), sampler, args.seed, 250, {"captions": captions}, progress=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -53,8 +54,7 @@ def main() -> None:
     real = reference_features(dm, extractor, "shapes", "train")
     n_div, per_div = args.diversity
     diversity_captions = [c for c in seen_captions[:n_div] for _ in range(per_div)]
-    sampler = DDIMSampler(model.path, steps=args.steps, prediction_type=model.prediction_type, clip_sample=True,
-                          progress=False)
+    sampler = model.make_sampler(partial(DDIMSampler, steps=args.steps, clip_sample=True, progress=False))
     out, rows = Path(args.out), []
     out.parent.mkdir(parents=True, exist_ok=True)
     for scale in args.scales:
