@@ -5,6 +5,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from diffexp.config import exit_on_renamed_groups
+
 
 def out_dir_overrides(args: list[str]) -> list[str]:
     """With ``out=DIR`` Hydra's run directory is DIR itself (no stray logs/sample/runs/<time>/); an ``out`` that
@@ -27,5 +29,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    exit_on_renamed_groups(sys.argv[1:])
     sys.argv += out_dir_overrides(sys.argv[1:])
     main()

@@ -4,6 +4,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from diffexp.config import exit_on_renamed_groups
 from diffexp.distributed import secondary_process_overrides
 
 
@@ -17,5 +18,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    exit_on_renamed_groups(sys.argv[1:])
     sys.argv += secondary_process_overrides(sys.argv[1:])  # only rank 0 of a multi-node job makes a run dir
     main()

@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from diffexp.course import notebook_settings, unet_preset
+from diffexp.course import notebook_settings, net_preset
 from diffexp.nets.layers import timestep_embedding
 from diffexp.viz.unet import layer_table_markdown, unet_diagram
 
-net = unet_preset("tiny", image_size=16, in_channels=1)
+net = net_preset("tiny", image_size=16, in_channels=1)
 display(Markdown(layer_table_markdown(net)))
 
 # %% [markdown]
@@ -65,7 +65,7 @@ plt.show()
 # %%
 for name in ["tiny", "small", "base"]:
     for ctx in (None, 64):
-        n = sum(p.numel() for p in unet_preset(name, 32, 3, ctx).parameters())
+        n = sum(p.numel() for p in net_preset(name, 32, 3, ctx).parameters())
         print(f"{name:5s} context_dim={str(ctx):4s} {n / 1e6:6.2f} M parameters")
 
 # %% [markdown]
@@ -73,4 +73,4 @@ for name in ["tiny", "small", "base"]:
 # cross-attention to the caption tokens, feed-forward); the table shows where text enters:
 
 # %%
-display(Markdown(layer_table_markdown(unet_preset("tiny", 16, 1, context_dim=64))))
+display(Markdown(layer_table_markdown(net_preset("tiny", 16, 1, context_dim=64))))

@@ -52,6 +52,7 @@ def test_existing_models_sample_the_same_images(name, format1_latent, tmp_path):
 def test_ddpm_training_is_unchanged(name, tmp_path):
     """formulation=ddpm (the default) trains as the discrete-time code did: the same per-step losses (as floats)
     and the same weights (their DDIM-5 samples)."""
+    from diffexp.config import renamed_override
     from diffexp.sample import run as sample_run
     from diffexp.train import run
 
@@ -59,7 +60,9 @@ def test_ddpm_training_is_unchanged(name, tmp_path):
     assert TRAINING["shrink"] == SHRINK, "the references were made with the suite's SHRINK list of that commit"
     # the references' quickstart was DDPM's (epsilon, min-SNR-5): formulation=ddpm now; the shapes presets pick theirs
     earlier = [] if any(o.startswith("experiment=") for o in entry["overrides"]) else ["formulation=ddpm"]
-    run(compose_config("train", SHRINK + earlier + entry["overrides"], tmp_path / "run"))
+    # recorded before the unet group became net: the same overrides under the new name
+    overrides = [renamed_override(o) or o for o in entry["overrides"]]
+    run(compose_config("train", SHRINK + earlier + overrides, tmp_path / "run"))
     rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == entry["train/loss"]
     assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == entry["val/loss"]
@@ -71,12 +74,14 @@ def test_ddpm_training_is_unchanged(name, tmp_path):
                                   np.load(COMPAT / "training_samples.npz")[name])
 
 
-def test_format2_configs_are_upgraded_to_paths():
-    """A format-2 run config (a discrete ``schedule`` on the model) loads as format 3 (its ``path``)."""
+def test_format2_configs_are_upgraded_to_paths_and_net():
+    """A format-2 run config (a discrete ``schedule`` on the model, a ``unet`` node) loads as the current format:
+    its ``path`` (format 3) and its ``net`` (format 4)."""
     from diffexp.checkpoints import FORMAT, read_checkpoint
 
     checkpoint = read_checkpoint(ROOT / "src" / "diffexp" / "pretrained" / "digits" / "model.safetensors")
     model_cfg = checkpoint["diffexp_config"]["model"]
-    assert checkpoint["diffexp_format"] == FORMAT == 3 and "schedule" not in model_cfg
+    assert checkpoint["diffexp_format"] == FORMAT == 4 and "schedule" not in model_cfg
+    assert "unet" not in checkpoint["diffexp_config"] and checkpoint["diffexp_config"]["net"]["base_channels"] > 0
     assert model_cfg["path"]["_target_"] == "diffexp.paths.DiscretePath"
     assert model_cfg["path"]["schedule"]["name"] == "linear"

@@ -153,7 +153,7 @@ def test_image_folder_with_captions_trains_with_every_text_encoder(tmp_path, enc
              "t5": [f"text_encoder.name_or_path={tiny_hf_folder(tmp_path, 't5')}", "text_encoder.max_length=8"]}
     overrides = SHRINK + ["data=image_folder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
                           "data.val_fraction=0.25", "data.batch_size=4", f"text_encoder={encoder}",
-                          "unet.num_heads=2", "trainer.max_steps=2", "callbacks.sample_grid.n=2", *extra[encoder]]
+                          "net.num_heads=2", "trainer.max_steps=2", "callbacks.sample_grid.n=2", *extra[encoder]]
     run(compose_config("train", overrides, tmp_path / "run"))
     model, cfg = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert set(model.conditioner.example_captions) <= set(CAPTIONS) and model.conditioner.example_captions
@@ -294,7 +294,7 @@ def test_class_conditional_training_and_sampling(tmp_path):
     run(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)[CONFIG_KEY]
-    assert saved["conditioning"]["num_classes"] == 10 == saved["unet"]["num_classes"]  # from the data, written on purpose
+    assert saved["conditioning"]["num_classes"] == 10 == saved["net"]["num_classes"]  # from the data, written on purpose
     model, _ = load_model(ckpt)
     noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     sampler = DDIMSampler(model.path, steps=3, prediction_type=model.prediction.sampler_type, progress=False)
@@ -374,7 +374,7 @@ def test_format1_checkpoint_resumes(tmp_path):
     path = format1_checkpoint("text", tmp_path)
     old = torch.load(path, map_location="cpu", weights_only=False)
     overrides = SHRINK + ["experiment=shapes_text2img", "data.num_train=32", "data.num_val=8", "text_encoder.dim=16",
-                          "text_encoder.heads=2", "unet.num_heads=2", "unet.base_channels=8", "unet.channel_mult=[1,2]",
+                          "text_encoder.heads=2", "net.num_heads=2", "net.base_channels=8", "net.channel_mult=[1,2]",
                           "trainer.max_steps=4", f"ckpt_path={path}", "callbacks.sample_grid.n=2"]
     run(compose_config("train", overrides, tmp_path / "resumed"))
     resumed = tmp_path / "resumed" / "checkpoints" / "last.ckpt"

@@ -103,7 +103,7 @@ def test_learned_vocabulary_is_extended_without_changing_ids():
 def test_init_from_a_different_architecture_names_the_differing_keys(train_cfg, tiny_checkpoint):
     from diffexp.train import build
 
-    cfg = train_cfg(f"init_from={tiny_checkpoint}", "unet.base_channels=24")
+    cfg = train_cfg(f"init_from={tiny_checkpoint}", "net.base_channels=24")
     with pytest.raises(CheckpointError, match=r"another architecture.*shapes differ: net\.\S+ \(\d+"):
         build(cfg)
     cfg = train_cfg(f"init_from={tiny_checkpoint.parent / 'missing.ckpt'}")

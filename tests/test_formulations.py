@@ -64,7 +64,7 @@ def test_every_piece_is_overridable_on_the_command_line(tmp_path):
 def test_conditioning_and_guidance_on_every_formulation(formulation, conditioning, tmp_path):
     extra = ["text_encoder=class"] if conditioning == "class" else [
         "experiment=shapes_text2img", "data.num_train=32", "data.num_val=8", "text_encoder.dim=16",
-        "text_encoder.heads=2", "unet.num_heads=2", "unet.base_channels=8", "unet.channel_mult=[1,2]"]
+        "text_encoder.heads=2", "net.num_heads=2", "net.base_channels=8", "net.channel_mult=[1,2]"]
     model, cfg = model_of(tmp_path, formulation, *extra)
     if conditioning == "text":
         model.conditioner.fit(data_of_run(cfg, from_checkpoint=False))

@@ -1,4 +1,4 @@
-"""diffusers interoperability: the U-Net map both ways, export, import (unet.init_from), refusals."""
+"""diffusers interoperability: the U-Net map both ways, export, import (net.init_from), refusals."""
 from __future__ import annotations
 
 import json
@@ -54,9 +54,9 @@ def ddpm_cifar10_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("preset,size,channels", [("tiny", 16, 1), ("small", 32, 3)])
 def test_presets_map_onto_unet2dmodel(preset, size, channels):
-    from diffexp.course import unet_preset
+    from diffexp.course import net_preset
 
-    net = randomise(unet_preset(preset, size, channels))
+    net = randomise(net_preset(preset, size, channels))
     unet = UNet2DModel(**diffusers_unet_config(net)).eval()
     unet.load_state_dict(to_diffusers_state(net), strict=True)
     assert max_diff(net, unet, channels, size) < 1e-5
@@ -91,20 +91,20 @@ def test_conventions_change_the_function():
 
 
 def test_import_ddpm_cifar10_config(ddpm_cifar10_folder, tmp_path):
-    """unet.init_from=FOLDER with unet=base: same outputs as the UNet2DModel to 1e-5, conventions in the config,
+    """net.init_from=FOLDER with unet=base: same outputs as the UNet2DModel to 1e-5, conventions in the config,
     export -> import is the identity."""
     folder, unet = ddpm_cifar10_folder
-    cfg = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={folder}"], tmp_path / "run")
+    cfg = compose_config("train", ["data=cifar10", "net=base", f"net.init_from={folder}"], tmp_path / "run")
     model = build_model(cfg)
-    assert (cfg.unet.time_embedding_order, cfg.unet.time_freq_shift, cfg.unet.downsample_padding) == ("sin_cos", 1, 0)
-    assert cfg.unet.init_from == str(folder)  # kept in the run config as a record (a checkpoint does not re-import)
+    assert (cfg.net.time_embedding_order, cfg.net.time_freq_shift, cfg.net.downsample_padding) == ("sin_cos", 1, 0)
+    assert cfg.net.init_from == str(folder)  # kept in the run config as a record (a checkpoint does not re-import)
     assert sum(p.numel() for p in model.net.parameters()) == sum(p.numel() for p in unet.parameters()) == 35_746_307
     assert max_diff(model.net.eval(), unet, 3, 32) < 1e-5
 
     export_pipeline(model, tmp_path / "exported")
     config = json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())
     assert {k: config[k] for k in DDPM_CIFAR10} == DDPM_CIFAR10 | {"freq_shift": 1.0}
-    again = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={tmp_path / 'exported'}"],
+    again = compose_config("train", ["data=cifar10", "net=base", f"net.init_from={tmp_path / 'exported'}"],
                            tmp_path / "run2")
     reimported = build_model(again).net.state_dict()
     assert all(torch.equal(reimported[k], v) for k, v in model.net.state_dict().items())
@@ -112,8 +112,8 @@ def test_import_ddpm_cifar10_config(ddpm_cifar10_folder, tmp_path):
 
 def test_import_refuses_other_layouts_and_conventions(ddpm_cifar10_folder, tmp_path):
     folder, _ = ddpm_cifar10_folder
-    cfg = compose_config("train", ["data=cifar10", "unet=small", f"unet.init_from={folder}"], tmp_path / "run")
-    with pytest.raises(InteropError, match=r"unet.base_channels=128.*unet.channel_mult=\[1, 2, 2, 2\]"):
+    cfg = compose_config("train", ["data=cifar10", "net=small", f"net.init_from={folder}"], tmp_path / "run")
+    with pytest.raises(InteropError, match=r"net.base_channels=128.*net.channel_mult=\[1, 2, 2, 2\]"):
         build_model(cfg)
     for key, value in [("act_fn", "mish"), ("time_embedding_type", "fourier"), ("norm_num_groups", 16),
                        ("downsample_padding", 2), ("mid_block_scale_factor", 2**-0.5)]:
@@ -121,7 +121,7 @@ def test_import_refuses_other_layouts_and_conventions(ddpm_cifar10_folder, tmp_p
             unet_options_from_diffusers({**DDPM_CIFAR10, key: value})
     with pytest.raises(InteropError, match="attention at levels"):
         unet_options_from_diffusers({**DDPM_CIFAR10, "up_block_types": ["AttnUpBlock2D"] + ["UpBlock2D"] * 3})
-    missing = compose_config("train", ["data=cifar10", "unet=base", f"unet.init_from={tmp_path}"], tmp_path / "r3")
+    missing = compose_config("train", ["data=cifar10", "net=base", f"net.init_from={tmp_path}"], tmp_path / "r3")
     with pytest.raises(FileNotFoundError, match="without config.json"):
         build_model(missing)
 
@@ -211,7 +211,7 @@ def test_export_cli_and_pipelines_match_diffexp(tiny_ddpm_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_train_from_imported_unet_and_export_cli(ddpm_cifar10_folder, tmp_path):
-    """`python train.py ... unet.init_from=DIR` trains from the imported weights; its checkpoint rebuilds the same
+    """`python train.py ... net.init_from=DIR` trains from the imported weights; its checkpoint rebuilds the same
     conventions; `python -m diffexp.export` on it writes a pipeline folder."""
     import subprocess
     import sys
@@ -221,11 +221,11 @@ def test_train_from_imported_unet_and_export_cli(ddpm_cifar10_folder, tmp_path):
     folder, unet = ddpm_cifar10_folder
     run_dir = tmp_path / "run"
     run_script("train.py", "data=image_folder", f"data.root={make_images(tmp_path / 'images')}", "data.image_size=32",
-               "data.channels=3", "unet=base", f"unet.init_from={folder}", "trainer.max_steps=1", "eval_every=1",
+               "data.channels=3", "net=base", f"net.init_from={folder}", "trainer.max_steps=1", "eval_every=1",
                "data.batch_size=2", "callbacks=none", "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path,
                check=True)
     model, cfg = load(run_dir / "checkpoints" / "model.safetensors", use_ema=False)
-    assert (cfg.unet.time_embedding_order, cfg.unet.downsample_padding) == ("sin_cos", 0)
+    assert (cfg.net.time_embedding_order, cfg.net.downsample_padding) == ("sin_cos", 0)
     assert 0 < max_diff(model.net, unet, 3, 32) < 1.0  # one optimizer step away from the imported weights
     result = subprocess.run([sys.executable, "-m", "diffexp.export", f"ckpt={run_dir / 'checkpoints' / 'model.safetensors'}",
                              f"out={tmp_path / 'exp'}"], capture_output=True, text=True, cwd=tmp_path)
@@ -247,7 +247,7 @@ def make_images(folder):
 
 @pytest.mark.slow
 def test_readme_export_and_import_commands_as_typed(fresh_workdir):
-    """The README's export and unet.init_from commands, verbatim, after a (shrunk) quickstart in a fresh directory."""
+    """The README's export and net.init_from commands, verbatim, after a (shrunk) quickstart in a fresh directory."""
     from tests.conftest import SHRINK, readme_command, run_as_typed
 
     run_script("train.py", *SHRINK, cwd=fresh_workdir, check=True)
@@ -264,7 +264,7 @@ def test_readme_export_and_import_commands_as_typed(fresh_workdir):
     again = subprocess.run([sys.executable, *export.split()[1:]], cwd=fresh_workdir, env=user_env(fresh_workdir),
                            capture_output=True, text=True)
     assert again.returncode != 0 and "not empty" in again.stderr
-    result = run_as_typed(readme_command("python train.py unet.init_from=exported/digits"), fresh_workdir)
+    result = run_as_typed(readme_command("python train.py net.init_from=exported/digits"), fresh_workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "UNet2DModel weights imported" in result.stderr
 
@@ -323,7 +323,7 @@ def test_export_never_deletes_the_folder_it_runs_in_and_refuses_adapter_files(tm
 
 def test_import_refuses_conditional_targets(ddpm_cifar10_folder, tmp_path):
     folder, _ = ddpm_cifar10_folder
-    cfg = compose_config("train", ["data=cifar10", "unet=base", "conditioning=class", "conditioning.num_classes=10",
-                                   f"unet.init_from={folder}"], tmp_path / "run")
+    cfg = compose_config("train", ["data=cifar10", "net=base", "conditioning=class", "conditioning.num_classes=10",
+                                   f"net.init_from={folder}"], tmp_path / "run")
     with pytest.raises(InteropError, match="class-conditional"):
         build_model(cfg)

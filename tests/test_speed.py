@@ -215,7 +215,7 @@ def test_compiled_training_resumes_exactly_and_samples(tmp_path):
     run ends, sample.py compile=true matches."""
     common = ["trainer.max_steps=4", "eval_every=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
               "trainer.enable_progress_bar=false", "data.batch_size=8", "callbacks.sample_grid.n=4",
-              "callbacks.denoising_grid.num_images=2", "sampler.steps=3", "unet.base_channels=16",
+              "callbacks.denoising_grid.num_images=2", "sampler.steps=3", "net.base_channels=16",
               "model.compile=true", "paths.latest_link=null", "trainer.enable_model_summary=false", "formulation=flow"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_script("train.py", *common, f"hydra.run.dir={full}", cwd=tmp_path, check=True, timeout=1500)

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import ROOT, SHRINK, compose_config, run_script
 
-SMALL_DATA = ["data=shapes", "data.num_train=16", "data.num_val=8", "unet.channel_mult=[1,2]"]  # 2 steps per epoch
+SMALL_DATA = ["data=shapes", "data.num_train=16", "data.num_val=8", "net.channel_mult=[1,2]"]  # 2 steps per epoch
 
 
 def train_cli(args, cwd, timeout=900):

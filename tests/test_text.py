@@ -184,7 +184,7 @@ def test_text_encoder_group_sets_context_dim(tmp_path):
     cfg = compose_config("train", SHRINK + ["data=shapes", "data.num_train=8", "data.num_val=4",
                                              "text_encoder=minilm"], tmp_path)
     _, model, *_ = build(cfg)
-    assert model.net.context_dim == 384 == cfg.unet.context_dim
+    assert model.net.context_dim == 384 == cfg.net.context_dim
 
 
 @pytest.mark.parametrize("experiment,encoder", [("shapes_text2img", "LearnedTextEncoder"),

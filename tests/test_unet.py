@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from diffexp.course import unet_preset
+from diffexp.course import net_preset
 from diffexp.nets import UNet
 
 
 def unet_from_conf(size: str, image_size: int, channels: int) -> UNet:
-    return unet_preset(size, image_size, channels)
+    return net_preset(size, image_size, channels)
 
 
 def n_params(m):

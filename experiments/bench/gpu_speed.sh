@@ -35,7 +35,7 @@ if [[ $SECTIONS == *" 2 "* ]]; then
 echo "== 2. whole loop vs bare step"
 trainer=gpu
 [ "$DEVICE" = cpu ] && trainer=default
-timeout 180 python3 experiments/bench/loop_overhead.py data=shapes unet="$PRESET" data.batch_size="$BATCH" \
+timeout 180 python3 experiments/bench/loop_overhead.py data=shapes net="$PRESET" data.batch_size="$BATCH" \
     trainer=$trainer trainer.max_steps="$LOOP_STEPS" eval_every=100000 trainer.log_every_n_steps=50 \
     callbacks.throughput.skip_steps=$((LOOP_STEPS / 3)) --bare-steps 100 \
     --json "$OUT/loop_overhead.json" 2>&1 | grep -v Warning | tee "$OUT/loop_overhead.log"

@@ -13,7 +13,7 @@ Lightning, no EMA, no callbacks, no data loader (batches prepared beforehand). R
   data fetching, optimizer step), wall time measured around the subprocess.
 
     python experiments/bench/loop_overhead.py experiment=quickstart --json experiments/results/speed/loop_quickstart_cpu.json
-    python experiments/bench/loop_overhead.py data=shapes unet=base data.batch_size=256 trainer=gpu \\
+    python experiments/bench/loop_overhead.py data=shapes net=base data.batch_size=256 trainer=gpu \\
         trainer.max_steps=300 eval_every=100 --json experiments/results/gpu/loop_overhead.json
 """
 from __future__ import annotations

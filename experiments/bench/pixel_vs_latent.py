@@ -1,6 +1,6 @@
 """Pixel vs latent diffusion at the same image resolution (32x32 shapes), in one run.
 
-Both models are built from the real presets: pixel = ``data=shapes unet=tiny`` (U-Net on 32x32x3),
+Both models are built from the real presets: pixel = ``data=shapes net=tiny`` (U-Net on 32x32x3),
 latent = ``experiment=shapes_latent`` (the same U-Net family on the 8x8x4 latents of the
 ``experiment=shapes_vae`` autoencoder, f=4). Measured, interleaved over ``--rounds``:
 
@@ -41,7 +41,7 @@ def compose_train(overrides: list[str]):
 
 
 def build_models(vae_ckpt: str | None):
-    pixel_cfg = compose_train(["data=shapes", "unet=tiny", "schedule=cosine"])
+    pixel_cfg = compose_train(["data=shapes", "net=tiny", "schedule=cosine"])
     latent_cfg = compose_train(["experiment=shapes_latent"] + ([f"vae.ckpt={vae_ckpt}"] if vae_ckpt else []))
     if not vae_ckpt:  # random weights of the shapes_vae architecture: speed does not depend on the weights
         vae_net = compose_train(["experiment=shapes_vae"]).model.net

@@ -65,7 +65,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def ours(preset: str, image_size: int, channels: int):
-    cfg = OmegaConf.load(ROOT / "conf" / "unet" / f"{preset}.yaml")
+    cfg = OmegaConf.load(ROOT / "conf" / "net" / f"{preset}.yaml")
     cfg.image_size, cfg.in_channels = image_size, channels
     cfg.pop("init_from", None)
     return instantiate(cfg), cfg

@@ -5,7 +5,8 @@ only), and a model is rebuilt from a stored config only through registered parts
 Each checkpoint carries its composed run config under :data:`CONFIG_KEY` and the layout version under
 :data:`FORMAT_KEY`. Older formats are upgraded on load by :func:`upgrade_checkpoint` (format 1: before the
 conditioner/space restructuring; format 2: before the continuous-time core, when a model had a discrete
-``schedule`` instead of a ``path``), so old checkpoints keep working with ``sample.py`` and ``ckpt_path=``.
+``schedule`` instead of a ``path``; format 3: before the ``net`` group, when the denoiser's node was
+``unet``), so old checkpoints keep working with ``sample.py`` and ``ckpt_path=``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 CONFIG_KEY = "diffexp_config"
 FORMAT_KEY = "diffexp_format"
-FORMAT = 3
+FORMAT = 4
 DIFFUSION_TARGET = "diffexp.lit.DiffusionModel"
 LEGACY_DIFFUSION_TARGETS = ("diffexp.lit.pixel.PixelDiffusion", "diffexp.lit.latent.LatentDiffusion")
 # state-dict prefixes renamed in format 2
@@ -31,7 +32,7 @@ RENAMED_PREFIXES = {"text_encoder.": "conditioner.encoder.", "latent_scale": "sp
 
 
 # the parts of a run config that loading a model instantiates (``data`` too, when sample.py computes FID)
-MODEL_NODES = ("model", "unet", "conditioning", "text_encoder", "vae", "schedule", "sampler", "path", "density",
+MODEL_NODES = ("model", "net", "conditioning", "text_encoder", "vae", "schedule", "sampler", "path", "density",
                "weighting")
 
 
@@ -277,6 +278,15 @@ def upgrade_run_config_to_paths(cfg: dict) -> dict:
     return cfg
 
 
+def upgrade_run_config_to_net(cfg: dict) -> dict:
+    """A format-3 run config in the format-4 layout: the denoiser's node ``unet`` is named ``net`` (the group of
+    every backbone: U-Nets and DiTs)."""
+    cfg = copy.deepcopy(cfg)
+    if "unet" in cfg and "net" not in cfg:
+        cfg["net"] = cfg.pop("unet")
+    return cfg
+
+
 def fill_autoencoder(state: dict, own_state: dict) -> None:
     """A latent checkpoint written before checkpoints carried their autoencoder keeps the autoencoder weights the
     model was built with (from the VAE file its config names): they are copied from ``own_state`` into ``state``."""
@@ -295,7 +305,8 @@ def _renamed(key: str) -> str:
 def upgrade_checkpoint(checkpoint: dict) -> dict:
     """Bring a checkpoint dict to the current format in place (config, state dict, EMA state); returns it.
 
-    Format 2 named a diffusion model's discrete ``schedule`` where format 3 names its ``path``. Format 1 kept the
+    Format 3 named the denoiser's config node ``unet`` where format 4 names it ``net``. Format 2 named a diffusion
+    model's discrete ``schedule`` where format 3 names its ``path``. Format 1 kept the
     text encoder under ``text_encoder.``, the latent scale as ``latent_scale`` and the example captions beside the
     state dict; it did not carry the weights of an own VAE (the model fills
     them from the VAE file it was built with, see ``DiffusionModel.on_load_checkpoint``)."""
@@ -304,7 +315,9 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
         return checkpoint
     if version < 2:
         upgrade_to_format2(checkpoint)
-    checkpoint[CONFIG_KEY] = upgrade_run_config_to_paths(checkpoint[CONFIG_KEY])
+    if version < 3:
+        checkpoint[CONFIG_KEY] = upgrade_run_config_to_paths(checkpoint[CONFIG_KEY])
+    checkpoint[CONFIG_KEY] = upgrade_run_config_to_net(checkpoint[CONFIG_KEY])
     checkpoint[FORMAT_KEY] = FORMAT
     return checkpoint
 

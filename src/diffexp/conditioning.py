@@ -45,7 +45,7 @@ class Conditioner(nn.Module):
         self.p_uncond = check_p_uncond(p_uncond)
 
     def net_arguments(self) -> dict:
-        """Arguments the denoiser must be built with (e.g. ``context_dim``), filled into the ``unet`` config."""
+        """Arguments the denoiser must be built with (e.g. ``context_dim``), filled into the ``net`` config."""
         return {}
 
     def check_net(self, net: nn.Module) -> None:
@@ -135,7 +135,7 @@ class ClassConditioner(Conditioner):
     def check_net(self, net) -> None:
         if getattr(net, "num_classes", None) != self.num_classes:
             raise ValueError(f"conditioning=class with {self.num_classes} classes needs a U-Net built with "
-                             f"unet.num_classes={self.num_classes}, got {getattr(net, 'num_classes', None)}")
+                             f"net.num_classes={self.num_classes}, got {getattr(net, 'num_classes', None)}")
 
     def labels(self, labels: torch.Tensor, n: int, device) -> torch.Tensor:
         labels = torch.as_tensor(labels).long().to(device)
@@ -185,7 +185,7 @@ class TextConditioner(Conditioner):
 
     def check_net(self, net) -> None:
         if getattr(net, "context_dim", None) != self.encoder.dim:
-            raise ValueError(f"unet.context_dim={getattr(net, 'context_dim', None)} must equal the text encoder's "
+            raise ValueError(f"net.context_dim={getattr(net, 'context_dim', None)} must equal the text encoder's "
                              f"width {self.encoder.dim}")
 
     def get_extra_state(self) -> dict:

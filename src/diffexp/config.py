@@ -17,7 +17,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf
 
 
 def node_name(cfg) -> str:
-    """Where a config node sits in the run config (``trainer``, ``model.unet``), or its ``_target_``."""
+    """Where a config node sits in the run config (``trainer``, ``net``), or its ``_target_``."""
     key = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
     return key or (str(cfg.get("_target_", "a config node")) if hasattr(cfg, "get") else "a config node")
 
@@ -50,6 +50,38 @@ def instantiate(cfg, **kwargs):
         if isinstance(cause, (ValueError, FileNotFoundError, KeyError, MissingPackageError)):
             raise cause from None
         raise
+
+
+RENAMED_GROUPS = {"unet": "net"}  # group -> its new name (one step: the old name is an error that says the new)
+
+
+def renamed_override(arg: str) -> str | None:
+    """``arg`` written with the new group name if it uses a renamed config group (``unet.init_from=x`` ->
+    ``net.init_from=x``), else None."""
+    key = arg.lstrip("+~").split("=", 1)[0]
+    group = key.split(".", 1)[0].split("@", 1)[0]
+    return arg.replace(group, RENAMED_GROUPS[group], 1) if group in RENAMED_GROUPS else None
+
+
+def renamed_group_errors(args: list[str]) -> list[str]:
+    """One line per command-line override that uses a renamed config group (``unet=small``, ``unet.init_from=``,
+    ``-m unet=tiny,small``), saying what to type instead."""
+    errors = []
+    for arg in args:
+        renamed = renamed_override(arg)
+        if renamed is not None:
+            group = arg.lstrip("+~").split(".", 1)[0].split("=", 1)[0].split("@", 1)[0]
+            errors.append(f"error: the {group!r} config group is now {RENAMED_GROUPS[group]!r} (U-Nets and DiTs): "
+                          f"write {renamed}")
+    return errors
+
+
+def exit_on_renamed_groups(args: list[str]) -> None:
+    """For the entry points: print :func:`renamed_group_errors` and exit with status 2 if there are any."""
+    errors = renamed_group_errors(args)
+    if errors:
+        print("\n".join(errors), file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class OptionError(TypeError):
@@ -137,7 +169,7 @@ def build_model(cfg: DictConfig, datamodule=None, from_checkpoint: bool = False)
 
     A diffusion model (its config has a ``space``) is built in this order: the conditioner (with its text
     encoder, if ``text_encoder`` is set), the space (with its frozen autoencoder, if ``vae`` is set), the
-    denoiser with what those two require (``unet.context_dim`` / ``num_classes`` / ``in_channels`` /
+    denoiser with what those two require (``net.context_dim`` / ``num_classes`` / ``in_channels`` /
     ``image_size``, filled where null), then the module. Derived values (class count from the data, U-Net
     arguments, the architecture of a VAE trained here) are written into ``cfg``, so the saved run config
     rebuilds the same model without the data or any file trained here (``from_checkpoint``; pretrained hub
@@ -176,26 +208,38 @@ def build_diffusion_model(cfg: DictConfig, datamodule=None, from_checkpoint: boo
             cfg.vae.architecture = autoencoder.architecture()
         derived = {**space.net_arguments(cfg.data.image_size, cfg.data.channels), **conditioner.net_arguments()}
         for key, value in derived.items():
-            if cfg.unet.get(key) is None or key == "context_dim":
-                cfg.unet[key] = value
-        source = cfg.unet.get("init_from")
-        imported = import_diffusers_unet(cfg.unet, source) if source and not from_checkpoint else None
-        net = instantiate(without_init_from(cfg.unet))
+            if cfg.net.get(key) is None or key == "context_dim":
+                cfg.net[key] = value
+        source = cfg.net.get("init_from")
+        imported = import_diffusers_net(cfg.net, source) if source and not from_checkpoint else None
+        net = instantiate(without_init_from(cfg.net))
         if imported is not None:
             net.load_state_dict(imported)
     return instantiate(cfg.model, net=net, conditioner=conditioner, space=space)
 
 
-def without_init_from(unet_cfg: DictConfig) -> DictConfig:
-    """The U-Net config minus ``init_from`` (where its weights came from; kept in the run config as a record)."""
-    net_cfg = unet_cfg.copy()
+def without_init_from(net_cfg: DictConfig) -> DictConfig:
+    """The net config minus ``init_from`` (where its weights came from; kept in the run config as a record)."""
+    net_cfg = net_cfg.copy()
     with open_dict(net_cfg):
         net_cfg.pop("init_from", None)
     return net_cfg
 
 
+def import_diffusers_net(net_cfg: DictConfig, source: str) -> dict:
+    """``net.init_from``: a diffusers model's weights in diffexp's names, for the backbone ``net=`` builds: a
+    ``UNet2DModel`` for a U-Net (:func:`import_diffusers_unet`), a ``DiTTransformer2DModel`` for a DiT
+    (:func:`diffexp.interop_dit.import_diffusers_dit`)."""
+    target = str(net_cfg.get("_target_", ""))
+    if target.endswith(".DiT"):
+        from diffexp.interop_dit import import_diffusers_dit
+
+        return import_diffusers_dit(net_cfg, source)
+    return import_diffusers_unet(net_cfg, source)
+
+
 def import_diffusers_unet(unet_cfg: DictConfig, source: str) -> dict:
-    """``unet.init_from``: the weights of the diffusers ``UNet2DModel`` at ``source`` (folder or hub id) in
+    """``net.init_from`` (a U-Net): the weights of the diffusers ``UNet2DModel`` at ``source`` (folder or hub id) in
     diffexp's names. Its conventions (time-embedding order and frequency shift, downsampling padding) are written
     into ``unet_cfg``, so the run config rebuilds the same function; a layout other than ``unet_cfg``'s, or a
     text- or class-conditional U-Net (UNet2DModel pipelines have neither input), is an error naming why."""
@@ -205,7 +249,7 @@ def import_diffusers_unet(unet_cfg: DictConfig, source: str) -> dict:
 
     if unet_cfg.get("context_dim") or unet_cfg.get("num_classes"):
         kind = "text-conditioned (cross-attention)" if unet_cfg.get("context_dim") else "class-conditional"
-        raise InteropError(f"unet.init_from loads an unconditional diffusers UNet2DModel; this run's U-Net is {kind} "
+        raise InteropError(f"net.init_from loads an unconditional diffusers UNet2DModel; this run's U-Net is {kind} "
                            f"and has layers UNet2DModel lacks (use conditioning=none)")
     config, state = read_diffusers_unet(source)
     options = unet_options_from_diffusers(config)
@@ -214,9 +258,9 @@ def import_diffusers_unet(unet_cfg: DictConfig, source: str) -> dict:
         unet_cfg[key] = options[key]
     net = instantiate(without_init_from(unet_cfg))
     if not isinstance(net, UNet):
-        raise OptionError(f"unet.init_from loads a diffusers UNet2DModel into diffexp's UNet, not {unet_cfg._target_}")
+        raise OptionError(f"net.init_from loads a diffusers UNet2DModel into diffexp's UNet, not {unet_cfg._target_}")
     weights = from_diffusers_state(net, state)
-    print(f"[diffexp] unet.init_from={source}: UNet2DModel weights imported ({sum(v.numel() for v in state.values()):,} "
+    print(f"[diffexp] net.init_from={source}: UNet2DModel weights imported ({sum(v.numel() for v in state.values()):,} "
           f"parameters; time embedding {options['time_embedding_order']}, freq shift {options['time_freq_shift']:g}, "
           f"downsample padding {options['downsample_padding']})", file=sys.stderr)
     return weights

@@ -69,18 +69,29 @@ def train(overrides: list[str], output_dir: str | Path, steps: int | None = None
     return ckpt
 
 
-def unet_preset(name: str, image_size: int, in_channels: int, context_dim: int | None = None):
-    """The U-Net of ``conf/unet/<name>.yaml`` at the given size (a clear error for unknown presets)."""
+def net_preset(name: str, image_size: int, in_channels: int, context_dim: int | None = None, **options):
+    """The denoiser of ``conf/net/<name>.yaml`` (a U-Net or a DiT) at the given size, other ``net.`` options from
+    ``options`` (a clear error for unknown presets)."""
     from hydra.utils import instantiate
+
+    cfg = net_preset_config(name)
+    cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, in_channels, context_dim
+    for key, value in options.items():
+        cfg[key] = value
+    cfg.pop("init_from", None)  # a diffusers model to import is train.py's business (diffexp.config)
+    return instantiate(cfg)
+
+
+def net_preset_config(name: str):
+    """``conf/net/<name>.yaml`` as a config, with the presets it builds on (its ``defaults``) merged under it."""
     from omegaconf import OmegaConf
 
-    path = CONF_DIR / "unet" / f"{name}.yaml"
+    path = CONF_DIR / "net" / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unet preset {name!r} does not exist; choose from {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
+        raise ValueError(f"net preset {name!r} does not exist; choose from {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
     cfg = OmegaConf.load(path)
-    cfg.image_size, cfg.in_channels, cfg.context_dim = image_size, in_channels, context_dim
-    cfg.pop("init_from", None)  # a diffusers U-Net to import is train.py's business (diffexp.config)
-    return instantiate(cfg)
+    bases = [d for d in cfg.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*[net_preset_config(b) for b in bases], cfg) if bases else cfg
 
 
 def data_of(cfg: DictConfig):

@@ -56,7 +56,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, use_ema: bool
                  (("shapes differ", mismatched), ("missing there", missing), ("not in this model", unexpected)) if keys]
         raise CheckpointError(f"init_from={str(path)!r} holds a model of another architecture than this config "
                               f"builds ({'; '.join(parts)}). Fine-tune with the model overrides it was trained "
-                              f"with (unet=, text_encoder=, model=, vae=: its run's .hydra/overrides.yaml)")
+                              f"with (net=, text_encoder=, model=, vae=: its run's .hydra/overrides.yaml)")
     state = dict(target)
     state.update({k: source[src] for k, src in wanted.items() if src in source})
     model.load_state_dict(state)

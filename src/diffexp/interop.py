@@ -5,7 +5,7 @@
 default) and ``scheduler/``: for a DDPM path the training schedule's betas exactly, as ``trained_betas``, and the
 prediction type (``DDPMScheduler``); for a flow-matching model a ``FlowMatchEulerDiscreteScheduler``. Paths and
 predictions a ``DDPMPipeline`` cannot run (EDM's preconditioning, the continuous cosine path) are refused with the
-reason. ``unet.init_from=DIR_OR_HUB_ID`` is the inverse: a ``UNet2DModel``'s weights in the matching diffexp U-Net,
+reason. ``net.init_from=DIR_OR_HUB_ID`` is the inverse: a ``UNet2DModel``'s weights in the matching diffexp U-Net,
 its conventions (time-embedding order and frequency shift, downsampling padding) taken from its config.
 
 The map is one-to-one because both networks are the DDPM U-Net (Ho et al. 2020): the same residual blocks
@@ -47,21 +47,21 @@ def diffusers_unet_config(net: UNet) -> dict:
     if not isinstance(net, UNet):
         raise InteropError(f"only diffexp's UNet maps onto diffusers' UNet2DModel, not {type(net).__name__}")
     if net.context_dim:
-        raise InteropError("a text-conditioned U-Net (unet.context_dim set: cross-attention transformer blocks) has no "
+        raise InteropError("a text-conditioned U-Net (net.context_dim set: cross-attention transformer blocks) has no "
                            "UNet2DModel counterpart; diffusers' UNet2DConditionModel uses other blocks, so export "
                            "supports unconditional pixel models only")
     if net.num_classes:
-        raise InteropError("a class-conditional U-Net (unet.num_classes) is not exported: diffusers' DDPMPipeline "
+        raise InteropError("a class-conditional U-Net (net.num_classes) is not exported: diffusers' DDPMPipeline "
                            "and DDIMPipeline cannot pass class labels; export supports unconditional pixel models")
     if net.channel_mult[0] != 1:
-        raise InteropError(f"unet.channel_mult={list(net.channel_mult)} starts at {net.channel_mult[0]}: UNet2DModel's "
+        raise InteropError(f"net.channel_mult={list(net.channel_mult)} starts at {net.channel_mult[0]}: UNet2DModel's "
                            f"time embedding has the width of the first level, diffexp's that of base_channels; "
                            f"they agree only when channel_mult starts at 1")
     norms = {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
     if norms != {GROUPS}:
         raise InteropError(f"UNet2DModel uses one GroupNorm group count for every layer; this U-Net's widths give "
                            f"{sorted(norms)} groups (every width must be a multiple of {GROUPS}: raise "
-                           f"unet.base_channels)")
+                           f"net.base_channels)")
     widths = [net.base_channels * m for m in net.channel_mult]
     levels = _attention_levels(net)
     if net.num_heads == 1:
@@ -69,7 +69,7 @@ def diffusers_unet_config(net: UNet) -> dict:
     else:
         dims = {widths[lv] // net.num_heads for lv in levels + [len(widths) - 1]}
         if len(dims) > 1:
-            raise InteropError(f"UNet2DModel gives every attention layer the same head width; unet.num_heads="
+            raise InteropError(f"UNet2DModel gives every attention layer the same head width; net.num_heads="
                                f"{net.num_heads} gives {sorted(dims)} at this U-Net's attention levels")
         head_dim = dims.pop()
     return {
@@ -278,18 +278,18 @@ def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tenso
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise InteropError("unet.init_from needs diffusers: pip install -e '.[diffusers]'") from None
+        raise InteropError("net.init_from needs diffusers: pip install -e '.[diffusers]'") from None
     local = Path(source).expanduser()
     subfolder = None
     if local.is_dir():
         if (local / "unet" / "config.json").is_file():
             subfolder = "unet"
         elif not (local / "config.json").is_file():
-            raise FileNotFoundError(f"unet.init_from={str(source)!r} is a folder without config.json or unet/config.json;"
+            raise FileNotFoundError(f"net.init_from={str(source)!r} is a folder without config.json or unet/config.json;"
                                     f" pass a diffusers UNet2DModel folder, a pipeline folder or a hub id")
         source = str(local)
     elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"unet.init_from={str(source)!r} is neither a folder nor a hub id like "
+        raise FileNotFoundError(f"net.init_from={str(source)!r} is neither a folder nor a hub id like "
                                 f"google/ddpm-cifar10-32")
     def reason(error) -> str:
         return " ".join(str(error).split())[:240]
@@ -301,16 +301,16 @@ def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tenso
             try:  # pipeline repositories keep the U-Net in unet/
                 unet = UNet2DModel.from_pretrained(source, subfolder="unet")
             except (OSError, EnvironmentError):
-                raise InteropError(f"unet.init_from={str(source)!r}: there is no such local folder, and no hub model "
+                raise InteropError(f"net.init_from={str(source)!r}: there is no such local folder, and no hub model "
                                    f"of that id could be loaded ({reason(e)}); offline, download it once or pass a "
                                    f"local folder") from None
         else:
-            raise InteropError(f"unet.init_from={str(source)!r}: no UNet2DModel could be loaded ({reason(e)})") from None
+            raise InteropError(f"net.init_from={str(source)!r}: no UNet2DModel could be loaded ({reason(e)})") from None
     return dict(unet.config), {k: v.detach().float() for k, v in unet.state_dict().items()}
 
 
 def check_unet_matches(unet_cfg, options: dict, source: str) -> None:
-    """:class:`InteropError` naming each diffexp ``unet.`` option whose value differs from what the diffusers
+    """:class:`InteropError` naming each diffexp ``net.`` option whose value differs from what the diffusers
     U-Net at ``source`` needs (the layout; conventions are set by the caller)."""
     levels = options["attention_level_indices"]
     resolutions = [unet_cfg.image_size // 2**i for i in range(len(options["channel_mult"]))]
@@ -319,15 +319,15 @@ def check_unet_matches(unet_cfg, options: dict, source: str) -> None:
     wanted = {"base_channels": options["base_channels"], "channel_mult": options["channel_mult"],
               "num_res_blocks": options["num_res_blocks"], "num_heads": options["num_heads"],
               "scale_shift": options["scale_shift"], "in_channels": options["in_channels"]}
-    differing = [f"unet.{k}={v}" for k, v in wanted.items() if _plain(unet_cfg.get(k)) != v]
+    differing = [f"net.{k}={v}" for k, v in wanted.items() if _plain(unet_cfg.get(k)) != v]
     if ours_levels != levels:
-        differing.append(f"unet.attention_resolutions=[] unet.attention_levels={levels} (attention at these levels; "
+        differing.append(f"net.attention_resolutions=[] net.attention_levels={levels} (attention at these levels; "
                          f"now {ours_levels})")
     if (unet_cfg.get("out_channels") or unet_cfg.in_channels) != options["out_channels"]:
-        differing.append(f"unet.out_channels={options['out_channels']}")
+        differing.append(f"net.out_channels={options['out_channels']}")
     if differing:
-        raise InteropError(f"unet.init_from={source!r} is a U-Net of another layout than unet= builds; set "
-                           + ", ".join(differing) + " (or choose the matching unet preset and data)")
+        raise InteropError(f"net.init_from={source!r} is a U-Net of another layout than net= builds; set "
+                           + ", ".join(differing) + " (or choose the matching net preset and data)")
 
 
 def _plain(value):

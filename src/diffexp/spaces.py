@@ -91,12 +91,12 @@ class LatentSpace(PixelSpace):
 
     def check_net(self, net) -> None:
         if net.in_channels != self.autoencoder.latent_channels:
-            raise ValueError(f"unet.in_channels={net.in_channels} but the VAE ({self.autoencoder.name}) makes latents "
-                             f"with {self.autoencoder.latent_channels} channels; set unet.in_channels="
+            raise ValueError(f"net.in_channels={net.in_channels} but the VAE ({self.autoencoder.name}) makes latents "
+                             f"with {self.autoencoder.latent_channels} channels; set net.in_channels="
                              f"{self.autoencoder.latent_channels} (or null to follow the VAE)")
         if net.image_size != self.latent_size:
-            raise ValueError(f"unet.image_size={net.image_size} but the latents of {self.image_size}px images are "
-                             f"{self.latent_size}px (f={self.autoencoder.downsampling_factor}); set unet.image_size="
+            raise ValueError(f"net.image_size={net.image_size} but the latents of {self.image_size}px images are "
+                             f"{self.latent_size}px (f={self.autoencoder.downsampling_factor}); set net.image_size="
                              f"{self.latent_size} (or null to follow the VAE)")
 
     def scale(self) -> torch.Tensor:

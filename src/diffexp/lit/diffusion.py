@@ -13,6 +13,7 @@ from diffexp.conditioning import Conditioner, Unconditional
 from diffexp.diffusion import get_prediction, to_x0_eps
 from diffexp.guidance import guided_model
 from diffexp.lit.base import TrainingModule
+from diffexp.nets.contract import Denoiser
 from diffexp.objectives import Density, MinSNR, NoWeighting, Objective, Weighting
 from diffexp.paths import GaussianPath, as_path
 from diffexp.precision import at_precision, check_precision
@@ -95,6 +96,10 @@ class DiffusionModel(TrainingModule):
         lora: dict | None = None,
     ):
         super().__init__(optimizer, lr_scheduler)
+        if not isinstance(net, Denoiser):
+            raise TypeError(f"net={type(net).__name__} does not satisfy the denoiser contract "
+                            f"(diffexp.nets.Denoiser: in_channels, image_size, context_dim, num_classes and "
+                            f"forward(x, t, class_labels=, context=, context_mask=, pooled=))")
         self.net = net
         self.path = as_path(path)
         self.conditioner = conditioner if conditioner is not None else Unconditional()

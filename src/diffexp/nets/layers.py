@@ -18,10 +18,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, o
     i < half = dim // 2. DDPM's CIFAR-10 network uses sin_cos with freq_shift 1 (diffusers' ``flip_sin_to_cos=False,
     freq_shift=1``); diffexp's default is cos_sin with freq_shift 0 (``flip_sin_to_cos=True, freq_shift=0``)."""
     if order not in EMBEDDING_ORDERS:
-        raise ValueError(f"unet.time_embedding_order={order!r}; allowed: {list(EMBEDDING_ORDERS)}")
+        raise ValueError(f"net.time_embedding_order={order!r}; allowed: {list(EMBEDDING_ORDERS)}")
     half = dim // 2
     if half - freq_shift <= 0:
-        raise ValueError(f"unet.time_freq_shift={freq_shift} must be below half the embedding width ({half})")
+        raise ValueError(f"net.time_freq_shift={freq_shift} must be below half the embedding width ({half})")
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
                       / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
@@ -105,7 +105,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         if padding not in (0, 1):
-            raise ValueError(f"unet.downsample_padding={padding!r}; allowed: 1 (every side) or 0 (right and bottom, DDPM)")
+            raise ValueError(f"net.downsample_padding={padding!r}; allowed: 1 (every side) or 0 (right and bottom, DDPM)")
         self.padding = padding
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 

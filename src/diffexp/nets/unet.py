@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffexp.nets.layers import (AttentionBlock, Downsample, ResBlock, TransformerBlock, Upsample, group_norm,
                                  timestep_embedding)
@@ -38,6 +39,8 @@ class UNet(nn.Module):
         downsample_padding: 1 pads every side of the stride-2 convolution, 0 the right and bottom only (DDPM).
         The three change no weight shape: they let weights trained elsewhere (diffusers' ``UNet2DModel``, see
         :mod:`diffexp.interop`) give the same function here.
+        gradient_checkpointing: recompute each residual and attention block in the backward pass instead of
+            storing its activations (less memory, one more forward of the blocks).
     """
 
     def __init__(
@@ -58,32 +61,33 @@ class UNet(nn.Module):
         time_embedding_order: str = "cos_sin",
         time_freq_shift: float = 0.0,
         downsample_padding: int = 1,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
         if not channel_mult or any(not isinstance(m, int) or m <= 0 for m in channel_mult):
-            raise ValueError(f"unet.channel_mult={list(channel_mult)} must list one positive integer per resolution "
+            raise ValueError(f"net.channel_mult={list(channel_mult)} must list one positive integer per resolution "
                              f"level, e.g. [1, 2, 2]")
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             raise ValueError(
                 f"image_size={image_size} cannot pass through a U-Net with channel_mult={list(channel_mult)}: "
                 f"it must be divisible by 2**{len(channel_mult) - 1} = {factor} "
-                f"(change data.image_size or unet.channel_mult)"
+                f"(change data.image_size or net.channel_mult)"
             )
         if not isinstance(base_channels, int) or isinstance(base_channels, bool) or base_channels <= 0:
-            raise ValueError(f"unet.base_channels must be a positive integer, got {base_channels!r}")
+            raise ValueError(f"net.base_channels must be a positive integer, got {base_channels!r}")
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         bad = [r for r in attention_resolutions if r not in resolutions]
         if bad:
             raise ValueError(
-                f"unet.attention_resolutions={list(attention_resolutions)} includes {bad}, which the U-Net never "
+                f"net.attention_resolutions={list(attention_resolutions)} includes {bad}, which the U-Net never "
                 f"reaches at image_size={image_size}; allowed: {resolutions}"
             )
         levels = list(attention_levels or [])
         bad = [lv for lv in levels if not -len(resolutions) <= lv < len(resolutions)]
         if bad:
-            raise ValueError(f"unet.attention_levels={levels} includes {bad}; allowed: "
+            raise ValueError(f"net.attention_levels={levels} includes {bad}; allowed: "
                              f"{-len(resolutions)}..{len(resolutions) - 1} (one per channel_mult entry)")
         attention_resolutions = set(attention_resolutions) | {resolutions[lv] for lv in levels}
         self.image_size = image_size
@@ -98,6 +102,7 @@ class UNet(nn.Module):
         self.attention_resolutions = sorted(attention_resolutions, reverse=True)
         self.time_embedding_order, self.time_freq_shift = time_embedding_order, float(time_freq_shift)
         self.downsample_padding = downsample_padding
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         timestep_embedding(torch.zeros(1), base_channels, order=time_embedding_order, freq_shift=time_freq_shift)
         temb_dim = base_channels * 4
 
@@ -147,15 +152,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    @staticmethod
-    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor, context=None, mask=None) -> torch.Tensor:
+    def _run(self, layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor, context=None, mask=None) -> torch.Tensor:
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in layers:
             if isinstance(layer, ResBlock):
-                h = layer(h, temb)
+                args = (h, temb)
             elif isinstance(layer, TransformerBlock):
-                h = layer(h, context, mask)
+                args = (h, context, mask)
             else:
-                h = layer(h)
+                args = (h,)
+            resampling = isinstance(layer, (Downsample, Upsample))
+            h = checkpoint(layer, *args, use_reentrant=False) if recompute and not resampling else layer(*args)
         return h
 
     def forward(
@@ -170,11 +177,11 @@ class UNet(nn.Module):
         if x.shape[-1] % self.min_divisor or x.shape[-2] % self.min_divisor:
             raise ValueError(f"input of size {tuple(x.shape[-2:])} must be divisible by {self.min_divisor}")
         if context is not None and not self.context_dim:
-            raise ValueError("this U-Net has no cross-attention; build it with unet.context_dim to pass context")
+            raise ValueError("this U-Net has no cross-attention; build it with net.context_dim to pass context")
         if self.context_dim and context is None:
             raise ValueError("this U-Net conditions on text: pass context (N, L, context_dim) tokens")
         if context is not None and context.shape[-1] != self.context_dim:
-            raise ValueError(f"context width {context.shape[-1]} != unet.context_dim={self.context_dim}")
+            raise ValueError(f"context width {context.shape[-1]} != net.context_dim={self.context_dim}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_mlp(timestep_embedding(t, self.base_channels, order=self.time_embedding_order,

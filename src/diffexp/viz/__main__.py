@@ -76,10 +76,10 @@ def cmd_schedules(args) -> Path:
 
 
 def cmd_unet(args) -> Path:
-    from diffexp.course import unet_preset
+    from diffexp.course import net_preset
     from diffexp.viz.unet import layer_table_markdown, unet_diagram
 
-    net = unet_preset(args.preset, args.image_size, args.channels, args.context_dim)
+    net = net_preset(args.preset, args.image_size, args.channels, args.context_dim)
     if args.table:
         Path(args.table).write_text(layer_table_markdown(net) + "\n")
     save_figure(unet_diagram(net), Path(args.out))
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     p.add_argument("--zero-terminal-snr", nargs="*", default=["linear"], help="schedules also drawn rescaled")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_schedules)
-    p = sub.add_parser("unet", help="U-Net diagram (and --table markdown) of a conf/unet preset")
+    p = sub.add_parser("unet", help="U-Net diagram (and --table markdown) of a conf/net U-Net preset")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--channels", type=int, default=1)
