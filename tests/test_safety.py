@@ -364,13 +364,15 @@ def _resume_matches(tmp_path, overrides, resume_from: str, compare: list[str]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
-def test_ddp_resume_in_mid_epoch_is_exact(tmp_path, formulation):
+@pytest.mark.parametrize("formulation,net", [
+    ("ddpm", ["net.channel_mult=[1,2]"]),
+    ("edm", ["net=dit_tiny", "net.depth=2", "net.hidden_size=32", "net.num_heads=2"]),
+], ids=["ddpm-unet", "edm-dit"])
+def test_ddp_resume_in_mid_epoch_is_exact(tmp_path, formulation, net):
     """2 CPU processes, 32 images in batches of 8: 2 steps per epoch and rank, so step 3 is mid-epoch; on DDPM's
-    discrete path and on EDM's continuous one (times and noise per rank)."""
+    discrete path with a U-Net and on EDM's continuous one (times and noise per rank) with a DiT."""
     _resume_matches(tmp_path, [f"formulation={formulation}", "trainer=ddp_cpu", "data=shapes", "data.num_train=32",
-                               "data.num_val=8",
-                               "net.channel_mult=[1,2]", "trainer.max_steps=8",
+                               "data.num_val=8", *net, "trainer.max_steps=8",
                                "callbacks.model_checkpoint.every_n_train_steps=3"],
                     "step0000003.ckpt", ["step0000006.ckpt", "last.ckpt"])
 

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-#: U-Net attention projections (self-attention ``qkv``/``proj``, cross-attention ``to_q``/``to_kv``/``proj``, the
-#: transformer blocks' ``proj_out``) and a learned text encoder's word table (``embed``).
-DEFAULT_TARGETS = ("qkv", "to_q", "to_kv", "proj", "proj_out", "embed")
+#: Attention projections of both backbones (self-attention ``qkv``/``proj``, cross-attention ``to_q``/``to_kv``/
+#: ``proj``, the U-Net transformer blocks' ``proj_out``), the DiT blocks' MLP (``fc1``/``fc2``) and a learned text
+#: encoder's word table (``embed``).
+DEFAULT_TARGETS = ("qkv", "to_q", "to_kv", "proj", "proj_out", "fc1", "fc2", "embed")
 LORA_MARK = "lora_"
 
 

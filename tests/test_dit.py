@@ -1,0 +1,303 @@
+"""The DiT backbone (diffexp.nets.dit): its parts against the paper and diffusers, the diffusers weight map
+(net.init_from), and a DiT through every entry point (formulations, conditioning, latent space, EMA, LoRA,
+compile, bf16, resume, editing, the playground)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import SHRINK, compose_config
+
+pytest.importorskip("diffusers")
+from diffusers import DiTTransformer2DModel  # noqa: E402
+
+from diffexp.config import build_model  # noqa: E402
+from diffexp.interop import InteropError  # noqa: E402
+from diffexp.interop_dit import dit_from_diffusers_state, dit_options_from_diffusers  # noqa: E402
+from diffexp.nets import DiT, UNet  # noqa: E402
+from diffexp.nets.contract import Denoiser  # noqa: E402
+from diffexp.nets.dit import DIT_SIZES, dit_gflops, dit_parameters, sincos_2d  # noqa: E402
+
+# facebook/DiT-XL-2-256's transformer/config.json
+XL_CONFIG = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+             "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000,
+             "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+             "norm_elementwise_affine": False}
+
+
+def perturbed(net: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """``net`` with every parameter moved off its (partly zero) initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return net
+
+
+def small_diffusers_dit(tmp_path, **overrides):
+    """A random DiTTransformer2DModel of the paper's layout (learned sigma, 10 classes) at 16x16x1, saved."""
+    config = {**XL_CONFIG, "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 1, "out_channels": 2,
+              "num_layers": 2, "sample_size": 16, "num_embeds_ada_norm": 10, **overrides}
+    torch.manual_seed(0)
+    model = perturbed(DiTTransformer2DModel(**config)).eval()
+    # the paper's conversion copies one embedder into every block
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    folder = tmp_path / "dit"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+# --- the parts -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim,grid", [(128, 8), (1152, 16)])
+def test_position_embedding_is_the_papers_2d_sincos(dim, grid):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    reference = get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt").float()
+    assert sincos_2d(dim, grid).shape == (grid * grid, dim)
+    assert torch.allclose(sincos_2d(dim, grid), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4, 8])
+def test_unpatchify_places_each_tokens_patch(patch):
+    net = DiT(image_size=16, in_channels=3, patch_size=patch, depth=1, hidden_size=32, num_heads=2)
+    x = torch.randn(2, 3, 16, 16)
+    n, c, h, w = x.shape
+    # token (i, j) holds patch x[:, :, i*p:(i+1)*p, j*p:(j+1)*p] as (p, p, C)
+    tokens = x.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, patch * patch * c)
+    assert torch.equal(net.unpatchify(tokens, h, w), x)
+    assert net.num_tokens == (16 // patch) ** 2 == net.patchify(x).shape[1]
+
+
+def test_adaln_zero_starts_as_the_zero_function_and_blocks_as_identity():
+    net = DiT(image_size=8, in_channels=2, depth=2, hidden_size=32, num_heads=2, num_classes=3, context_dim=8)
+    for block in net.blocks:
+        assert not block.modulation.weight.any() and not block.cross_attn.proj.weight.any()
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1.0, 500.0])
+    context = torch.randn(2, 5, 8)
+    assert not net(x, t, class_labels=torch.tensor([0, 3]), context=context).any()
+    tokens = torch.randn(2, net.num_tokens, 32)
+    c = net.conditioning(t, torch.tensor([0, 1]))
+    assert torch.equal(net.blocks[0](tokens, c, context), tokens)  # gates 0: each residual branch adds nothing
+    perturbed(net)
+    assert net(x, t, class_labels=torch.tensor([0, 3]), context=context).abs().mean() > 1e-3
+
+
+def test_conditioning_reaches_the_output_and_the_mask_hides_tokens():
+    torch.manual_seed(0)
+    net = perturbed(DiT(image_size=8, in_channels=1, depth=2, hidden_size=32, num_heads=2, num_classes=3,
+                        context_dim=8))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7])
+    context, mask = torch.randn(2, 4, 8), torch.tensor([[True, True, False, False]] * 2)
+    base = net(x, t, torch.tensor([0, 1]), context, mask, pooled=context[:, 0])
+    assert not torch.allclose(base, net(x, t, torch.tensor([2, 1]), context, mask, pooled=context[:, 0]))
+    assert not torch.allclose(base, net(x, t * 2, torch.tensor([0, 1]), context, mask, pooled=context[:, 0]))
+    assert not torch.allclose(base, net(x, t, torch.tensor([0, 1]), context, mask, pooled=context[:, 1]))
+    hidden = context.clone()
+    hidden[:, 2:] = torch.randn(2, 2, 8)  # masked-out tokens changed: the same output
+    assert torch.allclose(base, net(x, t, torch.tensor([0, 1]), hidden, mask, pooled=context[:, 0]), atol=1e-6)
+    # no label: the null class (index num_classes)
+    assert torch.equal(net(x, t, None, context, mask), net(x, t, torch.tensor([3, 3]), context, mask))
+
+
+def test_flops_and_parameters_match_the_papers_table():
+    """DiT paper Table 1 / 4 (256 px, 32x32x4 latents): Gflops S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64 and
+    XL/4 29.05, XL/8 7.39; parameters 33M, 130M, 458M, 675M (class-conditional, 1000 classes)."""
+    paper_gflops = {("S", 2): 6.06, ("B", 2): 23.01, ("L", 2): 80.71, ("XL", 2): 118.64, ("XL", 4): 29.05,
+                    ("XL", 8): 7.39}
+    for (size, patch), gflops in paper_gflops.items():
+        depth, width, heads = DIT_SIZES[size]
+        with torch.device("meta"):
+            net = DiT(32, 4, patch_size=patch, depth=depth, hidden_size=width, num_heads=heads, num_classes=1000)
+        assert dit_gflops(net) == pytest.approx(gflops, rel=0.01), (size, patch)
+    for size, millions in {"S": 33, "B": 130, "L": 458, "XL": 675}.items():
+        assert dit_parameters(size) / 1e6 == pytest.approx(millions, abs=0.6), size
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    net = perturbed(DiT(image_size=8, in_channels=1, depth=2, hidden_size=32, num_heads=2, context_dim=8))
+    x, t, context = torch.randn(2, 1, 8, 8), torch.rand(2), torch.randn(2, 3, 8)
+    grads = []
+    for flag in (False, True):
+        net.zero_grad()
+        net.gradient_checkpointing = flag
+        net(x, t, context=context, pooled=context[:, 0]).square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_both_backbones_satisfy_the_denoiser_contract():
+    unet = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                image_size=8)
+    dit = DiT(image_size=8, in_channels=1, depth=1, hidden_size=32, num_heads=2)
+    for net in (unet, dit):
+        assert isinstance(net, Denoiser)
+        assert net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 1, 8, 8)
+    assert not isinstance(torch.nn.Linear(2, 2), Denoiser)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"patch_size": 3}, r"net.patch_size=3; allowed: \[1, 2, 4, 8\]"),
+    ({"image_size": 10, "patch_size": 4}, "must be divisible by net.patch_size=4"),
+    ({"depth": 0}, "net.depth must be a positive integer"),
+])
+def test_bad_options_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiT(**{"image_size": 8, "in_channels": 1, "hidden_size": 32, "num_heads": 2, **kwargs})
+
+
+def test_wrong_inputs_are_refused():
+    net = DiT(image_size=8, in_channels=1, depth=1, hidden_size=32, num_heads=2)
+    with pytest.raises(ValueError, match="takes 8x8 inputs"):
+        net(torch.randn(1, 1, 16, 16), torch.rand(1))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        net(torch.randn(1, 1, 8, 8), torch.rand(1), context=torch.randn(1, 2, 4))
+
+
+# --- diffusers' weights ----------------------------------------------------------------------------------------
+def test_xl_key_map_covers_every_weight_on_the_meta_device():
+    """facebook/DiT-XL-2-256's layout: every diffexp weight gets one of the same shape, nothing of theirs is
+    left over, the learned-sigma rows of the final layer are dropped."""
+    with torch.device("meta"):
+        theirs = DiTTransformer2DModel(**XL_CONFIG)
+    options = dit_options_from_diffusers(XL_CONFIG)
+    assert options["learned_sigma"] and (options["hidden_size"], options["num_classes"]) == (1152, 1000)
+    mapped = dit_from_diffusers_state(theirs.state_dict(), options)
+    with torch.device("meta"):
+        ours = DiT(**{k: v for k, v in options.items() if k != "learned_sigma"})
+    expected = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in mapped.items()} == expected
+    assert mapped["final_linear.weight"].shape == (2 * 2 * 4, 1152)  # of 2 * 2 * 8
+    assert sum(v.numel() for v in mapped.values()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_init_from_a_diffusers_dit_gives_its_outputs(tmp_path):
+    """net=dit_tiny conditioning=class net.init_from=FOLDER: the epsilon channels of the DiTTransformer2DModel to
+    1e-5 on the CPU; the conventions (frequency shift 1, MLP norm eps 1e-5) written into the run config."""
+    theirs, folder = small_diffusers_dit(tmp_path)
+    cfg = compose_config("train", ["net=dit_tiny", "conditioning=class", "net.depth=2", f"net.init_from={folder}"],
+                         tmp_path / "run")
+    net = build_model(cfg).net.eval()
+    assert cfg.net.time_freq_shift == 1.0 and cfg.net.mlp_norm_eps == 1e-5
+    x = torch.randn(3, 1, 16, 16)
+    t, labels = torch.tensor([0.0, 17.0, 999.0]), torch.tensor([0, 9, 10])  # 10: the null class
+    with torch.no_grad():
+        expected = theirs(x, timestep=t, class_labels=labels).sample[:, :1]
+        assert (net(x, t, class_labels=labels) - expected).abs().max() < 1e-5
+
+
+def test_init_from_refuses_what_it_cannot_represent(tmp_path):
+    _, folder = small_diffusers_dit(tmp_path)
+    other = compose_config("train", ["net=dit_tiny", "conditioning=class", f"net.init_from={folder}"], tmp_path / "a")
+    with pytest.raises(InteropError, match=r"set net.depth=2"):
+        build_model(other)
+    text = compose_config("train", ["experiment=shapes_text2img", "net=dit_tiny", "net.depth=2", "data=digits",
+                                    "data.image_size=16", f"net.init_from={folder}"], tmp_path / "b")
+    with pytest.raises(InteropError, match="net.context_dim=null"):
+        build_model(text)
+    with pytest.raises(InteropError, match="norm_type='ada_norm_single'"):
+        dit_options_from_diffusers({**XL_CONFIG, "norm_type": "ada_norm_single"})
+    theirs = DiTTransformer2DModel(**{**XL_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8})
+    state = theirs.state_dict()  # random init: each block's embedder differs
+    with pytest.raises(InteropError, match="shares one embedder"):
+        dit_from_diffusers_state(state, dit_options_from_diffusers({**XL_CONFIG, "num_layers": 2}))
+    missing = compose_config("train", ["net=dit_tiny", f"net.init_from={tmp_path / 'nothing'}"], tmp_path / "c")
+    with pytest.raises((FileNotFoundError, InteropError), match="nothing"):
+        build_model(missing)
+
+
+# --- a DiT through every entry point -----------------------------------------------------------------------------
+DIT = ["net=dit_tiny", "net.depth=2", "net.hidden_size=32", "net.num_heads=2"]
+
+
+def train_dit(tmp_path, *overrides: str, name: str = "run"):
+    from diffexp.train import run
+
+    run(compose_config("train", [*SHRINK, *DIT, "paths.latest_link=null", *overrides], tmp_path / name))
+    return tmp_path / name / "checkpoints"
+
+
+def sample_dit(tmp_path, ckpt, *overrides: str):
+    from diffexp.sample import run
+
+    out = tmp_path / "samples"
+    summary = run(compose_config("sample", [f"ckpt={ckpt}", "n=2", "sampler.steps=2", "progress=false",
+                                            "device=cpu", f"out={out}", *overrides], tmp_path / "s"))
+    assert (out / "grid.png").is_file() and summary["n"] == 2
+    return summary
+
+
+def test_dit_trains_class_conditional_and_samples_with_guidance(tmp_path):
+    ckpts = train_dit(tmp_path, "conditioning=class")
+    from diffexp.api import load_model
+
+    model, _ = load_model(ckpts / "last.ckpt")
+    assert isinstance(model.net, DiT) and model.net.num_classes == 10
+    sample_dit(tmp_path, ckpts / "last.ckpt", "guidance_scale=2")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["formulation=edm"],
+    ["formulation=ddpm", "sampler=ddpm"],
+    ["formulation=flow", "trainer.precision=bf16-mixed", "model.sample_precision=bf16"],
+    ["experiment=shapes_text2img", "++data.num_train=32", "++data.num_val=8"],
+], ids=["edm", "ddpm", "flow-bf16", "text"])
+def test_dit_trains_and_samples_on_every_formulation_and_conditioning(tmp_path, overrides):
+    ckpts = train_dit(tmp_path, *overrides)
+    text = ["prompt=a red circle", "guidance_scale=3"] if "experiment=shapes_text2img" in overrides else []
+    sample_dit(tmp_path, ckpts / "last.ckpt", *text)
+
+
+def test_latent_dit_trains_and_samples(tmp_path, vae_ckpt, monkeypatch):
+    monkeypatch.setenv("DIFFEXP_CACHE", str(tmp_path / "cache"))
+    ckpts = train_dit(tmp_path, "experiment=shapes_latent", f"vae.ckpt={vae_ckpt}", "data.num_train=32",
+                      "data.num_val=8", "model.space.scale_estimate_images=16", *DIT)
+    from diffexp.api import load_model
+
+    model, _ = load_model(ckpts / "last.ckpt")
+    assert (model.net.in_channels, model.net.image_size) == (4, 8)  # the VAE's latents
+    sample_dit(tmp_path, ckpts / "last.ckpt")
+
+
+def test_dit_resumes_fine_tunes_with_lora_edits_and_plays(tmp_path):
+    """Resume (ckpt_path), EMA weights in the checkpoint, LoRA on the attention and MLP projections from
+    init_from, SDEdit, and the playground's sampling path, all on one DiT run."""
+    from diffexp.api import load_model
+    from diffexp.app import build_sampler, conditions_for, sample_images
+    from diffexp.editing import edit
+
+    first = train_dit(tmp_path, "conditioning=class", name="first")
+    resumed = train_dit(tmp_path, "conditioning=class", f"ckpt_path={first / 'last.ckpt'}", "trainer.max_steps=6",
+                        name="resumed")
+    model, _ = load_model(resumed / "last.ckpt")
+    saved = torch.load(resumed / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 6 and saved["callbacks"]["EMA"]["num_updates"] == 6  # EMA resumed with the run
+    assert set(saved["callbacks"]["EMA"]["ema_state"]) == {k for k in saved["state_dict"] if k.startswith("net.")}
+
+    lora = train_dit(tmp_path, "conditioning=class", f"init_from={resumed / 'last.ckpt'}", "model.lora.rank=2",
+                     name="lora")
+    tuned, _ = load_model(lora / "last.ckpt")
+    names = [n for n, _ in tuned.net.named_modules()]
+    for layer in ("attn.qkv", "attn.proj", "fc1", "fc2"):
+        assert any(n.endswith(f"{layer}.lora_A") for n in names), layer
+    sample_dit(tmp_path, lora / "last.ckpt")
+
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = edit(model, images, strength=0.5, sampler=build_sampler(model, "ddim", 4), progress=False,
+               **conditions_for(model, 2, None))
+    assert out.shape == images.shape and not torch.equal(out, images)
+    grid = sample_images(model, build_sampler(model, "euler", 2), 2, 0, conditions_for(model, 2, None), 1.5)
+    assert grid.shape == (2, 1, 16, 16)
+
+
+@pytest.mark.slow
+def test_compiled_dit_matches_eager():
+    torch.manual_seed(0)
+    net = perturbed(DiT(image_size=8, in_channels=1, depth=2, hidden_size=32, num_heads=2, num_classes=3)).eval()
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        eager = net(x, t, labels)
+        compiled = torch.compile(net)(x, t, labels)
+    assert torch.allclose(eager, compiled, atol=1e-5)
