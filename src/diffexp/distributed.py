@@ -132,3 +132,43 @@ def launch_environment_restored():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+#: the blocks each made one FSDP unit: a DiT's transformer blocks, a U-Net's residual and attention blocks
+FSDP_UNITS = ("diffexp.nets.dit.DiTBlock", "diffexp.nets.layers.ResBlock", "diffexp.nets.layers.AttentionBlock",
+              "diffexp.nets.layers.TransformerBlock")
+#: callbacks that need the whole model on one process (they read or swap every weight, or sample on rank 0)
+WHOLE_MODEL_CALLBACKS = ("EMA", "SampleGrid", "DenoisingGrid", "FIDCallback")
+
+
+def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", cpu_offload: bool = False,
+                  units: tuple[str, ...] | list[str] = FSDP_UNITS, **options):
+    """``trainer=fsdp``'s strategy: Lightning's ``FSDPStrategy`` with every block of ``units`` its own FSDP unit
+    (its parameters gathered only while it runs), ``use_orig_params`` (frozen text encoders and autoencoders sit
+    beside trained weights) and full checkpoints (one file, gathered on rank 0, that any device count resumes)."""
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    allowed = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+    if sharding_strategy not in allowed:
+        raise ValueError(f"trainer.strategy.sharding_strategy={sharding_strategy!r}; allowed: {list(allowed)}")
+    policy = {get_class(name) for name in units}
+    return FSDPStrategy(auto_wrap_policy=policy, sharding_strategy=sharding_strategy, cpu_offload=bool(cpu_offload),
+                        state_dict_type="full", use_orig_params=True, **options)
+
+
+def is_sharded(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def check_sharded_callbacks(trainer, callbacks: list) -> None:
+    """Under FSDP no process holds the whole model between steps: refuse the callbacks that need it, by name."""
+    if not is_sharded(trainer):
+        return
+    refused = [type(c).__name__ for c in callbacks if type(c).__name__ in WHOLE_MODEL_CALLBACKS]
+    if refused:
+        raise ValueError(f"trainer=fsdp shards the weights over processes; callbacks {refused} need the whole model on "
+                         f"one process (EMA, sampling). Add callbacks=fsdp (checkpoints, lr monitor, divergence "
+                         f"guard), then sample from the checkpoint with sample.py")

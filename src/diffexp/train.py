@@ -19,8 +19,8 @@ from diffexp.cache import weights_fingerprint
 from diffexp.callbacks.ema import ema_weights
 from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, UnsafeCheckpointError, load_file, save_weights
 from diffexp.config import build_model, check_number, instantiate
-from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
-                                 threads_for_this_task)
+from diffexp.distributed import (check_sharded_callbacks, is_sharded, launch_environment_restored,
+                                 prepare_ddp_children, set_rank_for_logging, threads_for_this_task)
 from diffexp.lit import DiffusionModel
 from diffexp.lit.checkpoint_io import SafeCheckpointIO
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint
@@ -104,6 +104,7 @@ def build(cfg: DictConfig):
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks += quiet_progress_bar(cfg.trainer, callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_sharded_callbacks(trainer, callbacks)
     return datamodule, model, callbacks, loggers, trainer
 
 
@@ -234,11 +235,13 @@ def run(cfg: DictConfig) -> float | None:
         raise CheckpointError(f"ckpt_path={ckpt_path!r} holds a model of another shape than this config builds "
                               f"({detail[:200]}); resume with the overrides it was trained with (its run directory's "
                               f".hydra/overrides.yaml)") from None
-    replicas = check_replicas(model)
+    sharded = is_sharded(trainer)
+    replicas = None if sharded else check_replicas(model)  # FSDP keeps one sharded copy, no replicas
+    full_state = trainer.strategy.lightning_module_state_dict() if sharded else None  # gathered by every rank
     if trainer.is_global_zero:
         update_run_info(run_dir, {"replica_weight_digests": replicas})
         with ema_weights(trainer, model):  # the weights to share: EMA when it is on
-            state = model.state_dict()
+            state = full_state if sharded else model.state_dict()
             save_weights(state, model.run_config, run_dir / "checkpoints" / WEIGHTS_NAME)
             if isinstance(model, DiffusionModel) and model.lora is not None:
                 from diffexp.finetune import ADAPTER_NAME, save_adapter
