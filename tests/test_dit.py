@@ -301,3 +301,17 @@ def test_compiled_dit_matches_eager():
         eager = net(x, t, labels)
         compiled = torch.compile(net)(x, t, labels)
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+def test_fsdp_refuses_callbacks_that_need_the_whole_model():
+    from types import SimpleNamespace
+
+    from diffexp.callbacks.ema import EMA
+    from diffexp.distributed import check_sharded_callbacks, fsdp_strategy
+
+    sharded = SimpleNamespace(strategy=fsdp_strategy())
+    with pytest.raises(ValueError, match=r"callbacks \['EMA'\] need the whole model.*callbacks=fsdp"):
+        check_sharded_callbacks(sharded, [EMA(decay=0.99)])
+    check_sharded_callbacks(sharded, [])
+    with pytest.raises(ValueError, match="sharding_strategy='HALF'; allowed"):
+        fsdp_strategy(sharding_strategy="HALF")
