@@ -1,5 +1,5 @@
 """Nothing the continuous-time core replaced changed what existing models do: every shipped course model and
-format-1 checkpoint samples the very uint8 images the discrete-time code sampled (DDIM-50, DPM-Solver++(2M)-20, DDPM
+format-1 checkpoint samples the uint8 images the discrete-time code sampled (to float rounding, assert_same_images) (DDIM-50, DPM-Solver++(2M)-20, DDPM
 over all 1,000 steps; the other samplers, SDEdit and inpainting with RePaint on the digits model), and training
 gives the very losses and weights it gave (`tests/data/compat/`, written by its scripts at the commit in their
 manifests, before the change)."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, SHRINK, compose_config
+from tests.conftest import ROOT, SHRINK, assert_same_images, compose_config
 
 COMPAT = ROOT / "tests" / "data" / "compat"
 MANIFEST = json.loads((COMPAT / "manifest.json").read_text())
@@ -45,12 +45,12 @@ def test_existing_models_sample_the_same_images(name, format1_latent, tmp_path):
     args = [a.replace("tests/data/compat", str(COMPAT)) for a in entry["args"]]
     out = tmp_path / "out"
     run(compose_config("sample", [f"ckpt={ckpt}", *args, "progress=false", f"out={out}"], tmp_path / "s"))
-    np.testing.assert_array_equal(np.load(out / "samples.npz")["images"], np.load(COMPAT / name)["images"])
+    assert_same_images(np.load(out / "samples.npz")["images"], np.load(COMPAT / name)["images"], name)
 
 
 @pytest.mark.parametrize("name", TRAINING["runs"])
 def test_ddpm_training_is_unchanged(name, tmp_path):
-    """formulation=ddpm (the default) trains as the discrete-time code did: the same per-step losses (as floats)
+    """formulation=ddpm (the default) trains as the discrete-time code did: the same per-step losses (to float32 rounding)
     and the same weights (their DDIM-5 samples)."""
     from diffexp.config import renamed_override
     from diffexp.sample import run as sample_run
@@ -64,14 +64,14 @@ def test_ddpm_training_is_unchanged(name, tmp_path):
     overrides = [renamed_override(o) or o for o in entry["overrides"]]
     run(compose_config("train", SHRINK + earlier + overrides, tmp_path / "run"))
     rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
-    assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == entry["train/loss"]
-    assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == entry["val/loss"]
+    # to float32 rounding: CPUs of other vector widths sum in other orders (seen: 1 ulp on one v_ztsnr step)
+    for key in ("train/loss", "val/loss"):
+        np.testing.assert_allclose([float(r[key]) for r in rows if r.get(key)], entry[key], rtol=1e-6, atol=0)
     out = tmp_path / "samples"
     sample_run(compose_config("sample", [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "n=4", "seed=0",
                                          "device=cpu", "progress=false", "sampler=ddim", "sampler.steps=5",
                                          f"out={out}"], tmp_path / "s"))
-    np.testing.assert_array_equal(np.load(out / "samples.npz")["images"],
-                                  np.load(COMPAT / "training_samples.npz")[name])
+    assert_same_images(np.load(out / "samples.npz")["images"], np.load(COMPAT / "training_samples.npz")[name], name)
 
 
 def test_format2_configs_are_upgraded_to_paths_and_net():

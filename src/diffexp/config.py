@@ -55,25 +55,24 @@ def instantiate(cfg, **kwargs):
 RENAMED_GROUPS = {"unet": "net"}  # group -> its new name (one step: the old name is an error that says the new)
 
 
+def renamed_group(arg: str) -> str | None:
+    """The renamed config group an override uses (``unet`` in ``unet=small``, ``~unet.x``, ``unet@a=b``), or None."""
+    group = arg.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0]
+    return group if group in RENAMED_GROUPS else None
+
+
 def renamed_override(arg: str) -> str | None:
     """``arg`` written with the new group name if it uses a renamed config group (``unet.init_from=x`` ->
     ``net.init_from=x``), else None."""
-    key = arg.lstrip("+~").split("=", 1)[0]
-    group = key.split(".", 1)[0].split("@", 1)[0]
-    return arg.replace(group, RENAMED_GROUPS[group], 1) if group in RENAMED_GROUPS else None
+    group = renamed_group(arg)
+    return arg.replace(group, RENAMED_GROUPS[group], 1) if group else None
 
 
 def renamed_group_errors(args: list[str]) -> list[str]:
     """One line per command-line override that uses a renamed config group (``unet=small``, ``unet.init_from=``,
     ``-m unet=tiny,small``), saying what to type instead."""
-    errors = []
-    for arg in args:
-        renamed = renamed_override(arg)
-        if renamed is not None:
-            group = arg.lstrip("+~").split(".", 1)[0].split("=", 1)[0].split("@", 1)[0]
-            errors.append(f"error: the {group!r} config group is now {RENAMED_GROUPS[group]!r} (U-Nets and DiTs): "
-                          f"write {renamed}")
-    return errors
+    return [f"error: the {renamed_group(arg)!r} config group is now {RENAMED_GROUPS[renamed_group(arg)]!r} "
+            f"(U-Nets and DiTs): write {renamed_override(arg)}" for arg in args if renamed_group(arg)]
 
 
 def exit_on_renamed_groups(args: list[str]) -> None:

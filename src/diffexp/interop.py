@@ -271,6 +271,24 @@ def unet_options_from_diffusers(config: dict) -> dict:
     }
 
 
+def diffusers_source(source, pipeline_subfolder: str, model_class: str, example_id: str) -> tuple[str, str | None]:
+    """(source, subfolder) for ``from_pretrained`` of ``net.init_from=SOURCE``: a model folder (config.json), a
+    pipeline folder (``pipeline_subfolder``/config.json) or a hub id ``owner/name``; anything else is an error
+    naming what is allowed. A hub id's subfolder is left to the caller."""
+    local = Path(str(source)).expanduser()
+    if local.is_dir():
+        if (local / pipeline_subfolder / "config.json").is_file():
+            return str(local), pipeline_subfolder
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"net.init_from={str(source)!r} is a folder without config.json or "
+                                    f"{pipeline_subfolder}/config.json; pass a diffusers {model_class} folder, a "
+                                    f"pipeline folder or a hub id")
+        return str(local), None
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(f"net.init_from={str(source)!r} is neither a folder nor a hub id like {example_id}")
+    return str(source), None
+
+
 def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) of the ``UNet2DModel`` at ``source``: a local folder (a pipeline folder with ``unet/``,
     or the U-Net's own folder with config.json) or a hub id (downloaded when online, else from the HF cache).
@@ -280,17 +298,7 @@ def read_diffusers_unet(source: str | Path) -> tuple[dict, dict[str, torch.Tenso
     except ImportError:
         raise InteropError("net.init_from needs diffusers: pip install -e '.[diffusers]'") from None
     local = Path(source).expanduser()
-    subfolder = None
-    if local.is_dir():
-        if (local / "unet" / "config.json").is_file():
-            subfolder = "unet"
-        elif not (local / "config.json").is_file():
-            raise FileNotFoundError(f"net.init_from={str(source)!r} is a folder without config.json or unet/config.json;"
-                                    f" pass a diffusers UNet2DModel folder, a pipeline folder or a hub id")
-        source = str(local)
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"net.init_from={str(source)!r} is neither a folder nor a hub id like "
-                                f"google/ddpm-cifar10-32")
+    source, subfolder = diffusers_source(source, "unet", "UNet2DModel", "google/ddpm-cifar10-32")
     def reason(error) -> str:
         return " ".join(str(error).split())[:240]
 

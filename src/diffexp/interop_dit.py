@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from diffexp.interop import InteropError
+from diffexp.interop import InteropError, diffusers_source
 
 #: diffusers config values the map requires (the DiT layout); anything else is refused, naming the key.
 REQUIRED = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "norm_elementwise_affine": False,
@@ -107,20 +107,8 @@ def read_diffusers_dit(source: str | Path) -> tuple[dict, dict[str, torch.Tensor
         from diffusers import DiTTransformer2DModel
     except ImportError:
         raise InteropError("net.init_from needs diffusers: pip install -e '.[diffusers]'") from None
-    local = Path(str(source)).expanduser()
-    subfolder = None
-    if local.is_dir():
-        if (local / "transformer" / "config.json").is_file():
-            subfolder = "transformer"
-        elif not (local / "config.json").is_file():
-            raise FileNotFoundError(f"net.init_from={str(source)!r} is a folder without config.json or "
-                                    f"transformer/config.json; pass a DiTTransformer2DModel folder, a DiT pipeline "
-                                    f"folder or a hub id")
-        source = str(local)
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"net.init_from={str(source)!r} is neither a folder nor a hub id like "
-                                f"facebook/DiT-XL-2-256")
-    else:
+    source, subfolder = diffusers_source(source, "transformer", "DiTTransformer2DModel", "facebook/DiT-XL-2-256")
+    if not Path(source).expanduser().is_dir():
         subfolder = "transformer"  # the DiT pipelines' layout on the hub
     try:
         model = DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)

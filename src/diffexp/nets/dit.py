@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffexp.nets.layers import CrossAttention, timestep_embedding
+from diffexp.nets.layers import CrossAttention, check_context, timestep_embedding
 from diffexp.registry import register_part
 
 #: The DiT paper's Table 1: depth (blocks), width D, attention heads.
@@ -224,12 +224,7 @@ class DiT(nn.Module):
         if (height, width) != (self.image_size, self.image_size):
             raise ValueError(f"this DiT takes {self.image_size}x{self.image_size} inputs (its position embedding), "
                              f"got {height}x{width}")
-        if context is not None and not self.context_dim:
-            raise ValueError("this DiT has no cross-attention; build it with net.context_dim to pass context")
-        if self.context_dim and context is None:
-            raise ValueError("this DiT conditions on text: pass context (N, L, context_dim) tokens")
-        if context is not None and context.shape[-1] != self.context_dim:
-            raise ValueError(f"context width {context.shape[-1]} != net.context_dim={self.context_dim}")
+        check_context("DiT", self.context_dim, context)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         tokens = self.patchify(x)

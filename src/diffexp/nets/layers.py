@@ -176,3 +176,14 @@ class TransformerBlock(nn.Module):
         tokens = tokens + self.cross_attn(self.norm2(tokens), context, mask)
         tokens = tokens + self.ff(self.norm3(tokens))
         return x + self.proj_out(tokens).transpose(1, 2).reshape(n, c, h, w)
+
+
+def check_context(kind: str, context_dim: int | None, context: torch.Tensor | None) -> None:
+    """The denoiser contract's text input: ``context`` (N, L, context_dim) exactly when the net has
+    cross-attention (``context_dim``); ``kind`` ("U-Net", "DiT") names the net in the error."""
+    if context is not None and not context_dim:
+        raise ValueError(f"this {kind} has no cross-attention; build it with net.context_dim to pass context")
+    if context_dim and context is None:
+        raise ValueError(f"this {kind} conditions on text: pass context (N, L, context_dim) tokens")
+    if context is not None and context.shape[-1] != context_dim:
+        raise ValueError(f"context width {context.shape[-1]} != net.context_dim={context_dim}")

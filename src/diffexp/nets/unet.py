@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffexp.nets.layers import (AttentionBlock, Downsample, ResBlock, TransformerBlock, Upsample, group_norm,
-                                 timestep_embedding)
+from diffexp.nets.layers import (AttentionBlock, Downsample, ResBlock, TransformerBlock, Upsample, check_context,
+                                 group_norm, timestep_embedding)
 from diffexp.registry import register_part
 
 
@@ -176,12 +176,7 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         if x.shape[-1] % self.min_divisor or x.shape[-2] % self.min_divisor:
             raise ValueError(f"input of size {tuple(x.shape[-2:])} must be divisible by {self.min_divisor}")
-        if context is not None and not self.context_dim:
-            raise ValueError("this U-Net has no cross-attention; build it with net.context_dim to pass context")
-        if self.context_dim and context is None:
-            raise ValueError("this U-Net conditions on text: pass context (N, L, context_dim) tokens")
-        if context is not None and context.shape[-1] != self.context_dim:
-            raise ValueError(f"context width {context.shape[-1]} != net.context_dim={self.context_dim}")
+        check_context("U-Net", self.context_dim, context)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_mlp(timestep_embedding(t, self.base_channels, order=self.time_embedding_order,
