@@ -16,7 +16,7 @@ from diffexp.interop import InteropError  # noqa: E402
 from diffexp.interop_dit import dit_from_diffusers_state, dit_options_from_diffusers  # noqa: E402
 from diffexp.nets import DiT, UNet  # noqa: E402
 from diffexp.nets.contract import Denoiser  # noqa: E402
-from diffexp.nets.dit import DIT_SIZES, dit_gflops, dit_parameters, sincos_2d  # noqa: E402
+from diffexp.nets.dit import DIT_SIZES, dit_gflops, dit_parameters, paper_dit, sincos_2d  # noqa: E402
 
 # facebook/DiT-XL-2-256's transformer/config.json
 XL_CONFIG = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
@@ -106,12 +106,41 @@ def test_flops_and_parameters_match_the_papers_table():
     paper_gflops = {("S", 2): 6.06, ("B", 2): 23.01, ("L", 2): 80.71, ("XL", 2): 118.64, ("XL", 4): 29.05,
                     ("XL", 8): 7.39}
     for (size, patch), gflops in paper_gflops.items():
-        depth, width, heads = DIT_SIZES[size]
         with torch.device("meta"):
-            net = DiT(32, 4, patch_size=patch, depth=depth, hidden_size=width, num_heads=heads, num_classes=1000)
+            net = paper_dit(size, patch)
         assert dit_gflops(net) == pytest.approx(gflops, rel=0.01), (size, patch)
     for size, millions in {"S": 33, "B": 130, "L": 458, "XL": 675}.items():
         assert dit_parameters(size) / 1e6 == pytest.approx(millions, abs=0.6), size
+
+
+def test_attention_maps_are_the_weights_the_blocks_use():
+    """attention_weights @ v is what scaled_dot_product_attention computes; attention_maps gives one (N, heads, L, L)
+    map per block, rows summing to 1; the course's figures and size table draw from them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from diffexp.viz.dit import attention_figure, attention_maps, patch_figure, size_table_markdown
+
+    torch.manual_seed(0)
+    net = perturbed(DiT(image_size=8, in_channels=1, patch_size=2, depth=3, hidden_size=32, num_heads=4,
+                        num_classes=3)).eval()
+    tokens = torch.randn(2, 16, 32)
+    q, k, v = net.blocks[0].attn.heads(tokens)
+    weights = net.blocks[0].attn.attention_weights(tokens)
+    torch.testing.assert_close(weights @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0])
+    maps = attention_maps(net, x, t, class_labels=torch.tensor([0, 2]))
+    assert maps.shape == (3, 2, 4, 16, 16)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, 2, 4, 16))
+    assert not torch.allclose(maps[0], maps[1])
+    assert len(attention_figure(maps, x[0], query=5, patch_size=2).axes) == 4
+    assert len(patch_figure(x[0], 2).axes[0].texts) == 16
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in size_table_markdown().splitlines()[2:]}
+    assert list(rows) == list(DIT_SIZES)
+    depth, width, heads, params, *gflops = rows["XL"]
+    assert (int(depth), int(width), int(heads)) == DIT_SIZES["XL"] and params == f"{dit_parameters('XL') / 1e6:.1f}M"
+    assert [float(g) for g in gflops] == pytest.approx([118.64, 29.05, 7.39], rel=0.01)  # the paper's Table 4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -186,6 +215,32 @@ def test_init_from_a_diffusers_dit_gives_its_outputs(tmp_path):
     with torch.no_grad():
         expected = theirs(x, timestep=t, class_labels=labels).sample[:, :1]
         assert (net(x, t, class_labels=labels) - expected).abs().max() < 1e-5
+
+
+def test_diffusers_dit_config_is_the_inverse_of_the_import():
+    """diffusers_dit_config(net) builds a DiTTransformer2DModel whose import is net's layout again, weight for
+    weight (the benchmark's twin); text DiTs and other MLP ratios have no such twin."""
+    from diffexp.interop_dit import diffusers_dit_config
+
+    net = DiT(image_size=16, in_channels=3, patch_size=4, depth=3, hidden_size=64, num_heads=4, num_classes=7,
+              mlp_norm_eps=1e-5)
+    config = diffusers_dit_config(net)
+    options = dit_options_from_diffusers(config)
+    assert not options.pop("learned_sigma")
+    keys = ("image_size", "in_channels", "patch_size", "depth", "hidden_size", "num_heads", "num_classes")
+    assert {k: options[k] for k in keys} == {k: getattr(net, k) for k in keys}
+    assert (options["mlp_ratio"], options["mlp_norm_eps"], options["context_dim"]) == (4.0, 1e-5, None)
+    twin = DiTTransformer2DModel(**config)
+    for block in twin.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(twin.transformer_blocks[0].norm1.emb.state_dict())
+    mapped = dit_from_diffusers_state(twin.state_dict(), {**options, "learned_sigma": False})
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert sum(p.numel() for p in twin.parameters()) > sum(p.numel() for p in net.parameters())  # per-block embedders
+    for other in (DiT(image_size=16, in_channels=3, depth=1, hidden_size=32, num_heads=2, context_dim=8),
+                  DiT(image_size=16, in_channels=3, depth=1, hidden_size=32, num_heads=2, num_classes=3,
+                      mlp_ratio=2.0)):
+        with pytest.raises(InteropError, match="MLP ratio 4"):
+            diffusers_dit_config(other)
 
 
 def test_init_from_refuses_what_it_cannot_represent(tmp_path):

@@ -246,11 +246,20 @@ def test_benchmarks_run_on_the_cpu(tmp_path):
 
     speed = tmp_path / "speed.json"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "bench" / "train_speed.py"), "--presets", "tiny",
-                    "--image-size", "16", "--channels", "1", "--batch", "4", "--modes", "fp32", "bf16", "--steps", "1",
+                    "dit_tiny/4", "--image-size", "16", "--channels", "1", "--batch", "4", "--modes", "fp32", "bf16", "--steps", "1",
                     "--rounds", "1", "--sample", "--sample-preset", "tiny", "--sample-batch", "2", "--samplers",
                     "ddim:2", "--sample-rounds", "1", "--device", "cpu", "--json", str(speed)], check=True, cwd=tmp_path)
     result = json.loads(speed.read_text())
-    assert [r["mode"] for r in result["train"]] == ["fp32", "bf16"]
+    assert [(r["preset"], r["mode"]) for r in result["train"]] == [("tiny", "fp32"), ("tiny", "bf16"),
+                                                                   ("dit_tiny/4", "fp32"), ("dit_tiny/4", "bf16")]
+    dit_row = result["train"][2]
+    assert dit_row["params_diffusers"] > dit_row["params_ours"] > 0 and dit_row["ratio"] > 0
+    memory = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "bench" / "dit_memory.py"), "--preset", "dit_tiny/4",
+                    "--image-size", "16", "--channels", "1", "--batch", "2", "--steps", "1", "--device", "cpu",
+                    "--json", str(memory)], check=True, cwd=tmp_path)
+    rows = json.loads(memory.read_text())["rows"]
+    assert [r["checkpointing"] for r in rows] == [False, True] and all(r["peak_gib"] > 0 for r in rows)
     row = result["train"][0]
     assert row["params_ours"] > 0 and row["gflop_per_step_ours"] > 0 and row["ours_img_s"] > 0
     assert {r["precision"] for r in result["sample"]} == {"fp32", "bf16"}

@@ -1,9 +1,11 @@
-"""Training-step and sampling throughput of diffexp's U-Nets against diffusers.UNet2DModel of the same layout.
+"""Training-step and sampling throughput of diffexp's nets against diffusers' of the same layout.
 
-For each preset (tiny, small, base) a ``UNet2DModel`` with the same layout is built (levels and widths, res blocks
-per level, self-attention at the same resolutions, time injection by scale-shift or addition, 32 norm groups,
-the same dropout; for ``base`` this is google/ddpm-cifar10-32's layout). Both run the same step (forward, MSE on
-epsilon, backward, AdamW, fused on CUDA) on the same batch in each mode:
+For each U-Net preset (tiny, small, base) a ``UNet2DModel`` with the same layout is built (levels and widths, res
+blocks per level, self-attention at the same resolutions, time injection by scale-shift or addition, 32 norm groups,
+the same dropout; for ``base`` this is google/ddpm-cifar10-32's layout). For each DiT preset, named with its patch
+size as in the paper (``dit_s/2``, ``dit_b/4``; ``--num-classes`` labels, 1,000 as ImageNet), a
+``DiTTransformer2DModel`` of the same config (:func:`diffexp.interop_dit.diffusers_dit_config`). Both run the same
+step (forward, MSE on epsilon, backward, AdamW, fused on CUDA) on the same batch in each mode:
 
 - ``fp32``: exact float32 (TF32 off); ``channels_last``: the same with channels-last weights and inputs;
   ``tf32``: float32 with TF32 matmuls/convolutions;
@@ -20,6 +22,10 @@ CUDA graphs (``reduce-overhead``).
         --modes fp32 --json experiments/results/speed/train_speed_cpu.json
     python experiments/bench/train_speed.py --presets base --batch 256 --modes fp32 bf16 bf16_compile --sample \\
         --json experiments/results/speed/train_speed_h200.json  # on a GPU
+    python experiments/bench/train_speed.py --presets dit_s/2 --image-size 32 --channels 4 --batch 32 --modes fp32 \\
+        --device cpu --json experiments/results/speed/dit_speed_cpu.json
+    python experiments/bench/train_speed.py --presets dit_b/2 --image-size 32 --channels 4 --batch 256 \\
+        --modes bf16 bf16_compile --json experiments/results/speed/dit_speed_h200.json  # on a GPU
 """
 from __future__ import annotations
 
@@ -33,11 +39,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DModel
 
+from diffexp.course import net_preset_config
 from diffexp.interop import diffusers_unet_config
+from diffexp.interop_dit import diffusers_dit_config
+from diffexp.nets import DiT
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,17 +72,51 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def ours(preset: str, image_size: int, channels: int):
-    cfg = OmegaConf.load(ROOT / "conf" / "net" / f"{preset}.yaml")
+def ours(preset: str, image_size: int, channels: int, num_classes: int = 1000):
+    """(net, its config) of ``preset``: a net group name, for a DiT with its patch size (``dit_s/2``); DiTs get
+    ``num_classes`` labels (diffusers' DiT is class-conditional)."""
+    name, _, patch = preset.partition("/")
+    cfg = net_preset_config(name)
     cfg.image_size, cfg.in_channels = image_size, channels
     cfg.pop("init_from", None)
+    if cfg._target_.endswith("DiT"):
+        cfg.num_classes, cfg.patch_size = num_classes, int(patch or cfg.patch_size)
+    elif patch:
+        raise SystemExit(f"--presets {preset}: only DiT presets take a patch size")
     return instantiate(cfg), cfg
 
 
-def diffusers_twin(net) -> UNet2DModel:
-    """``UNet2DModel`` with our layout (:func:`diffexp.interop.diffusers_unet_config`: the same widths, blocks per
-    level, attention levels, time injection), randomly initialised."""
+def diffusers_twin(net):
+    """``UNet2DModel`` with our U-Net's layout (:func:`diffexp.interop.diffusers_unet_config`: the same widths,
+    blocks per level, attention levels, time injection), or ``DiTTransformer2DModel`` with our DiT's config;
+    randomly initialised."""
+    if isinstance(net, DiT):
+        return DiTTransformer2DModel(**diffusers_dit_config(net))
     return UNet2DModel(**diffusers_unet_config(net))
+
+
+def forward_of(net, module=None):
+    """forward(x, t, labels) -> prediction of ``module`` (``net`` or ``net`` compiled), whichever net ``net`` is;
+    labels reach class-conditional DiTs only."""
+    module = module or net
+    if isinstance(net, UNet2DModel):
+        return lambda x, t, y: module(x, t).sample
+    if isinstance(net, DiTTransformer2DModel):
+        return lambda x, t, y: module(x, timestep=t, class_labels=y).sample
+    if isinstance(net, DiT):
+        return lambda x, t, y: module(x, t, class_labels=y)
+    return lambda x, t, y: module(x, t)
+
+
+def inputs(net, batch: int, image_size: int, channels: int, device: torch.device, seed: int = 0):
+    """(x, t, labels, eps) of one fixed batch: t uniform in [0, 1000), labels below the net's class count."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, image_size, image_size, generator=g)
+    t = torch.rand(batch, generator=g) * 999
+    classes = getattr(net, "num_classes", None) or getattr(getattr(net, "config", None), "num_embeds_ada_norm", None)
+    labels = torch.randint(0, classes or 1, (batch,), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    return x.to(device), t.to(device), labels.to(device), eps.to(device)
 
 
 def set_tf32(on: bool) -> None:
@@ -83,14 +125,11 @@ def set_tf32(on: bool) -> None:
 
 
 def prepare(net: torch.nn.Module, mode: str, device: torch.device):
-    """(net, forward(x, t) -> prediction, autocast context) for ``mode``."""
+    """(net, forward(x, t, labels) -> prediction, autocast context) for ``mode``."""
     net = copy.deepcopy(net).to(device).train()
     if "channels_last" in mode:
         net = net.to(memory_format=torch.channels_last)
-    call = (lambda x, t: net(x, t).sample) if isinstance(net, UNet2DModel) else (lambda x, t: net(x, t))
-    if "compile" in mode:
-        compiled = torch.compile(net)
-        call = (lambda x, t: compiled(x, t).sample) if isinstance(net, UNet2DModel) else (lambda x, t: compiled(x, t))
+    call = forward_of(net, torch.compile(net) if "compile" in mode else net)
     bf16 = mode.startswith("bf16")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     return net, call, autocast
@@ -100,17 +139,14 @@ def training_step_fn(net, mode: str, batch: int, image_size: int, channels: int,
     """One training step (forward, MSE on eps, backward, AdamW) of ``net`` in ``mode`` on a fixed batch."""
     net, call, autocast = prepare(net, mode, device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, image_size, image_size, generator=g).to(device)
+    x, t, labels, eps = inputs(net, batch, image_size, channels, device)
     if "channels_last" in mode:
         x = x.contiguous(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    eps = torch.randn(x.shape, generator=g).to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = torch.nn.functional.mse_loss(call(x, t).float(), eps)
+            loss = torch.nn.functional.mse_loss(call(x, t, labels).float(), eps)
         loss.backward()
         opt.step()
 
@@ -120,12 +156,10 @@ def training_step_fn(net, mode: str, batch: int, image_size: int, channels: int,
 def flops_per_step(net, batch: int, image_size: int, channels: int, device: torch.device) -> int:
     """Forward + backward FLOPs of one training step at this batch (FlopCounterMode counts matmuls/convs)."""
     net = copy.deepcopy(net).to(device).train()
-    x = torch.randn(batch, channels, image_size, image_size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
+    x, t, labels, _ = inputs(net, batch, image_size, channels, device)
     counter = FlopCounterMode(display=False)
     with counter:
-        out = net(x, t)
-        (out.sample if isinstance(net, UNet2DModel) else out).square().mean().backward()
+        forward_of(net)(x, t, labels).square().mean().backward()
     return counter.get_total_flops()
 
 
@@ -150,7 +184,7 @@ def train_rows(args, device: torch.device, peak: float | None, rows: list, save=
     """Appends one row per (preset, mode) to ``rows``, calling ``save`` after each."""
     for preset in args.presets:
         torch.manual_seed(0)
-        net, cfg = ours(preset, args.image_size, args.channels)
+        net, cfg = ours(preset, args.image_size, args.channels, args.num_classes)
         twin = diffusers_twin(net)
         flops = {"ours": flops_per_step(net, args.batch, args.image_size, args.channels, device),
                  "diffusers": flops_per_step(twin, args.batch, args.image_size, args.channels, device)}
@@ -182,7 +216,7 @@ def train_rows(args, device: torch.device, peak: float | None, rows: list, save=
             rows.append(row)
             save()
             share = f" | peak share ours {row['ours_share_of_bf16_peak']:.1%}" if peak else ""
-            print(f"{preset:5s} {mode:19s} ours {row['ours_img_s']:9.1f} img/s | diffusers {row['diffusers_img_s']:9.1f}"
+            print(f"{preset:7s} {mode:19s} ours {row['ours_img_s']:9.1f} img/s | diffusers {row['diffusers_img_s']:9.1f}"
                   f" img/s | ratio {row['ratio']:.2f}{share}", flush=True)
             del steps
             if device.type == "cuda":
@@ -237,7 +271,9 @@ def sample_rows(args, device: torch.device, rows: list, save=lambda: None) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"],
+                        help="net presets; DiTs with their patch size: dit_s/2")
+    parser.add_argument("--num-classes", type=int, default=1000, help="class labels of the DiTs")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)

@@ -53,6 +53,20 @@ def dit_options_from_diffusers(config: dict) -> dict:
     }
 
 
+def diffusers_dit_config(net) -> dict:
+    """The ``DiTTransformer2DModel`` config of the same layout as the class-conditional DiT ``net`` (the inverse of
+    :func:`dit_options_from_diffusers`; fixed variance: ``out_channels = in_channels``). Text DiTs have no diffusers
+    DiTTransformer2DModel counterpart (it has no cross-attention)."""
+    if net.context_dim or not net.num_classes or net.blocks[0].fc1.out_features != 4 * net.hidden_size:
+        raise InteropError(f"a DiTTransformer2DModel is class-conditional, without cross-attention, MLP ratio 4; "
+                           f"this DiT has num_classes={net.num_classes}, context_dim={net.context_dim}, "
+                           f"mlp_ratio={net.blocks[0].fc1.out_features / net.hidden_size:g}")
+    return {**REQUIRED, "num_attention_heads": net.num_heads, "attention_head_dim": net.hidden_size // net.num_heads,
+            "in_channels": net.in_channels, "out_channels": net.out_channels, "num_layers": net.depth,
+            "sample_size": net.image_size, "patch_size": net.patch_size, "num_embeds_ada_norm": net.num_classes,
+            "norm_eps": net.blocks[0].norm2.eps, "dropout": 0.0}
+
+
 def dit_from_diffusers_state(state: dict[str, torch.Tensor], options: dict) -> dict[str, torch.Tensor]:
     """diffexp's DiT state dict from a ``DiTTransformer2DModel`` state dict (works on meta tensors)."""
     state = {k: v for k, v in state.items() if not k.endswith("pos_embed.pos_embed")}  # a fixed buffer

@@ -61,11 +61,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v), each (N, heads, L, D / heads)."""
+        n, length, dim = x.shape
+        return self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
-        q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(*self.heads(x))
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D / heads)): (N, heads, L queries, L keys), the weights ``forward`` averages v by."""
+        q, k, _ = self.heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
 
 
 class DiTBlock(nn.Module):
@@ -259,13 +268,20 @@ def dit_gflops(net: DiT, context_length: int = 0) -> float:
     return (tokens * per_token + per_sample + attention) / 1e9
 
 
+def paper_dit(size: str, patch_size: int = 2, image_size: int = 32, in_channels: int = 4,
+              num_classes: int | None = 1000) -> DiT:
+    """A DiT of the paper's size ``S``, ``B``, ``L`` or ``XL`` (:data:`DIT_SIZES`); build it under
+    ``torch.device("meta")`` to count without memory."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"DiT size {size!r}; allowed: {list(DIT_SIZES)}")
+    depth, width, heads = DIT_SIZES[size]
+    return DiT(image_size, in_channels, patch_size=patch_size, depth=depth, hidden_size=width, num_heads=heads,
+               num_classes=num_classes)
+
+
 def dit_parameters(size: str, patch_size: int = 2, image_size: int = 32, in_channels: int = 4,
                    num_classes: int | None = 1000) -> int:
     """Parameter count of a paper size (``S``, ``B``, ``L``, ``XL``) built on the meta device (no memory)."""
-    depth, width, heads = DIT_SIZES[size]
     with torch.device("meta"):
-        net = DiT(image_size, in_channels, patch_size=patch_size, depth=depth, hidden_size=width, num_heads=heads,
-                  num_classes=num_classes)
+        net = paper_dit(size, patch_size, image_size, in_channels, num_classes)
     return sum(p.numel() for p in net.parameters())
-
-
