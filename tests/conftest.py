@@ -191,7 +191,8 @@ def run_script(script: str, *args: str, cwd=None, env: dict | None = None, timeo
     with ``check`` a non-zero exit fails the test with the output's tail."""
     if env is None:
         env = user_env(Path(cwd)) if cwd is not None else {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=env,
+    target = [script] if script.startswith("-") else [str(ROOT / script)]  # "-m", "diffexp.build": a module
+    result = subprocess.run([sys.executable, *target, *args], cwd=cwd or ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"{script} {args}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

@@ -362,11 +362,108 @@ def test_fsdp_refuses_callbacks_that_need_the_whole_model():
     from types import SimpleNamespace
 
     from diffexp.callbacks.ema import EMA
-    from diffexp.distributed import check_sharded_callbacks, fsdp_strategy
+    from diffexp.fsdp import check_sharded_callbacks, fsdp_strategy
 
     sharded = SimpleNamespace(strategy=fsdp_strategy())
     with pytest.raises(ValueError, match=r"callbacks \['EMA'\] need the whole model.*callbacks=fsdp"):
         check_sharded_callbacks(sharded, [EMA(decay=0.99)])
     check_sharded_callbacks(sharded, [])
-    with pytest.raises(ValueError, match="sharding_strategy='HALF'; allowed"):
-        fsdp_strategy(sharding_strategy="HALF")
+    with pytest.raises(ValueError, match="reshard_after_forward must be true"):
+        fsdp_strategy(reshard_after_forward="HALF")
+    with pytest.raises(ValueError, match="cpu_offload must be true or false"):
+        fsdp_strategy(cpu_offload="yes")
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_trains_as_ddp_and_resumes_exactly(tmp_path):
+    """``trainer=fsdp_cpu``: the net is sharded (FSDP2 modules), 8 steps give DDP's weights (to float rounding of
+    the other reduction order), a run resumed from step 3 (mid-epoch) ends bit-identical, and sample.py reads
+    the gathered model.safetensors."""
+    from tests.conftest import run_script
+
+    from diffexp.checkpoints import load_file
+
+    base = ["callbacks=fsdp", "data=shapes", "data.num_train=32", "data.num_val=8", "data.batch_size=8", *DIT,
+            "formulation=edm", "trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=3",
+            "eval_every=1000", "paths.latest_link=null", "logger=csv", "trainer.enable_progress_bar=false"]
+    full = run_script("train.py", "trainer=fsdp_cpu", *base, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path,
+                      check=True)
+    assert "FSDPDiT" in full.stdout + full.stderr  # the model summary names the sharded net's class
+    start = tmp_path / "full" / "checkpoints" / "step0000003.ckpt"
+    run_script("train.py", "trainer=fsdp_cpu", *base, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={start}",
+               cwd=tmp_path, check=True)
+    run_script("train.py", "trainer=ddp_cpu", *base, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path, check=True)
+    reference = load_file(tmp_path / "full" / "checkpoints" / "step0000006.ckpt")
+    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step0000006.ckpt")
+    ddp = load_file(tmp_path / "ddp" / "checkpoints" / "step0000006.ckpt")
+    assert resumed["global_step"] == reference["global_step"] == 6
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+        assert torch.allclose(value, ddp["state_dict"][key], atol=1e-6), key
+    for moment in ("exp_avg", "exp_avg_sq"):
+        for index, state in reference["optimizer_states"][0]["state"].items():
+            assert torch.equal(state[moment], resumed["optimizer_states"][0]["state"][index][moment])
+    out = tmp_path / "samples"
+    run_script("sample.py", f"ckpt={tmp_path / 'full' / 'checkpoints' / 'model.safetensors'}", "n=4", "batch_size=4",
+               "sampler.steps=3", "progress=false", f"out={out}", cwd=tmp_path, check=True)
+    import numpy as np
+
+    with np.load(out / "samples.npz") as saved:
+        images = next(iter(saved.values()))
+    assert images.shape[0] == 4 and images.std() > 0
+
+
+def test_build_refuses_bad_arguments(tmp_path):
+    from diffexp.build import parse
+
+    assert parse(["net=dit_s", f"out={tmp_path / 'w.safetensors'}"]) == (["net=dit_s"], tmp_path / "w.safetensors",
+                                                                          False)
+    with pytest.raises(ValueError, match="out= is required"):
+        parse(["net=dit_s"])
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        parse([f"out={tmp_path / 'w.ckpt'}"])
+    with pytest.raises(ValueError, match="overwrite='maybe'; allowed"):
+        parse([f"out={tmp_path / 'w.safetensors'}", "overwrite=maybe"])
+    (tmp_path / "w.safetensors").write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=true"):
+        parse([f"out={tmp_path / 'w.safetensors'}"])
+
+
+@pytest.mark.slow
+def test_build_writes_an_imported_dit_that_sample_py_reads(tmp_path):
+    """The README's online DiT-XL/2 commands, as typed, on a random pipeline of the same layout but small (2
+    blocks, width 128, 1,000 classes, a tiny KL VAE of factor 2 on 8x8 images): ``python -m diffexp.build
+    experiment=imagenet256_dit_xl2`` writes weights whose net is diffusers' transformer (epsilon channels, to 1e-5),
+    sample.py samples from them, and an existing file is not replaced without overwrite=true."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from tests.conftest import run_script
+    from tests.test_latent import TINY_KL
+
+    from diffexp.api import load_model
+
+    source, _ = small_diffusers_dit(tmp_path, in_channels=4, out_channels=8, sample_size=4, num_embeds_ada_norm=1000)
+    pipeline = tmp_path / "pipeline"
+    source.save_pretrained(pipeline / "transformer")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_KL).save_pretrained(pipeline / "vae")
+    out = tmp_path / "weights" / "dit.safetensors"
+    small = [f"net.init_from={pipeline}", f"vae.name_or_path={pipeline / 'vae'}", "data.image_size=8",
+             "net.depth=2", "net.hidden_size=128", "net.num_heads=4"]
+    run_script("-m", "diffexp.build", "experiment=imagenet256_dit_xl2", *small, f"out={out}", cwd=tmp_path,
+               check=True)
+    model, cfg = load_model(out)
+    assert cfg.conditioning.num_classes == 1000 and model.guidance_scale == 4.0
+    x, t, labels = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 999]), torch.tensor([0, 207, 999])
+    with torch.no_grad():
+        ours = model.net(x, t.float(), class_labels=labels)
+        theirs = source(x, timestep=t, class_labels=labels).sample[:, :4]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    samples = tmp_path / "samples"
+    run_script("sample.py", f"ckpt={out}", "n=4", "batch_size=4", "sampler.steps=2", "progress=false",
+               f"out={samples}", cwd=tmp_path, check=True)
+    with np.load(samples / "samples.npz") as saved:
+        assert saved["images"].shape == (4, 8, 8, 3) and saved["labels"].tolist() == [0, 1, 2, 3]
+    again = run_script("-m", "diffexp.build", "experiment=imagenet256_dit_xl2", *small, f"out={out}", cwd=tmp_path)
+    assert again.returncode != 0 and "exists; pass overwrite=true" in again.stderr

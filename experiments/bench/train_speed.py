@@ -98,7 +98,7 @@ def diffusers_twin(net):
 def forward_of(net, module=None):
     """forward(x, t, labels) -> prediction of ``module`` (``net`` or ``net`` compiled), whichever net ``net`` is;
     labels reach class-conditional DiTs only."""
-    module = module or net
+    module = net if module is None else module
     if isinstance(net, UNet2DModel):
         return lambda x, t, y: module(x, t).sample
     if isinstance(net, DiTTransformer2DModel):

@@ -19,8 +19,9 @@ from diffexp.cache import weights_fingerprint
 from diffexp.callbacks.ema import ema_weights
 from diffexp.checkpoints import WEIGHTS_NAME, CheckpointError, UnsafeCheckpointError, load_file, save_weights
 from diffexp.config import build_model, check_number, instantiate
-from diffexp.distributed import (check_sharded_callbacks, is_sharded, launch_environment_restored,
-                                 prepare_ddp_children, set_rank_for_logging, threads_for_this_task)
+from diffexp.distributed import (launch_environment_restored, prepare_ddp_children, set_rank_for_logging,
+                                 threads_for_this_task)
+from diffexp.fsdp import check_sharded_callbacks, is_sharded
 from diffexp.lit import DiffusionModel
 from diffexp.lit.checkpoint_io import SafeCheckpointIO
 from diffexp.loggers import log_full_config, prepare_logger_configs, wandb_sync_hint

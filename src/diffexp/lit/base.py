@@ -76,6 +76,15 @@ class TrainingModule(L.LightningModule):
         self.lr_scheduler_factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
         self.run_config: dict | None = None
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``: shard the trained net over the processes (:meth:`FullyShardedStrategy.shard`)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "shard"):
+            if not isinstance(getattr(self, "net", None), torch.nn.Module):
+                raise ValueError(f"trainer=fsdp shards a model's denoiser net; {type(self).__name__} has none "
+                                 f"(use trainer=ddp)")
+            strategy.shard(self.net)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")  # fp16: a GradScaler
