@@ -12,14 +12,15 @@
 # ---
 
 # %% [markdown]
-# # 4. The U-Net
+# # 4. The U-Net and the DiT
 #
 # The denoiser $\epsilon_\theta(x_t, t[, \text{text}])$ is a U-Net (Ronneberger et al. 2015) as
 # adapted by Ho et al. (2020) and Dhariwal & Nichol (2021): residual blocks at falling resolutions,
 # self-attention at the lowest ones, and skip connections that hand each down-path output to the
 # matching up-path block. The timestep enters *every* residual block (a sinusoidal embedding
 # through an MLP, applied as scale and shift after a GroupNorm); text enters through
-# cross-attention. Code: `diffexp/nets/unet.py` and `layers.py`; sizes: `conf/unet/{tiny,small,base}.yaml`.
+# cross-attention. Code: `diffexp/nets/unet.py` and `layers.py`; sizes: `conf/net/{tiny,small,base}.yaml`.
+# The second half of the notebook puts the diffusion transformer (DiT) beside it.
 
 # %%
 import matplotlib.pyplot as plt
@@ -74,3 +75,104 @@ for name in ["tiny", "small", "base"]:
 
 # %%
 display(Markdown(layer_table_markdown(net_preset("tiny", 16, 1, context_dim=64))))
+
+# %% [markdown]
+# ## The DiT: an image as a sequence of patch tokens
+# The diffusion transformer (Peebles & Xie 2023) drops the U: it cuts the image into $p\times p$ patches, maps
+# each to a token of width $D$ (a strided convolution), adds a fixed 2-D sin-cos position embedding and runs a
+# plain stack of transformer blocks over the $(H/p)(W/p)$ tokens; a last linear layer maps each token back to its
+# patch. No down- or up-sampling, no skips: the patch size alone sets the sequence length, so halving $p$
+# quadruples the tokens and (roughly) the compute. Code: `diffexp/nets/dit.py`; sizes: `conf/net/dit_*.yaml`
+# (`net=dit_tiny`, `net=dit_s net.patch_size=2`, ...).
+
+# %%
+from diffexp.course import data_of, load, train
+from diffexp.nets.dit import sincos_2d
+from diffexp.viz.dit import attention_figure, attention_maps, patch_figure, size_table_markdown
+
+FAST, RUNS, FIGURES = notebook_settings()
+ckpt = train(["experiment=quickstart", "net=dit_tiny"], RUNS / "dit_digits", steps=30 if FAST else None)
+dit_model, dit_cfg = load(ckpt)
+dit = dit_model.net
+datamodule = data_of(dit_cfg)
+datamodule.setup("fit")
+digit = datamodule.train_dataloader().dataset[0]["image"]
+fig = patch_figure(digit, dit.patch_size)
+fig.savefig(FIGURES / "04_dit_patches.png", dpi=70, bbox_inches="tight")
+plt.show()
+print(f"net=dit_tiny on 16x16 digits: {dit.num_tokens} tokens of width {dit.hidden_size}, {dit.depth} blocks, "
+      f"{sum(p.numel() for p in dit.parameters()) / 1e6:.2f} M parameters")
+
+# %% [markdown]
+# The position embedding is fixed, not learned: each token gets sines and cosines of its row (half the channels)
+# and of its column (the other half). Its dot product with every other token's falls off with distance, row and
+# column apart: the transformer can tell where a patch sits although attention itself is order-blind.
+
+# %%
+grid = 16 // dit.patch_size
+pos = sincos_2d(dit.hidden_size, grid)
+centre = (grid // 2) * grid + grid // 2
+similarity = torch.nn.functional.cosine_similarity(pos, pos[centre][None], dim=-1).reshape(grid, grid)
+plt.figure(figsize=(3, 3))
+plt.imshow(similarity, cmap="viridis"), plt.colorbar()
+plt.title(f"cosine similarity to token {centre}")
+plt.xticks([]), plt.yticks([])
+plt.show()
+
+# %% [markdown]
+# ## adaLN-Zero: how time and class enter
+# A conditioning vector $c$ = MLP(sinusoid of the noise input) + class embedding (+ a pooled text vector) drives
+# every block through its *modulation* layer, which maps $\mathrm{SiLU}(c)$ to a shift, a scale and a gate for the
+# attention and for the MLP:
+#
+# $x \leftarrow x + g_a \odot \mathrm{Attn}(\mathrm{LN}(x)(1+s_a) + b_a)$,
+# $\quad x \leftarrow x + g_m \odot \mathrm{MLP}(\mathrm{LN}(x)(1+s_m) + b_m)$.
+#
+# The modulation layers and the final layer start at zero ("Zero"): every gate is 0, so every block is exactly
+# the identity at initialisation and the net's output is exactly 0; training opens the gates. The paper found this
+# beat cross-attention and in-context tokens for the class and time (its Figure 5). A fresh DiT shows it:
+
+# %%
+fresh = net_preset("dit_tiny", image_size=16, in_channels=1, num_classes=10)
+x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 0.9])
+tokens = fresh.patchify(x)
+c = fresh.conditioning(t, torch.tensor([3, 7]))
+after = tokens
+for block in fresh.blocks:
+    after = block(after, c)
+print("fresh: blocks change the tokens by", (after - tokens).abs().max().item(), "| output max |x|:",
+      fresh(x, t, class_labels=torch.tensor([3, 7])).abs().max().item())
+gates = [block.modulation(torch.nn.functional.silu(dit.conditioning(t[:1], torch.tensor([3])))).chunk(6, 1)
+         for block in dit.blocks]
+print("trained: mean |attention gate| per block", [round(g[2].abs().mean().item(), 3) for g in gates])
+print("trained: mean |MLP gate| per block      ", [round(g[5].abs().mean().item(), 3) for g in gates])
+
+# %% [markdown]
+# ## Attention maps
+# Where does one patch look? Each map is one block's attention from the outlined query token to all tokens
+# (averaged over heads), for a digit noised to the middle of the path. Early blocks attend near the query (the
+# position embedding at work); later ones spread over the strokes.
+
+# %%
+t_mid = 0.5
+alpha, sigma = dit_model.path.alpha_sigma(t_mid)
+noisy = alpha * digit[None] + sigma * torch.randn(1, *digit.shape, generator=torch.Generator().manual_seed(0))
+maps = attention_maps(dit, noisy, dit_model.path.noise_input(torch.tensor([t_mid])))
+query = (grid // 2) * grid + grid // 2 - 1
+fig = attention_figure(maps, noisy[0], query=query, patch_size=dit.patch_size)
+fig.savefig(FIGURES / "04_dit_attention.png", dpi=70, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## DiT sizes
+# The paper's Table 1 sizes as diffexp builds them (`net=dit_s|dit_b|dit_l|dit_xl`), counted on the meta device
+# (no memory): parameters and forward Gflops per image at 256 px (32x32x4 latents) for patch sizes 2, 4, 8. The
+# DiT-XL/2 of the paper's ImageNet-256 FID 2.27 is 118.6 Gflops; the tiny U-Net of the quickstart is a 16x16 model
+# of 1.2 M parameters. Text models add cross-attention to every block (`context_dim`).
+
+# %%
+display(Markdown(size_table_markdown()))
+for name in ["dit_tiny", "dit_s"]:
+    for ctx in (None, 64):
+        n = sum(p.numel() for p in net_preset(name, 32, 4, ctx).parameters())
+        print(f"{name:8s} context_dim={str(ctx):4s} {n / 1e6:6.2f} M parameters (32x32x4, patch 2)")

@@ -467,3 +467,20 @@ def test_build_writes_an_imported_dit_that_sample_py_reads(tmp_path):
         assert saved["images"].shape == (4, 8, 8, 3) and saved["labels"].tolist() == [0, 1, 2, 3]
     again = run_script("-m", "diffexp.build", "experiment=imagenet256_dit_xl2", *small, f"out={out}", cwd=tmp_path)
     assert again.returncode != 0 and "exists; pass overwrite=true" in again.stderr
+
+
+def test_readme_dit_commands_compose_as_typed(tmp_path):
+    """Every train.py and diffexp.build command of the README's DiT section composes as typed and builds a DiT
+    (the section's training runs themselves are tested shrunk above; the build runs offline only on a small copy)."""
+    import shlex
+
+    from tests.conftest import readme_commands
+
+    commands = [c for c in readme_commands() if "dit" in c and c.startswith(("python train.py", "python -m diffexp.build"))]
+    assert len(commands) >= 6, commands
+    for command in commands:
+        args = [a for a in shlex.split(command)[2:] if a not in ("diffexp.build",) and not a.startswith("out=")]
+        cfg = compose_config("train", args, tmp_path / "run")
+        assert cfg.net._target_ == "diffexp.nets.DiT", command
+        if "trainer=fsdp" in command:
+            assert cfg.trainer.strategy._target_ == "diffexp.fsdp.fsdp_strategy" and "EMA" not in str(cfg.callbacks)
