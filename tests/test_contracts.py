@@ -23,7 +23,7 @@ from tests.conftest import ROOT, SHRINK, assert_same_images, compose_config, tin
 SRC = ROOT / "src" / "diffexp"
 CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "samplers", "guidance", "precision", "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
-               "viz.__main__", "export", "app", "api")
+               "viz.__main__", "export", "build", "fsdp", "app", "api")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")
 
 
