@@ -15,10 +15,7 @@ MEM_BATCH=${MEM_BATCH:-32}
 DEVICE=${DEVICE:-cuda}
 MODES=${MODES:-bf16 bf16_compile}
 SECTIONS=" ${SECTIONS:-1 2 3} "
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu_common.sh"
 
 if [[ $SECTIONS == *" 1 "* ]]; then
 echo "== 1. DiT training step against diffusers"

@@ -17,10 +17,7 @@ N=${N:-8192}
 DEVICE=${DEVICE:-cuda}
 MODES=${MODES:-fp32 bf16 bf16_compile}
 SECTIONS=" ${SECTIONS:-1 2 3} "   # e.g. SECTIONS="2 3" to rerun the last two
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu_common.sh"
 
 if [[ $SECTIONS == *" 1 "* ]]; then
 echo "== 1. net-level training and sampling throughput"
