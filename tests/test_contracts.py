@@ -391,7 +391,20 @@ PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 PRESET_DATA = ["++data.num_train=32", "++data.num_val=8"]  # shapes presets; digits ignores them (++ adds, unused)
 
 
-def preset_overrides(preset: str, vae_ckpt: Path | None = None) -> list[str]:
+def preset_overrides(preset: str, vae_ckpt: Path | None = None, tmp_path: Path | None = None) -> list[str]:
+    """Overrides that train ``preset`` for two steps offline; a preset of hub weights (imagenet256_dit_xl2) runs
+    on a small random pipeline of the same layout and a folder of two labelled classes under ``tmp_path``."""
+    if preset == "imagenet256_dit_xl2":
+        from tests.test_dit import small_xl2_pipeline
+
+        _, small = small_xl2_pipeline(tmp_path)
+        for i in range(16):
+            folder = tmp_path / "imagenet" / ("207" if i % 2 else "981")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 16 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        return [f"experiment={preset}", *SHRINK, "trainer.max_steps=2", "trainer.precision=32-true",
+                "callbacks.sample_grid.n=2", *small, f"data.root={tmp_path / 'imagenet'}", "data.labels=folder_ids",
+                "data.num_workers=0"]
     if preset == "shapes_vae":
         return ["experiment=shapes_vae", "trainer.max_steps=2", "eval_every=2",
                 "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
@@ -427,7 +440,7 @@ def test_every_preset_trains_two_steps_and_samples(tmp_path, preset, vae_ckpt, m
     from diffexp.train import run
 
     monkeypatch.setenv("DIFFEXP_CACHE", str(tmp_path / "cache"))
-    run(compose_config("train", preset_overrides(preset, vae_ckpt), tmp_path / "run"))
+    run(compose_config("train", preset_overrides(preset, vae_ckpt, tmp_path), tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     if preset == "shapes_vae":
         net = OwnAutoencoder(str(ckpt)).net
@@ -458,6 +471,62 @@ def test_image_folder_captions_follow_relative_paths(tmp_path):
         for i in range(len(dataset)):
             expected = "a red circle" if dataset.files[i].parent.name == "a" else "a blue square"
             assert dm.captions(split)[i] == expected
+
+
+def test_image_folder_labels_come_from_class_folders(tmp_path):
+    """data.labels=folders numbers the top-level folders in sorted order (torchvision's ImageFolder), folder_ids
+    reads their names as labels; bad folders, loose images and bad options are clear errors, and
+    conditioning=class refuses unlabelled data or more classes than the model has."""
+    from torchvision.datasets import ImageFolder
+
+    from diffexp.conditioning import ClassConditioner
+    from diffexp.data import ImageFolderDataModule
+
+    root = tmp_path / "imgs"
+    for name, n in (("n02099601", 3), ("n01440764", 2), ("n09999999", 3)):
+        (root / name / "deep").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)).save(root / name / ("deep" if i else "") / f"{i}.png")
+
+    def module(folder=root, **kw):
+        return ImageFolderDataModule(str(folder), image_size=8, val_fraction=0.25, num_workers=0, **kw)
+
+    dm = module(labels="folders")
+    assert dm.num_classes == 3 and module().num_classes is None
+    reference = ImageFolder(str(root))  # torchvision: path -> class index of its top-level folder
+    expected = {Path(path).relative_to(root): label for path, label in reference.samples}
+    for split in ("train", "val"):
+        data = dm.dataset(split)
+        assert data.files and [data[i]["label"] for i in range(len(data))] == \
+            [expected[f.relative_to(root)] for f in data.files]
+
+    ids = tmp_path / "ids"
+    for name in ("207", "981"):
+        (ids / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(ids / name / f"{i}.png")
+    by_id = module(ids, labels="folder_ids")
+    assert by_id.num_classes == 982
+    labels = {f.parent.name: by_id.dataset("train")[i]["label"] for i, f in enumerate(by_id.dataset("train").files)}
+    assert all(int(name) == label for name, label in labels.items())
+
+    with pytest.raises(ValueError, match=r"data.labels='yes'; allowed: null \(unlabelled\), folders, folder_ids"):
+        module(labels="yes")
+    with pytest.raises(ValueError, match=r"folder_ids: folder names must be class numbers.*n01440764"):
+        module(labels="folder_ids").setup()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "loose.png")
+    with pytest.raises(ValueError, match=r"1 images lie directly in data.root=.*loose.png.*outside any class folder"):
+        module(labels="folders").setup()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no folders"):
+        module(flat, labels="folders").num_classes
+
+    with pytest.raises(ValueError, match=r"conditioning=class needs labelled data.*data.labels=folders"):
+        ClassConditioner(1000).fit(module())
+    with pytest.raises(ValueError, match=r"labels up to 981, but the model has conditioning.num_classes=10"):
+        ClassConditioner(10).fit(by_id)
+    ClassConditioner(1000).fit(by_id)
 
 
 def test_sample_py_clear_errors(tmp_path, vae_ckpt, tiny_checkpoint):

@@ -48,6 +48,23 @@ def small_diffusers_dit(tmp_path, **overrides):
     return model, folder
 
 
+def small_xl2_pipeline(tmp_path):
+    """A random pipeline of DiT-XL/2's layout but small (2 blocks, width 128, 1,000 classes, learned sigma; a tiny
+    KL VAE of factor 2 on 8x8 images), saved as diffusers does, and the overrides that point
+    ``experiment=imagenet256_dit_xl2`` at it: (transformer, overrides)."""
+    from diffusers import AutoencoderKL
+
+    from tests.test_latent import TINY_KL
+
+    source, _ = small_diffusers_dit(tmp_path, in_channels=4, out_channels=8, sample_size=4, num_embeds_ada_norm=1000)
+    pipeline = tmp_path / "pipeline"
+    source.save_pretrained(pipeline / "transformer")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_KL).save_pretrained(pipeline / "vae")
+    return source, [f"net.init_from={pipeline}", f"vae.name_or_path={pipeline / 'vae'}", "data.image_size=8",
+                    "net.depth=2", "net.hidden_size=128", "net.num_heads=4"]
+
+
 # --- the parts -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dim,grid", [(128, 8), (1152, 16)])
 def test_position_embedding_is_the_papers_2d_sincos(dim, grid):
@@ -436,21 +453,13 @@ def test_build_writes_an_imported_dit_that_sample_py_reads(tmp_path):
     experiment=imagenet256_dit_xl2`` writes weights whose net is diffusers' transformer (epsilon channels, to 1e-5),
     sample.py samples from them, and an existing file is not replaced without overwrite=true."""
     import numpy as np
-    from diffusers import AutoencoderKL
 
     from tests.conftest import run_script
-    from tests.test_latent import TINY_KL
 
     from diffexp.api import load_model
 
-    source, _ = small_diffusers_dit(tmp_path, in_channels=4, out_channels=8, sample_size=4, num_embeds_ada_norm=1000)
-    pipeline = tmp_path / "pipeline"
-    source.save_pretrained(pipeline / "transformer")
-    torch.manual_seed(0)
-    AutoencoderKL(**TINY_KL).save_pretrained(pipeline / "vae")
+    source, small = small_xl2_pipeline(tmp_path)
     out = tmp_path / "weights" / "dit.safetensors"
-    small = [f"net.init_from={pipeline}", f"vae.name_or_path={pipeline / 'vae'}", "data.image_size=8",
-             "net.depth=2", "net.hidden_size=128", "net.num_heads=4"]
     run_script("-m", "diffexp.build", "experiment=imagenet256_dit_xl2", *small, f"out={out}", cwd=tmp_path,
                check=True)
     model, cfg = load_model(out)

@@ -143,6 +143,18 @@ class ClassConditioner(Conditioner):
             raise ValueError(f"class_labels must be {n} integers in [0, {self.num_classes}), got {labels.tolist()}")
         return labels
 
+    def fit(self, datamodule) -> None:
+        """Check the data has labels this model can take (at most ``num_classes`` classes)."""
+        data_classes = datamodule.num_classes
+        if data_classes is None:
+            hint = " (data=image_folder: data.labels=folders makes each top-level folder a class)" \
+                if datamodule.name == "image_folder" else ""
+            raise ValueError(f"conditioning=class needs labelled data, but data={datamodule.name} has no class "
+                             f"labels{hint}; or train unconditionally with conditioning=none")
+        if data_classes > self.num_classes:
+            raise ValueError(f"data={datamodule.name} has labels up to {data_classes - 1}, but the model has "
+                             f"conditioning.num_classes={self.num_classes}")
+
     def from_batch(self, batch, drop=False, generator=None, device="cpu"):
         labels = batch["label"].clone()
         if drop and self.p_uncond > 0:

@@ -1,4 +1,5 @@
-"""Any folder of images, with optional captions in a Hugging Face imagefolder ``metadata.jsonl``."""
+"""Any folder of images, with optional captions in a Hugging Face imagefolder ``metadata.jsonl`` and optional
+class labels from its top-level folders (torchvision's ImageFolder layout, e.g. ImageNet's train folder)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,25 @@ from diffexp.data.base import ImageDataModule, split_indices
 from diffexp.registry import register_part
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+LABEL_MODES = ("folders", "folder_ids")
+
+
+def folder_classes(root: Path, labels: str) -> dict[str, int]:
+    """Top-level folder name -> class label under ``root``: ``folders`` numbers the folders in sorted order
+    (torchvision's ImageFolder; ImageNet's 1,000 synset folders get ImageNet's class ids), ``folder_ids`` reads
+    each folder's name as its label (``207/`` holds class 207: a subset of a pretrained model's classes)."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise FileNotFoundError(f"data.labels={labels}: data.root={str(root)!r} has no folders; put each class's "
+                                f"images in a folder of its own (root/CLASS/image.png)")
+    if labels == "folders":
+        return {name: i for i, name in enumerate(names)}
+    bad = [name for name in names if not name.isdigit()]
+    if bad:
+        raise ValueError(f"data.labels=folder_ids: folder names must be class numbers (0, 1, ..., 207, ...), got "
+                         f"{bad[:5]} under data.root={str(root)!r}; data.labels=folders numbers folders of any "
+                         f"name in sorted order")
+    return {name: int(name) for name in names}
 
 
 def open_image(path: Path, channels: int) -> Image.Image:
@@ -39,15 +59,17 @@ def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
 
 
 class FolderDataset(Dataset):
-    """Image files as dict items; ``captions`` holds one caption per file (in file order) or is None."""
+    """Image files as dict items; ``captions`` holds one caption per file (in file order) or is None;
+    ``classes`` (top-level folder -> label, see :func:`folder_classes`) gives each item a ``label``."""
 
     def __init__(self, files: list[Path], captions: dict[str, str] | None, image_size: int, channels: int,
-                 random_flip: bool, root: Path | None = None):
+                 random_flip: bool, root: Path | None = None, classes: dict[str, int] | None = None):
         from torchvision import transforms as T
 
         self.files, self.channels = files, channels
         names = [path.relative_to(root).as_posix() if root is not None else path.name for path in files]
         self.captions = None if captions is None else [captions.get(name, "") for name in names]
+        self.labels = None if classes is None else [classes[path.relative_to(root).parts[0]] for path in files]
         tfs = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
         if random_flip:
             tfs.append(T.RandomHorizontalFlip())
@@ -62,6 +84,8 @@ class FolderDataset(Dataset):
         item = {"image": image}
         if self.captions is not None:
             item["caption"] = self.captions[i]
+        if self.labels is not None:
+            item["label"] = self.labels[i]
         return item
 
 
@@ -88,20 +112,41 @@ class ImageFolderDataModule(ImageDataModule):
 
     Every file is checked before training: unreadable ones are an error listing them (``skip_unreadable``
     leaves them out instead, with a warning). With a ``metadata.jsonl``, every image needs a caption
-    (``allow_missing_captions`` gives the others the empty caption, i.e. unconditional examples).
+    (``allow_missing_captions`` gives the others the empty caption, i.e. unconditional examples). With
+    ``labels`` (``folders`` or ``folder_ids``, see :func:`folder_classes`) each image is labelled by its
+    top-level folder, for ``conditioning=class``; images outside a folder are then an error.
     """
 
     name = "image_folder"
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3, batch_size: int = 64,
                  val_fraction: float = 0.05, num_workers: int = 2, random_flip: bool = True, seed: int = 0,
-                 skip_unreadable: bool = False, allow_missing_captions: bool = False):
+                 skip_unreadable: bool = False, allow_missing_captions: bool = False, labels: str | None = None):
         super().__init__(image_size=image_size, channels=channels, batch_size=batch_size, num_workers=num_workers,
                          seed=seed)
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.root, self.val_fraction, self.random_flip = Path(root), val_fraction, random_flip
         self.skip_unreadable, self.allow_missing_captions = skip_unreadable, allow_missing_captions
+        if labels is not None and labels not in LABEL_MODES:
+            raise ValueError(f"data.labels={labels!r}; allowed: null (unlabelled), {', '.join(LABEL_MODES)}")
+        self.labels, self._classes = labels, None
+
+    def classes(self) -> dict[str, int] | None:
+        """Top-level folder -> class label (None without ``labels``), read from ``root`` once."""
+        if self.labels is None:
+            return None
+        if self._classes is None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"data.root={str(self.root)!r} is not a directory")
+            self._classes = folder_classes(self.root, self.labels)
+        return self._classes
+
+    @property
+    def num_classes(self) -> int | None:
+        """1 + the largest label (the class count a ``conditioning=class`` model needs), None if unlabelled."""
+        classes = self.classes()
+        return None if classes is None else max(classes.values()) + 1
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -112,6 +157,11 @@ class ImageFolderDataModule(ImageDataModule):
         if len(files) < 2:
             raise FileNotFoundError(f"data.root={str(self.root)!r} holds {len(files)} images; need at least 2 "
                                     f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        classes = self.classes()
+        loose = [p.name for p in files if classes is not None and len(p.relative_to(self.root).parts) == 1]
+        if loose:
+            raise ValueError(f"data.labels={self.labels}: {len(loose)} images lie directly in data.root="
+                             f"{str(self.root)!r} (e.g. {loose[:3]}), outside any class folder; move them into one")
         bad = unreadable_images(files)
         if bad:
             listing = "; ".join(f"{p.relative_to(self.root)} ({why})" for p, why in bad[:5])
@@ -132,6 +182,6 @@ class ImageFolderDataModule(ImageDataModule):
                                  f"the empty caption")
         train_idx, val_idx = split_indices(len(files), self.val_fraction, self.seed)
         make = lambda idx, flip: FolderDataset([files[i] for i in idx.tolist()], captions, self.image_size,  # noqa: E731
-                                               self.channels, flip, self.root)
+                                               self.channels, flip, self.root, classes)
         self.train_set = make(train_idx, self.random_flip)
         self.val_set = make(val_idx, False)
