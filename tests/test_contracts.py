@@ -524,7 +524,11 @@ def test_image_folder_labels_come_from_class_folders(tmp_path):
 
     with pytest.raises(ValueError, match=r"conditioning=class needs labelled data.*data.labels=folders"):
         ClassConditioner(1000).fit(module())
-    with pytest.raises(ValueError, match=r"labels up to 981, but the model has conditioning.num_classes=10"):
+    with pytest.raises(ValueError, match=r"conditioning=class needs labelled data.*got num_classes=None.*data.labels="
+                                         r"folders makes each top-level folder a class"):
+        ClassConditioner(None)  # num_classes: null in the config, and the data has none
+    with pytest.raises(ValueError, match=r"labels up to 981, but the model has conditioning.num_classes=10; set "
+                                         r"conditioning.num_classes >= 982"):
         ClassConditioner(10).fit(by_id)
     ClassConditioner(1000).fit(by_id)
 

@@ -23,6 +23,9 @@ from diffexp.guidance import guided_model
 from diffexp.registry import register_part
 
 
+IMAGE_FOLDER_LABELS = " (data=image_folder: data.labels=folders makes each top-level folder a class)"
+
+
 def check_p_uncond(p_uncond: float) -> float:
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"conditioning.p_uncond must lie in [0, 1], got {p_uncond}")
@@ -126,7 +129,9 @@ class ClassConditioner(Conditioner):
     def __init__(self, num_classes: int, p_uncond: float = 0.1):
         super().__init__(p_uncond)
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"conditioning=class needs labelled data (num_classes >= 1), got num_classes={num_classes}")
+            raise ValueError(f"conditioning=class needs labelled data (num_classes >= 1), got num_classes={num_classes}"
+                             f"{IMAGE_FOLDER_LABELS if num_classes is None else ''}; or train unconditionally with "
+                             f"conditioning=none")
         self.num_classes = num_classes
 
     def net_arguments(self) -> dict:
@@ -134,7 +139,7 @@ class ClassConditioner(Conditioner):
 
     def check_net(self, net) -> None:
         if getattr(net, "num_classes", None) != self.num_classes:
-            raise ValueError(f"conditioning=class with {self.num_classes} classes needs a U-Net built with "
+            raise ValueError(f"conditioning=class with {self.num_classes} classes needs a denoiser built with "
                              f"net.num_classes={self.num_classes}, got {getattr(net, 'num_classes', None)}")
 
     def labels(self, labels: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -147,13 +152,13 @@ class ClassConditioner(Conditioner):
         """Check the data has labels this model can take (at most ``num_classes`` classes)."""
         data_classes = datamodule.num_classes
         if data_classes is None:
-            hint = " (data=image_folder: data.labels=folders makes each top-level folder a class)" \
-                if datamodule.name == "image_folder" else ""
             raise ValueError(f"conditioning=class needs labelled data, but data={datamodule.name} has no class "
-                             f"labels{hint}; or train unconditionally with conditioning=none")
+                             f"labels{IMAGE_FOLDER_LABELS if datamodule.name == 'image_folder' else ''}; or train "
+                             f"unconditionally with conditioning=none")
         if data_classes > self.num_classes:
             raise ValueError(f"data={datamodule.name} has labels up to {data_classes - 1}, but the model has "
-                             f"conditioning.num_classes={self.num_classes}")
+                             f"conditioning.num_classes={self.num_classes}; set conditioning.num_classes >= "
+                             f"{data_classes} (or null: the data's count)")
 
     def from_batch(self, batch, drop=False, generator=None, device="cpu"):
         labels = batch["label"].clone()
