@@ -493,3 +493,27 @@ def test_readme_dit_commands_compose_as_typed(tmp_path):
         assert cfg.net._target_ == "diffexp.nets.DiT", command
         if "trainer=fsdp" in command:
             assert cfg.trainer.strategy._target_ == "diffexp.fsdp.fsdp_strategy" and "EMA" not in str(cfg.callbacks)
+
+
+def test_attention_heads_split_the_fused_qkv_and_keep_a_wrapped_one():
+    """q, k, v from the fused weight's row blocks equal the (N, L, 3D) product cut into heads; a wrapped ``qkv``
+    (a LoRA adapter) is called as its module, so its adapter is not bypassed."""
+    from diffexp.nets.dit import SelfAttention
+
+    torch.manual_seed(0)
+    attention, x = SelfAttention(64, 4), torch.randn(2, 9, 64)
+    reference = attention.qkv(x).reshape(2, 9, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    for ours, theirs in zip(attention.heads(x), reference):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+    class Shifted(torch.nn.Module):  # a wrapper whose output differs from its base layer's
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) + 1.0
+
+    attention.qkv = Shifted(attention.qkv)
+    for ours, theirs in zip(attention.heads(x), reference):
+        assert torch.allclose(ours, theirs + 1.0, atol=1e-6)

@@ -61,10 +61,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v), each (N, heads, L, D / heads)."""
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v), each (N, heads, L, D / heads). A plain ``qkv`` runs as three products with its weight's row
+        blocks (three (N, L, D) outputs, not one (N, L, 3D) output cut apart, whose gradient is restacked); a
+        wrapped one (a LoRA adapter) runs as its module."""
         n, length, dim = x.shape
-        return self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        if type(self.qkv) is nn.Linear:
+            parts = [F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3))]
+        else:
+            parts = self.qkv(x).chunk(3, dim=-1)
+        return tuple(part.reshape(n, length, self.num_heads, dim // self.num_heads).transpose(1, 2) for part in parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
