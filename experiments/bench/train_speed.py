@@ -207,12 +207,13 @@ def train_rows(args, device: torch.device, peak: float | None, rows: list, save=
                    "gflop_per_step_ours": round(flops["ours"] / 1e9, 1),
                    "gflop_per_step_diffusers": round(flops["diffusers"] / 1e9, 1),
                    "first_step_seconds": compile_seconds}
-            for name in runs:
-                img_s = statistics.median(runs[name])
-                row[f"{name}_img_s"] = round(img_s, 1)
+            medians = {name: statistics.median(values) for name, values in runs.items()}
+            for name, img_s in medians.items():
+                row[f"{name}_img_s"] = round(img_s, 2)
                 if peak:
                     row[f"{name}_share_of_bf16_peak"] = round(flops[name] / args.batch * img_s / peak, 4)
-            row["ratio"] = round(row["ours_img_s"] / row["diffusers_img_s"], 3)
+            row["ratio"] = round(medians["ours"] / medians["diffusers"], 3)  # of the unrounded medians
+            row["round_ratios"] = [round(a / b, 3) for a, b in zip(runs["ours"], runs["diffusers"])]
             rows.append(row)
             save()
             share = f" | peak share ours {row['ours_share_of_bf16_peak']:.1%}" if peak else ""
