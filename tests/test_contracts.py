@@ -21,7 +21,8 @@ from diffexp.schedules import SCHEDULES, register_schedule
 from tests.conftest import ROOT, SHRINK, assert_same_images, compose_config, tiny_hf_folder
 
 SRC = ROOT / "src" / "diffexp"
-CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "samplers", "guidance", "precision", "nets")
+CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "distillation", "samplers", "guidance", "precision",
+        "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
                "viz.__main__", "export", "build", "fsdp", "app", "api")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")

@@ -204,7 +204,8 @@ def test_every_sampler_has_a_config_of_its_name(name, tmp_path):
     cfg = compose_config("train", [f"sampler={name}", "sampler.progress=false"], tmp_path)
     sampler = instantiate(cfg.sampler)(path=get_schedule("linear", T))
     assert type(sampler) is SAMPLERS[name]
-    assert getattr(sampler, "timestep_spacing", "karras") == ("leading" if name in ("ddim", "ddpm") else "karras")
+    default = {"ddim": "leading", "ddpm": "leading", "consistency": "trailing"}.get(name, "karras")
+    assert getattr(sampler, "timestep_spacing", "karras") == default
 
 
 def test_course_sampler_and_sample_with_a_solver(tmp_path):

@@ -88,6 +88,12 @@ class Prediction:
         """c with ||raw error||^2 = c ||x_0 error||^2 for a fixed x_t (per item)."""
         raise NotImplementedError
 
+    def x0_coefficients(self, alpha, sigma, variance_preserving: bool) -> tuple:
+        """(c_skip, c_out) with x_0 = c_skip x_t + c_out F, F the net's raw output: the denoiser in the consistency
+        models' form (Song et al. 2023, eq. 5). At the clean time (alpha = 1, sigma = 0) every prediction but
+        ``sample`` gives c_skip = 1, c_out = 0: f(x, clean) = x, the boundary condition, whatever the net."""
+        raise NotImplementedError
+
     def model_fn(self, net: Callable, path) -> Callable:
         """(x_t, t, **conditions) -> the model's prediction: ``net`` called with :meth:`net_input` of x_t and the
         path's noise input of t (:meth:`diffexp.paths.GaussianPath.noise_input`), its output through :meth:`output`."""
@@ -118,6 +124,9 @@ class EpsilonPrediction(Prediction):
     def error_scale(self, snr, alpha, sigma, variance_preserving):
         return snr  # eps error = -(alpha / sigma) x_0 error
 
+    def x0_coefficients(self, alpha, sigma, variance_preserving):
+        return 1 / alpha, -sigma / alpha
+
 
 @PREDICTIONS.register("sample")
 class SamplePrediction(Prediction):
@@ -128,6 +137,9 @@ class SamplePrediction(Prediction):
 
     def error_scale(self, snr, alpha, sigma, variance_preserving):
         return torch.ones_like(snr)
+
+    def x0_coefficients(self, alpha, sigma, variance_preserving):
+        return 0 * alpha, 1 + 0 * alpha
 
 
 @PREDICTIONS.register("v_prediction")
@@ -142,6 +154,10 @@ class VPrediction(Prediction):
             return snr + 1
         return ((alpha**2 + sigma**2) / sigma) ** 2
 
+    def x0_coefficients(self, alpha, sigma, variance_preserving):
+        norm = 1 if variance_preserving else alpha**2 + sigma**2
+        return alpha / norm, -sigma / norm
+
 
 @PREDICTIONS.register("velocity")
 class VelocityPrediction(Prediction):
@@ -152,6 +168,9 @@ class VelocityPrediction(Prediction):
 
     def error_scale(self, snr, alpha, sigma, variance_preserving):
         return ((alpha + sigma) / sigma) ** 2
+
+    def x0_coefficients(self, alpha, sigma, variance_preserving):
+        return 1 / (alpha + sigma), -sigma / (alpha + sigma)
 
 
 @PREDICTIONS.register("edm")
@@ -186,6 +205,10 @@ class EDMPrediction(Prediction):
 
     def error_scale(self, snr, alpha, sigma, variance_preserving):
         return 1 / self.scalings(alpha, sigma)[1] ** 2
+
+    def x0_coefficients(self, alpha, sigma, variance_preserving):
+        c_skip, c_out, _ = self.scalings(alpha, sigma)
+        return c_skip / alpha, c_out
 
     def __repr__(self):
         return f"edm(sigma_data={self.sigma_data:g})"

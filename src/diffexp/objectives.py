@@ -224,11 +224,13 @@ class Objective:
         return self.weighting(snr, lambda: self.path.log_snr(t), scale)
 
     def loss(self, net_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """The objective on a batch of x_0: t from the density, then eps ~ N(0, I) (both from ``generator``),
-        ``net_fn(net input, noise input)`` -> the raw output (conditions bound; it may draw from ``generator`` too)."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective on a batch of x_0: t from the density, then eps ~ N(0, I) (both from ``generator``; ``noise``
+        given: eps coupled to x_0, as reflow's pairs), ``net_fn(net input, noise input)`` -> the raw output
+        (conditions bound; it may draw from ``generator`` too)."""
         t = self.density.sample(x0.shape[0], self.path, generator, x0.device)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.path.noised(x0, t, noise)
         alpha, sigma = self.path.coefficients(t, x0)
         target = self.prediction.target(x0, noise, x_t, alpha, sigma)

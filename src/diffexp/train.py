@@ -93,6 +93,8 @@ def build(cfg: DictConfig):
     warn_unused_schedule(model)
     if cfg.get("init_from"):
         start_from_weights(model, cfg)
+    if getattr(model, "distill", None) is not None:
+        attach_teacher(model, cfg)
     if cfg.get("cache_latents"):
         if not isinstance(model, DiffusionModel):
             raise ValueError(f"cache_latents=true pre-encodes the data for latent diffusion; model={cfg.model._target_} "
@@ -138,6 +140,24 @@ def start_from_weights(model, cfg: DictConfig) -> None:
     if cfg.get("ckpt_path"):
         rank_zero_warn(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path}: resuming from ckpt_path, whose "
                        f"weights replace the initial ones")
+
+
+def attach_teacher(model, cfg: DictConfig) -> None:
+    """``distill=``: the teacher checkpoint of ``init_from`` (EMA weights where saved, as the student's start) loaded,
+    checked against the student and attached frozen (:meth:`diffexp.lit.distill.Distillation.attach_teacher`);
+    a method that never calls it keeps only its fingerprint."""
+    from diffexp.api import load_model
+
+    distill = model.distill
+    if not cfg.get("init_from"):
+        raise ValueError(f"distill={distill.method} distils a trained model: give its checkpoint as init_from=TEACHER "
+                         f"(a .ckpt or model.safetensors of a diffexp run)")
+    teacher, _ = load_model(cfg.init_from, use_ema=cfg.get("init_from_ema", True))
+    distill.attach_teacher(model, teacher)
+    if not distill.needs_teacher:
+        distill.teacher = None
+    rank_zero_info(f"[diffexp] distill={distill.method}: teacher {cfg.init_from} (weights {distill.teacher_fingerprint}"
+                   f"{'' if distill.needs_teacher else ', used as the starting point only'})")
 
 
 def matmul_precision(value: str, trainer) -> str:

@@ -13,6 +13,7 @@ from diffexp.conditioning import Conditioner, Unconditional
 from diffexp.diffusion import get_prediction, to_x0_eps
 from diffexp.guidance import guided_model
 from diffexp.lit.base import TrainingModule
+from diffexp.lit.distill import STATE_KEY
 from diffexp.nets.contract import Denoiser
 from diffexp.objectives import Density, MinSNR, NoWeighting, Objective, Weighting
 from diffexp.paths import GaussianPath, as_path
@@ -70,6 +71,8 @@ class DiffusionModel(TrainingModule):
             ``fp32``.
         lora: ``model.lora`` (:class:`diffexp.lora.LoraSettings`): with ``rank`` > 0 only low-rank adapters on the
             target layers of the denoiser (and of a learned text encoder) train; everything else is frozen.
+        distill: a distillation method (``distill=``, :mod:`diffexp.lit.distill`): its loss replaces the objective's,
+            against a frozen teacher (attached by train.py) where the method needs one.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class DiffusionModel(TrainingModule):
         channels_last: bool = False,
         sample_precision: str = "auto",
         lora: dict | None = None,
+        distill=None,
     ):
         super().__init__(optimizer, lr_scheduler)
         if not isinstance(net, Denoiser):
@@ -137,6 +141,9 @@ class DiffusionModel(TrainingModule):
         self.make_sampler()  # bad sampler settings fail now, not at the first sample grid
         self.lora = None
         self.add_lora(lora)
+        self.distill = distill
+        if distill is not None:
+            distill.bind(self)
 
     @property
     def schedule(self):
@@ -183,6 +190,8 @@ class DiffusionModel(TrainingModule):
             self.conditioner.fit(datamodule)
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         self.speed_up(compile=on_cuda if self.compile_net == "auto" else self.compile_net)
+        if self.distill is not None and stage == "fit":
+            self.distill.setup(self)
 
     def speed_up(self, compile: bool = True, mode: str | None = None) -> None:
         """Channels-last weights (if configured) and ``torch.compile`` of the denoiser in place (once; keys and
@@ -210,7 +219,9 @@ class DiffusionModel(TrainingModule):
 
     def loss(self, batch: dict, drop_conditioning: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """The objective (:class:`~diffexp.objectives.Objective`) on a batch: times and noise come from ``generator``,
-        then the conditioning dropout."""
+        then the conditioning dropout. With ``distill`` its loss instead."""
+        if self.distill is not None:
+            return self.distill.loss(self, batch, drop_conditioning, generator)
         x0 = self.space.from_batch(batch)
 
         def net_fn(x, noise_input):
@@ -220,6 +231,14 @@ class DiffusionModel(TrainingModule):
             return self.net(x, noise_input, **cond)
 
         return self.objective.loss(net_fn, x0, generator)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.distill is not None:
+            self.distill.on_train_batch_start(self)
+
+    def on_train_end(self) -> None:
+        if self.distill is not None:
+            self.distill.on_train_end(self)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, generator=self.step_generator())
@@ -368,3 +387,10 @@ class DiffusionModel(TrainingModule):
 
         upgrade_checkpoint(checkpoint)
         fill_autoencoder(checkpoint["state_dict"], self.state_dict())
+        if self.distill is not None and STATE_KEY in checkpoint:
+            self.distill.load_state_dict(checkpoint[STATE_KEY], model=self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.distill is not None:
+            checkpoint[STATE_KEY] = self.distill.state_dict()

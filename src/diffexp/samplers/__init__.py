@@ -5,6 +5,7 @@
 """
 from diffexp.registry import Registry
 from diffexp.samplers.base import Denoiser, Sampler, SpacedSampler, Trajectory, fixed_noise
+from diffexp.samplers.consistency import ConsistencySampler
 from diffexp.samplers.ddim import DDIMSampler
 from diffexp.samplers.ddpm import DDPMSampler
 from diffexp.samplers.dpm_solver import DPMSolver2M, DPMSolver2MSDE, DPMSolver3M, DPMSolverPlusPlus
@@ -15,7 +16,8 @@ from diffexp.samplers.unipc import UniPCSampler
 SAMPLERS = Registry("sampler")
 for _name, _cls in {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp_2m": DPMSolver2M, "dpmpp_3m": DPMSolver3M,
                     "dpmpp_2m_sde": DPMSolver2MSDE, "unipc": UniPCSampler, "euler": EulerSampler, "heun": HeunSampler,
-                    "euler_ancestral": EulerAncestralSampler, "edm": EDMSampler}.items():
+                    "euler_ancestral": EulerAncestralSampler, "edm": EDMSampler,
+                    "consistency": ConsistencySampler}.items():
     SAMPLERS.register(_name)(_cls)
 
 
@@ -35,4 +37,4 @@ def get_sampler(name: str, path, **kwargs) -> Sampler:
 __all__ = ["Denoiser", "Sampler", "SpacedSampler", "Trajectory", "fixed_noise", "register_sampler", "SAMPLERS",
            "get_sampler", "spaced_timesteps", "TIMESTEP_SPACINGS", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus",
            "DPMSolver2M", "DPMSolver3M", "DPMSolver2MSDE", "UniPCSampler", "EulerSampler", "HeunSampler",
-           "EulerAncestralSampler", "EDMSampler"]
+           "EulerAncestralSampler", "EDMSampler", "ConsistencySampler"]
