@@ -6,6 +6,7 @@ target, the consistency sampler with its exact oracle), then the training mechan
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,31 @@ def test_distillation_resumes_bit_identically_mid_run(tmp_path, tiny_checkpoint,
             first = read_weights(tmp_path / "whole" / "checkpoints" / f"progressive_{steps}steps.safetensors")
             second = read_weights(part / f"progressive_{steps}steps.safetensors")
             assert all(torch.equal(v, second["state_dict"][k]) for k, v in first["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_readme_distillation_commands_as_typed(fresh_workdir):
+    """The README's few-step commands, verbatim from a fresh directory (training shrunk by SHRINK only)."""
+    import json
+
+    from tests.conftest import readme_command, run_as_typed
+
+    run_as_typed(readme_command("python train.py hydra.run.dir=logs/teacher"), fresh_workdir)
+    assert (fresh_workdir / "logs" / "teacher" / "checkpoints" / "last.ckpt").is_file()
+    pairs = [
+        ("python train.py distill=consistency init_from=logs/teacher/checkpoints/last.ckpt",
+         "python sample.py ckpt=logs/train/latest/checkpoints/model.safetensors sampler=consistency sampler.steps=2 "
+         "n=256 metrics=[digits_classifier,fid_digits]"),
+        ("python train.py distill=progressive init_from=logs/teacher/checkpoints/last.ckpt",
+         "python sample.py ckpt=logs/train/latest/checkpoints/progressive_4steps.safetensors sampler=ddim "
+         "sampler.steps=4 sampler.timestep_spacing=trailing"),
+        ("python train.py distill=reflow init_from=logs/teacher/checkpoints/last.ckpt",
+         "python sample.py ckpt=logs/train/latest/checkpoints/model.safetensors sampler=euler sampler.steps=1"),
+    ]
+    for train, sample in pairs:
+        run_as_typed(readme_command(train), fresh_workdir)
+        result = run_as_typed(readme_command(sample), fresh_workdir, shrink=False)
+        grid = next(line.split("wrote ")[1].split(" and ")[0] for line in result.stdout.splitlines()
+                    if line.startswith("[diffexp] wrote "))
+        summary = json.loads((Path(grid).parent / "metrics.json").read_text())
+        assert summary["nfe"] == int(sample.split("sampler.steps=")[1].split()[0]), summary

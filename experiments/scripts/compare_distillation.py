@@ -4,7 +4,7 @@
     python train.py                                                             # the teacher (quickstart)
     python train.py distill=consistency init_from=TEACHER                       # and progressive, reflow
     python experiments/scripts/compare_distillation.py --teacher TEACHER --consistency RUN_C --progressive RUN_P \\
-        --reflow RUN_R --n 1000 --out experiments/results/distill
+        --reflow RUN_R --n 1000 --levels 0.6 0.4 --out experiments/results/distill
 
 Each RUN is a run directory (its ``checkpoints/model.safetensors``: EMA weights; progressive: its per-round
 ``progressive_<N>steps.safetensors``). Every row comes from ``evaluate_samplers.py`` with the same ``--seed``, so
@@ -36,10 +36,48 @@ def evaluate(ckpt: Path, samplers: list[str], out: Path, args, references: list[
     return json.loads(out.with_suffix(".json").read_text())["rows"]
 
 
+def flow_levels(steps: int, hi: float, lo: float) -> list[float]:
+    """The ``steps`` - 1 levels after the first, evenly spaced in flow time from ``hi`` to ``lo`` (one: ``hi``)."""
+    if steps == 2:
+        return [hi]
+    return [hi + (lo - hi) * i / (steps - 2) for i in range(steps - 1)]
+
+
+def evaluate_levels(ckpt: Path, nfes: list[int], hi: float, lo: float, out: Path, args) -> list[dict]:
+    """Consistency sampling with :func:`flow_levels` (as ``sampler.sigmas``), the same x_T as the other rows."""
+    from functools import partial
+
+    from diffexp.api import draw_samples, load_model
+    from diffexp.config import data_of_run
+    from diffexp.metrics import evaluate as score
+    from diffexp.samplers import ConsistencySampler
+
+    model, cfg = load_model(ckpt)
+    datamodule = data_of_run(cfg)
+    rows = []
+    for n in nfes:
+        if n < 2:
+            continue
+        sigmas = [model.path.ve_sigma(t) for t in flow_levels(n, hi, lo)]
+        sampler = partial(ConsistencySampler, steps=n, sigmas=sigmas, progress=False)
+        images = draw_samples(model, args.n, sampler, args.seed, args.n, progress=False)
+        metrics = score(["fid_digits", "digits_classifier"], images, datamodule)
+        rows.append({"sampler": f"CONSISTENCY-{n}", "sigmas": [round(s, 4) for s in sigmas], "nfe": n,
+                     "fid_digits": round(metrics["fid_digits"]["value"], 4),
+                     "digits_classifier_confident": metrics["digits_classifier"]["confident_fraction"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"ckpt": str(ckpt), "levels": [hi, lo], "rows": rows}, indent=2))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the teacher's checkpoint")
-    parser.add_argument("--consistency", type=Path, help="run directory of distill=consistency")
+    parser.add_argument("--consistency", type=Path, nargs="+", help="run directories of distill=consistency (each a row: "
+                        "LABEL=DIR or DIR)")
+    parser.add_argument("--levels", type=float, nargs=2, metavar=("HI", "LO"),
+                        help="also sample the consistency students with their levels after the first evenly spaced "
+                             "in flow time from HI to LO (sampler.sigmas)")
     parser.add_argument("--progressive", type=Path, help="run directory of distill=progressive")
     parser.add_argument("--reflow", type=Path, help="run directory of distill=reflow")
     parser.add_argument("--nfe", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -61,10 +99,14 @@ def main() -> None:
              "teacher_converged": {k: converged[k] for k in ("sampler", "nfe", "fid_digits",
                                                                "digits_classifier_confident")},
              "methods": {}}
-    if args.consistency:
-        rows = evaluate(args.consistency / "checkpoints" / "model.safetensors",
-                        [f"consistency:{n}" for n in args.nfe], rows_dir / "consistency", args)
-        table["methods"]["consistency"] = rows
+    for spec in args.consistency or []:
+        label, _, folder = str(spec).rpartition("=")
+        label = label or "consistency"
+        ckpt = Path(folder) / "checkpoints" / "model.safetensors"
+        table["methods"][label] = evaluate(ckpt, [f"consistency:{n}" for n in args.nfe], rows_dir / label, args)
+        if args.levels:
+            table["methods"][f"{label}, levels {args.levels[0]:g} -> {args.levels[1]:g}"] = \
+                evaluate_levels(ckpt, args.nfe, *args.levels, rows_dir / f"{label}_levels", args)
     if args.progressive:
         rows = []
         for n in args.nfe:

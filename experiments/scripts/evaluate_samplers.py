@@ -205,6 +205,7 @@ def run(args) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_tables(rows, out, header)
+    write_tables(rows, out, header)  # also when every row was there already
     print(out.with_suffix(".md").read_text())
     if args.nfe:
         plot(rows, args.metrics[0], out.with_suffix(".png"))

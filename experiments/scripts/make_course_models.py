@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,28 +105,31 @@ def measure(name: str, weights: Path, n: int) -> dict:
             figures[f"caption adherence, {label}, guidance 3, N={n}"] = round(
                 caption_adherence(images, captions)["adherence"], 4)
         return figures
-    images = draw_samples(model, n, sampler(model, "ddim", 20), seed=0, batch_size=250, progress=False)
+    kind, steps = MODELS[name].sampler
+    label = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "consistency": "consistency sampling"}.get(kind, kind)
+    label = f"{label}-{steps}"
+    images = draw_samples(model, n, sampler(model, kind, steps), seed=0, batch_size=250, progress=False)
     if name.startswith("digits"):
         scores = evaluate(["fid_digits", "digits_classifier"], images, datamodule)
-        figures[f"fid_digits, DDIM-20, N={n}"] = round(scores["fid_digits"]["value"], 3)
-        figures[f"digits classifier confident fraction, DDIM-20, N={n}"] = round(
+        figures[f"fid_digits, {label}, N={n}"] = round(scores["fid_digits"]["value"], 3)
+        figures[f"digits classifier confident fraction, {label}, N={n}"] = round(
             scores["digits_classifier"]["confident_fraction"], 4)
     else:
         scores = evaluate(["fid_shapes"], images, datamodule)
-        figures[f"fid_shapes, DDIM-20, N={n}"] = round(scores["fid_shapes"]["value"], 3)
+        figures[f"fid_shapes, {label}, N={n}"] = round(scores["fid_shapes"]["value"], 3)
     return figures
 
 
 CARD = """# {name}
 
 {description}. Shipped with diffexp for the course notebooks ({notebooks}); loaded by
-`diffexp.course.pretrained("{name}")`, or sampled with `python sample.py ckpt=src/diffexp/pretrained/{name}/{weights}`.
+`diffexp.course.pretrained("{name}")`, or sampled with `python sample.py ckpt=src/diffexp/pretrained/{name}/{weights}{sample_args}`.
 
 | | |
 |---|---|
 | made by | `python train.py {overrides}` |
 | data | {data} |
-| training | {steps:,} steps, batch {batch}, seed {seed}; {wall:.0f} s on {device}, sharing it with the other course runs (`--jobs 5`) |
+| training | {steps:,} steps, batch {batch}, seed {seed}; {wall:.0f} s on {device} |
 | code | diffexp commit `{commit}`{dirty} |
 | weights | EMA, float16 (tensors under {half_min} elements in float32); {params:,} parameters, {size_kib:,.0f} KiB |
 | curves | `metrics.csv` (the run's CSV log: train/loss, val/loss, learning rate) |
@@ -148,7 +152,7 @@ def describe_data(cfg: dict) -> str:
     return data["_target_"]
 
 
-def pack(name: str, run: Path, out: Path, overwrite: bool, n: int, trained_on: str) -> Path:
+def pack(name: str, run: Path, out: Path, overwrite: bool, n: int, trained_on: str, shared: int = 5) -> Path:
     """Ship the run's ``model.safetensors`` as ``out/name``: float16 weights, curves, model card (measured)."""
     from diffexp.checkpoints import read_weights, save_weights
 
@@ -170,15 +174,16 @@ def pack(name: str, run: Path, out: Path, overwrite: bool, n: int, trained_on: s
     walls = dict(line.split() for line in (run.parent / "walls.txt").read_text().splitlines()) \
         if (run.parent / "walls.txt").is_file() else {}
     figures = measure(name, weights, n)
+    sharing = f", sharing it with the other course runs (`--jobs {shared}`)" if shared > 1 else ""
     params = sum(v.numel() for v in state.values() if torch.is_tensor(v))
     model = MODELS[name]
-    overrides = " ".join(o.replace("{runs}/shapes_vae/checkpoints/last.ckpt", "SHAPES_VAE_RUN/checkpoints/last.ckpt")
-                         for o in model.overrides)
+    overrides = " ".join(re.sub(r"\{runs\}/(\w+)/", lambda m: f"{m.group(1).upper()}_RUN/", o) for o in model.overrides)
     card = CARD.format(
         name=name, description=model.description[0].upper() + model.description[1:], weights=WEIGHTS,
+        sample_args="" if model.sampler == ("ddim", 20) else f" sampler={model.sampler[0]} sampler.steps={model.sampler[1]}",
         notebooks=", ".join(model.notebooks), overrides=overrides, data=describe_data(config),
         steps=config["trainer"]["max_steps"], batch=config["data"]["batch_size"], seed=config["seed"],
-        wall=float(walls.get(name, "nan")), device=f"{trained_on} (torch {info['packages']['torch']}, Lightning {info['packages']['lightning']})",
+        wall=float(walls.get(name, "nan")), device=f"{trained_on} (torch {info['packages']['torch']}, Lightning {info['packages']['lightning']}){sharing}",
         commit=info["git"]["commit"][:10], dirty=" (with uncommitted changes)" if info["git"].get("dirty") else "",
         half_min=HALF_MIN_NUMEL, params=params, size_kib=weights.stat().st_size / 1024,
         figures="\n".join(f"- {k}: **{v}**" for k, v in figures.items()))
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "diffexp" / "pretrained", help="pack: destination")
     parser.add_argument("--overwrite", action="store_true", help="pack: replace shipped models that exist")
     parser.add_argument("--trained-on", default="one NVIDIA H200 GPU", help="pack: the training hardware, for the card")
+    parser.add_argument("--shared", type=int, default=5, help="pack: how many course runs shared that hardware (--jobs)")
     parser.add_argument("--n", type=int, default=500, help="pack: samples per measurement")
     args = parser.parse_args()
     names = args.only or list(MODELS)
@@ -213,7 +219,8 @@ def main() -> None:
             sys.exit("error: some runs failed (see the logs above)")
     else:
         for name in names:
-            pack(name, runs / name, args.out, overwrite=args.overwrite, n=args.n, trained_on=args.trained_on)
+            pack(name, runs / name, args.out, overwrite=args.overwrite, n=args.n, trained_on=args.trained_on,
+                 shared=args.shared)
 
 
 if __name__ == "__main__":

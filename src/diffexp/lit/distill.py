@@ -187,21 +187,25 @@ class ConsistencyDistillation(Distillation):
 @register_part
 class ProgressiveDistillation(Distillation):
     """``distill=progressive``: progressive distillation (Salimans & Ho 2022) in ``rounds`` rounds of
-    ``steps_per_round`` optimizer steps, one run. Round k's teacher takes ``start_steps`` / 2^k DDIM steps and its
-    student half as many; the teacher of round 0 is the student's starting point (init_from=), that of round k > 0
-    the student (EMA weights when the run keeps them) at the end of round k - 1, kept in the run's checkpoints so a
-    resumed run continues its round. At the end of each round the student is written as
-    ``checkpoints/progressive_<steps>steps.safetensors``; sample it with ``sampler=ddim sampler.steps=<steps>
-    sampler.timestep_spacing=trailing`` (the grid it was distilled on)."""
+    ``steps_per_round`` optimizer steps (null: ``trainer.max_steps`` / ``rounds``), one run. Round k's teacher takes
+    ``start_steps`` / 2^k DDIM steps and its student half as many; the teacher of round 0 is the student's starting
+    point (init_from=), that of round k > 0 the student (EMA weights when the run keeps them) at the end of round
+    k - 1, kept in the run's checkpoints so a resumed run continues its round. At the end of each round the student
+    is written as ``checkpoints/progressive_<steps>steps.safetensors``; sample it with ``sampler=ddim
+    sampler.steps=<steps> sampler.timestep_spacing=trailing`` (the grid it was distilled on)."""
 
     method = "progressive"
     needs_teacher = False  # round 0 distils the student's own starting weights (the teacher's)
 
-    def __init__(self, teacher: str | None = None, start_steps: int = 32, rounds: int = 5, steps_per_round: int = 400):
+    def __init__(self, teacher: str | None = None, start_steps: int = 32, rounds: int = 5,
+                 steps_per_round: int | None = None):
         super().__init__(teacher)
         for name, value in (("start_steps", start_steps), ("rounds", rounds), ("steps_per_round", steps_per_round)):
+            if value is None and name == "steps_per_round":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"distill.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"distill.{name} must be a positive integer{' or null' * (name == 'steps_per_round')}"
+                                 f", got {value!r}")
         if start_steps % 2**rounds:
             raise ValueError(f"distill.start_steps={start_steps} must be divisible by 2^rounds = {2**rounds} "
                              f"(distill.rounds={rounds} halvings)")
@@ -217,11 +221,21 @@ class ProgressiveDistillation(Distillation):
         """DDIM steps of round ``round_index``'s student."""
         return self.start_steps // 2 ** (round_index + 1)
 
-    def round_of(self, step: int) -> int:
-        return min(step // self.steps_per_round, self.rounds - 1)
+    def round_length(self, model) -> int:
+        """Optimizer steps per round: ``steps_per_round``, or null: the run's ``trainer.max_steps`` / ``rounds``."""
+        if self.steps_per_round is not None:
+            return self.steps_per_round
+        max_steps = model.trainer.max_steps if model._trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            raise ValueError("distill.steps_per_round=null takes the rounds' length from trainer.max_steps, which is not "
+                             "set; set trainer.max_steps or distill.steps_per_round")
+        return math.ceil(max_steps / self.rounds)
+
+    def round_of(self, model, step: int) -> int:
+        return min(step // self.round_length(model), self.rounds - 1)
 
     def on_train_batch_start(self, model):
-        wanted = self.round_of(model.global_step)
+        wanted = self.round_of(model, model.global_step)
         if wanted == self.round:
             return
         if self.round >= 0:

@@ -23,6 +23,7 @@ class CourseModel:
     description: str
     depends_on: str | None = None
     notebooks: tuple[str, ...] = ()
+    sampler: tuple[str, int] = ("ddim", 20)   # what its card's figures are measured with (name, steps)
 
 
 MODELS: dict[str, CourseModel] = {
@@ -33,6 +34,14 @@ MODELS: dict[str, CourseModel] = {
                                     "the quickstart with the quadratic schedule", notebooks=("02",)),
     "digits_cosine": CourseModel(("experiment=quickstart", "formulation=ddpm", "schedule=cosine"),
                                  "the quickstart with the cosine schedule", notebooks=("02",)),
+    "digits_flow": CourseModel(("experiment=quickstart",),
+                               "unconditional 16x16 digits, rectified flow (the quickstart since wave 3)",
+                               notebooks=("10",), sampler=("dpmpp_2m", 20)),
+    "digits_consistency": CourseModel(("distill=consistency", "init_from={runs}/digits_flow/checkpoints/last.ckpt"),
+                                      "a consistency model of digits_flow (distill=consistency: consistency "
+                                      "distillation with ECT's schedule), one to a few steps", depends_on="digits_flow",
+                                      notebooks=("10",),
+                                      sampler=("consistency", 2)),
     "shapes_text": CourseModel(("experiment=shapes_text2img",),
                                "text-to-image on 32x32 shapes, learned text encoder, classifier-free guidance",
                                notebooks=("06", "09")),

@@ -32,8 +32,9 @@ class ConsistencySampler(SpacedSampler):
             if len(self.sigmas) != steps - 1:
                 raise ValueError(f"sampler.sigmas gives the noise levels after the first step: {steps - 1} of them for "
                                  f"sampler.steps={steps}, got {len(self.sigmas)}")
-            if any(not math.isfinite(s) or s <= 0 for s in self.sigmas) or self.sigmas != sorted(self.sigmas, reverse=True):
-                raise ValueError(f"sampler.sigmas must be positive, finite and descending, got {self.sigmas}")
+            if any(not math.isfinite(s) or s <= 0 for s in self.sigmas) or \
+                    any(a <= b for a, b in zip(self.sigmas, self.sigmas[1:])):
+                raise ValueError(f"sampler.sigmas must be positive, finite and strictly descending, got {self.sigmas}")
             later = self.path.time_at_ve_sigma(torch.tensor(self.sigmas, dtype=torch.float64), clamp=True)
             self._timesteps = torch.cat([self._timesteps[:1].double(), later])
             if not bool((self._timesteps[1:] < self._timesteps[:-1]).all()):
