@@ -392,3 +392,31 @@ def test_readme_distillation_commands_as_typed(fresh_workdir):
                     if line.startswith("[diffexp] wrote "))
         summary = json.loads((Path(grid).parent / "metrics.json").read_text())
         assert summary["nfe"] == int(sample.split("sampler.steps=")[1].split()[0]), summary
+
+
+def test_consistency_sampler_refuses_sigmas_that_are_not_a_list():
+    for sigmas, fragment in [(0.821, "must be a list"), (["abc"], "must hold numbers")]:
+        with pytest.raises(ValueError, match=fragment):
+            get_sampler("consistency", FlowPath(), steps=2, sigmas=sigmas, prediction_type="velocity")
+
+
+@pytest.mark.slow
+def test_progressive_resume_keeps_its_round_length_and_students_sample_on_their_grid(tmp_path, tiny_checkpoint):
+    """steps_per_round=null fixes the rounds' length from the first max_steps; a resume with a larger max_steps keeps
+    it (no round redone with the wrong teacher); each round's student file samples with its own steps."""
+    from diffexp.checkpoints import read_checkpoint, read_weights
+    from diffexp.train import run
+
+    extra = ["distill.start_steps=4", "distill.rounds=2"]
+    run(distill_config(tmp_path, "progressive", tiny_checkpoint, *extra, run="pd"))  # 4 steps: 2 per round
+    checkpoints = tmp_path / "pd" / "checkpoints"
+    state = read_checkpoint(checkpoints / "last.ckpt")["diffexp_distill"]
+    assert state["round"] == 1 and state["round_length"] == 2
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoints.glob("progressive_*")}
+    assert set(written) == {"progressive_2steps.safetensors", "progressive_1steps.safetensors"}
+    assert read_weights(checkpoints / "progressive_2steps.safetensors")["diffexp_config"]["sampler"]["steps"] == 2
+    run(distill_config(tmp_path, "progressive", tiny_checkpoint, *extra, "trainer.max_steps=6",
+                       f"ckpt_path={checkpoints / 'last.ckpt'}", run="pd"))
+    state = read_checkpoint(checkpoints / "last.ckpt")["diffexp_distill"]
+    assert state["round"] == 1 and state["round_length"] == 2  # still the last round: not back to round 0
+    assert (checkpoints / "progressive_2steps.safetensors").stat().st_mtime_ns == written["progressive_2steps.safetensors"]

@@ -93,7 +93,8 @@ class ConsistencyObjective:
     with the same dropout masks in both calls; f(x_r, r) = x_0 where sigma_r = 0. ``target``: ``data`` is
     consistency *training* (x_r = alpha_r (x_0 + sigma_r eps), the same noise: ECT, no teacher needed); ``teacher``
     is consistency *distillation* (Song et al. 2023): x_r is one step of the teacher's probability-flow ODE from
-    x_t (``solver`` euler = DDIM, or heun).
+    x_t (``solver`` euler = DDIM, or heun), except where r reaches the clean time (most items in the first stages):
+    there the target is the data x_0 itself, as in ECT, not the teacher's one-step estimate of it.
 
     Args:
         path, prediction: the student's.

@@ -154,6 +154,13 @@ def attach_teacher(model, cfg: DictConfig) -> None:
                          f"(a .ckpt or model.safetensors of a diffexp run)")
     teacher, _ = load_model(cfg.init_from, use_ema=cfg.get("init_from_ema", True))
     distill.attach_teacher(model, teacher)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and Path(ckpt_path).is_file():  # a resume: the same teacher, checked before any work (reflow's pairs)
+        from diffexp.lit.distill import STATE_KEY
+
+        state = load_file(ckpt_path, "ckpt_path").get(STATE_KEY)
+        if state is not None:
+            distill.load_state_dict(state)
     if not distill.needs_teacher:
         distill.teacher = None
     rank_zero_info(f"[diffexp] distill={distill.method}: teacher {cfg.init_from} (weights {distill.teacher_fingerprint}"

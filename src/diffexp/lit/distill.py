@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 import json
 import math
 from pathlib import Path
@@ -155,13 +156,13 @@ class Distillation:
 
 @register_part
 class ConsistencyDistillation(Distillation):
-    """``distill=consistency``: consistency tuning (``target=data``, ECT: no teacher calls) or distillation
-    (``target=teacher``: x_r from one teacher ODE step), :class:`~diffexp.distillation.ConsistencyObjective`'s
+    """``distill=consistency``: consistency distillation (``target=teacher``, the default: x_r from one teacher ODE
+    step) or tuning (``target=data``, ECT: no teacher calls), :class:`~diffexp.distillation.ConsistencyObjective`'s
     options as keywords. Sample with ``sampler=consistency sampler.steps=1|2|4``."""
 
     method = "consistency"
 
-    def __init__(self, teacher: str | None = None, target: str = "data", solver: str = "euler", P_mean: float = -1.1,
+    def __init__(self, teacher: str | None = None, target: str = "teacher", solver: str = "euler", P_mean: float = -1.1,
                  P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, c="auto",
                  stage_steps: int = 200):
         super().__init__(teacher)
@@ -191,8 +192,10 @@ class ProgressiveDistillation(Distillation):
     ``start_steps`` / 2^k DDIM steps and its student half as many; the teacher of round 0 is the student's starting
     point (init_from=), that of round k > 0 the student (EMA weights when the run keeps them) at the end of round
     k - 1, kept in the run's checkpoints so a resumed run continues its round. At the end of each round the student
-    is written as ``checkpoints/progressive_<steps>steps.safetensors``; sample it with ``sampler=ddim
-    sampler.steps=<steps> sampler.timestep_spacing=trailing`` (the grid it was distilled on)."""
+    is written as ``checkpoints/progressive_<steps>steps.safetensors`` (its config set to sample on that grid:
+    ``sampler=ddim sampler.steps=<steps> sampler.timestep_spacing=trailing``). The student keeps training from its own
+    weights across rounds (Salimans & Ho restart it from the new teacher; here the two differ by the EMA only).
+    Epsilon prediction is allowed but, as Salimans & Ho show, fails at few steps: distil v- or velocity models."""
 
     method = "progressive"
     needs_teacher = False  # round 0 distils the student's own starting weights (the teacher's)
@@ -211,6 +214,7 @@ class ProgressiveDistillation(Distillation):
                              f"(distill.rounds={rounds} halvings)")
         self.start_steps, self.rounds, self.steps_per_round = start_steps, rounds, steps_per_round
         self.round = -1  # none started
+        self.resolved_length: int | None = None
         self.round_net = None
         self.objective = None
 
@@ -222,14 +226,17 @@ class ProgressiveDistillation(Distillation):
         return self.start_steps // 2 ** (round_index + 1)
 
     def round_length(self, model) -> int:
-        """Optimizer steps per round: ``steps_per_round``, or null: the run's ``trainer.max_steps`` / ``rounds``."""
+        """Optimizer steps per round: ``steps_per_round``, or null: the run's ``trainer.max_steps`` / ``rounds``, fixed
+        when the first round starts and kept in the checkpoint (a resumed run with another max_steps keeps it)."""
         if self.steps_per_round is not None:
             return self.steps_per_round
-        max_steps = model.trainer.max_steps if model._trainer is not None else -1
-        if max_steps is None or max_steps < 1:
-            raise ValueError("distill.steps_per_round=null takes the rounds' length from trainer.max_steps, which is not "
-                             "set; set trainer.max_steps or distill.steps_per_round")
-        return math.ceil(max_steps / self.rounds)
+        if self.resolved_length is None:
+            max_steps = model.trainer.max_steps if model._trainer is not None else -1
+            if max_steps is None or max_steps < 1:
+                raise ValueError("distill.steps_per_round=null takes the rounds' length from trainer.max_steps, which is "
+                                 "not set; set trainer.max_steps or distill.steps_per_round")
+            self.resolved_length = math.ceil(max_steps / self.rounds)
+        return self.resolved_length
 
     def round_of(self, model, step: int) -> int:
         return min(step // self.round_length(model), self.rounds - 1)
@@ -242,6 +249,11 @@ class ProgressiveDistillation(Distillation):
             self.save_student(model, self.student_steps(self.round))
         self.round_net = copy.deepcopy(self.weights_for_teacher(model)).eval().requires_grad_(False)
         self.round = wanted
+        max_steps = model.trainer.max_steps if model._trainer is not None else None
+        if wanted == 0 and max_steps and max_steps < self.rounds * self.round_length(model):
+            warnings.warn(f"distill=progressive: trainer.max_steps={max_steps} ends before round {self.rounds} "
+                          f"({self.rounds} rounds of {self.round_length(model)} steps); the last rounds will not run",
+                          stacklevel=2)
         rank_zero_info(f"[diffexp] progressive distillation round {wanted + 1}/{self.rounds}: teacher "
                     f"{2 * self.student_steps(wanted)} DDIM steps -> student {self.student_steps(wanted)}")
 
@@ -263,8 +275,12 @@ class ProgressiveDistillation(Distillation):
         if model._trainer is None or not model.trainer.is_global_zero or model.run_config is None:
             return None
         path = Path(model.trainer.default_root_dir) / "checkpoints" / f"progressive_{steps}steps.safetensors"
+        config = copy.deepcopy(model.run_config)
+        for node in (config.get("sampler"), (config.get("model") or {}).get("sampler")):
+            if isinstance(node, dict):  # the student samples on the grid it was distilled on
+                node.update(steps=steps, timestep_spacing="trailing")
         with ema_weights(model.trainer, model):
-            save_weights(model.state_dict(), model.run_config, path)
+            save_weights(model.state_dict(), config, path)
         rank_zero_info(f"[diffexp] {steps}-step student: {path}")
         return path
 
@@ -284,6 +300,7 @@ class ProgressiveDistillation(Distillation):
     def state_dict(self):
         state = super().state_dict()
         state["round"] = self.round
+        state["round_length"] = self.resolved_length
         if self.round_net is not None:
             state["round_teacher"] = {k: v.detach().cpu().clone() for k, v in self.round_net.state_dict().items()}
         return state
@@ -291,6 +308,7 @@ class ProgressiveDistillation(Distillation):
     def load_state_dict(self, state, model=None):
         super().load_state_dict(state, model)
         self.round = int(state.get("round", -1))
+        self.resolved_length = state.get("round_length", self.resolved_length)
         if "round_teacher" in state and model is not None:
             self.round_net = copy.deepcopy(model.net).eval().requires_grad_(False)
             self.round_net.load_state_dict(state["round_teacher"])
@@ -301,9 +319,10 @@ class Reflow(Distillation):
     """``distill=reflow`` (Liu et al. 2023, "Flow Straight and Fast"): ``pairs`` couplings (z, x = ODE_teacher(z))
     drawn once with the teacher's ``sampler`` from unit noise z, stored as shards under ``pairs_dir`` (default: the
     cache, one folder per :meth:`spec`: teacher fingerprint, solver, seed, count), so a second run reuses them and an
-    interrupted generation resumes at its first missing shard; shard i's noise comes from seed + i, so the pairs are
-    reproducible. Then the student trains its flow-matching objective on the pairs (x_t = (1 - t) x + t z, velocity
-    z - x): the straighter the couplings, the fewer Euler steps it needs (``sampler=euler sampler.steps=1|2``).
+    interrupted generation resumes at its first missing shard; shard i's noise comes from a generator seeded with
+    (seed, i), so the pairs are reproducible. Then the student trains its flow-matching objective on the pairs
+    (x_t = (1 - t) x + t z, velocity z - x): the straighter the couplings, the fewer Euler steps it needs
+    (``sampler=euler sampler.steps=1|2``).
     Class-conditional teachers get uniformly drawn labels, stored with the pairs."""
 
     method = "reflow"

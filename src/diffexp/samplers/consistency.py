@@ -27,7 +27,13 @@ class ConsistencySampler(SpacedSampler):
     def __init__(self, path, steps: int = 2, timestep_spacing: str | None = None, sigmas: list | None = None,
                  **kwargs):
         super().__init__(path, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
-        self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
+        if sigmas is not None and (isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__")):
+            raise ValueError(f"sampler.sigmas must be a list of {steps - 1} noise levels (e.g. sampler.sigmas=[1.5]) or "
+                             f"null, got {sigmas!r}")
+        try:
+            self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
+        except (TypeError, ValueError):
+            raise ValueError(f"sampler.sigmas must hold numbers, got {list(sigmas)!r}") from None
         if self.sigmas is not None:
             if len(self.sigmas) != steps - 1:
                 raise ValueError(f"sampler.sigmas gives the noise levels after the first step: {steps - 1} of them for "
