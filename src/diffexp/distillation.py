@@ -132,19 +132,24 @@ class ConsistencyObjective:
     def huber_c(self, x0: torch.Tensor) -> float:
         return 0.00054 * math.sqrt(x0[0].numel()) if self.c == "auto" else float(self.c)
 
+    def ve_sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma_t / alpha_t at float64 times (0 at the clean time)."""
+        alpha, sigma = self.path.coefficients(t, torch.zeros(len(t), dtype=torch.float64))
+        return sigma / alpha
+
     def times(self, n: int, step: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, ...]:
         """(t, r, sigma_t, sigma_r) for ``n`` items: sigma_t log-normal (clamped to the path's range), sigma_r of the
         stage; t and r the path's times (r the clean time where sigma_r = 0). Float64 on ``device``."""
         normal = torch.randn(n, generator=generator, device=device, dtype=torch.float64).cpu()
         t = self.path.time_at_ve_sigma((self.P_mean + self.P_std * normal).exp(), clamp=True)
-        sigma_t = torch.tensor([self.path.ve_sigma(float(v)) for v in t], dtype=torch.float64)
+        sigma_t = self.ve_sigmas(t)
         sigma_r = ect_sigma_r(sigma_t, self.stage(step), self.q, self.k, self.b)
         r = torch.full_like(sigma_t, self.path.clean_time)
         positive = sigma_r > 0
         if bool(positive.any()):
             r[positive] = self.path.time_at_ve_sigma(sigma_r[positive], clamp=True)
         # the sigmas the path realises (clamping to its range moves a few)
-        sigma_r = torch.tensor([self.path.ve_sigma(float(v)) for v in r], dtype=torch.float64)
+        sigma_r = self.ve_sigmas(r)
         return t.to(device), r.to(device), sigma_t.to(device), sigma_r.to(device)
 
     def teacher_step(self, teacher: TeacherFn, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor,

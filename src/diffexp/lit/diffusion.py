@@ -224,13 +224,21 @@ class DiffusionModel(TrainingModule):
             return self.distill.loss(self, batch, drop_conditioning, generator)
         x0 = self.space.from_batch(batch)
 
-        def net_fn(x, noise_input):
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        def net_fn(x, noise_input):  # the conditions drawn after the objective's times and noise
             cond = self.conditioner.from_batch(batch, drop_conditioning, generator, self.device)
-            return self.net(x, noise_input, **cond)
+            return self.raw_fn(cond)(x, noise_input)
 
         return self.objective.loss(net_fn, x0, generator)
+
+    def raw_fn(self, cond: dict) -> Callable:
+        """(net input, noise input) -> the net's raw output with the condition arguments ``cond`` bound (in the
+        configured memory format): what objectives call."""
+        def fn(x, noise_input):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.net(x, noise_input, **cond)
+
+        return fn
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.distill is not None:

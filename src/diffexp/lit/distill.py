@@ -117,15 +117,6 @@ class Distillation:
             generator.set_state(after)
         return cond, teacher_cond
 
-    def student_fn(self, model, cond: dict):
-        """(net input, noise input) -> the student's raw output, conditions bound."""
-        def fn(x, noise_input):
-            if model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return model.net(x, noise_input, **cond)
-
-        return fn
-
     def loss(self, model, batch: dict, drop_conditioning: bool, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -182,7 +173,7 @@ class ConsistencyDistillation(Distillation):
         if self.objective.target == "teacher":
             teacher = teacher_denoiser(self.require_teacher(), teacher_cond, model.resolved_precision())
         step = model.global_step if model._trainer is not None else 0
-        return self.objective.loss(self.student_fn(model, cond), x0, generator, step, teacher)
+        return self.objective.loss(model.raw_fn(cond), x0, generator, step, teacher)
 
 
 @register_part
@@ -295,7 +286,7 @@ class ProgressiveDistillation(Distillation):
         x0 = model.space.from_batch(batch)
         cond, _ = self.conditions(model, batch, drop_conditioning, generator)
         teacher = teacher_denoiser(model, cond, net=self.round_net)
-        return self.objective.loss(self.student_fn(model, cond), teacher, x0, generator, self.student_steps(self.round))
+        return self.objective.loss(model.raw_fn(cond), teacher, x0, generator, self.student_steps(self.round))
 
     def state_dict(self):
         state = super().state_dict()
@@ -327,7 +318,7 @@ class Reflow(Distillation):
 
     method = "reflow"
 
-    def __init__(self, teacher: str | None = None, pairs: int = 8192, shard_size: int = 1024, sampler=None,
+    def __init__(self, teacher: str | None = None, pairs: int = 4096, shard_size: int = 1024, sampler=None,
                  seed: int = 0, pairs_dir: str | None = None):
         super().__init__(teacher)
         for name, value in (("pairs", pairs), ("shard_size", shard_size)):
@@ -434,7 +425,7 @@ class Reflow(Distillation):
         pairs = {key: value[index].to(model.device) for key, value in self.data.items()}
         batch = {"image": pairs["sample"], **({"label": pairs["label"]} if "label" in pairs else {})}
         cond = model.conditioner.from_batch(batch, drop_conditioning, generator, model.device)
-        return model.objective.loss(self.student_fn(model, cond), pairs["sample"], generator, noise=pairs["noise"])
+        return model.objective.loss(model.raw_fn(cond), pairs["sample"], generator, noise=pairs["noise"])
 
     def state_dict(self):
         state = super().state_dict()
