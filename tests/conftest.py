@@ -160,6 +160,16 @@ def tiny_ddpm_checkpoint(tmp_path_factory) -> Path:
     return out / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def tiny_class_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a few steps of the class-conditional quickstart (conditioning=class; trained once per session)."""
+    from diffexp.train import run
+
+    out = tmp_path_factory.mktemp("tiny_class_run")
+    run(compose_config("train", SHRINK + ["conditioning=class"], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
 def tiny_hf_folder(tmp_path, kind: str):
     """A random-weight CLIP text model or T5 encoder + a word-level tokenizer, saved as a local folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers

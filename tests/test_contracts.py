@@ -21,10 +21,10 @@ from diffexp.schedules import SCHEDULES, register_schedule
 from tests.conftest import ROOT, SHRINK, assert_same_images, compose_config, tiny_hf_folder
 
 SRC = ROOT / "src" / "diffexp"
-CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "distillation", "samplers", "guidance", "precision",
-        "nets")
+CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "distillation", "samplers", "guiders", "posthoc",
+        "precision", "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
-               "viz.__main__", "export", "build", "fsdp", "app", "api")
+               "viz.__main__", "export", "build", "fsdp", "app", "api", "ema")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")
 
 
@@ -97,18 +97,23 @@ def test_class_conditioner_null_label_dropout_and_monitoring_labels():
 
 
 def test_unconditional_and_text_conditioners_reject_what_they_cannot_take():
+    from diffexp.guiders import CFG
+
     net = lambda x, t, **kw: x  # noqa: E731
+    guider, path = CFG(2.0), None
     with pytest.raises(ValueError, match="it is unconditional"):
-        Unconditional().model_fn(net, 2, {"captions": ["a", "b"]})
+        Unconditional().model_fn(net, 2, {"captions": ["a", "b"]}, guider, path, "epsilon")
     assert Unconditional(p_uncond=0.2).p_uncond == 0.2  # a preset's p_uncond may stay when conditioning=none
-    assert Unconditional().model_fn(net, 2, {}) is net
+    plain = Unconditional().model_fn(net, 2, {}, guider, path, "epsilon")
+    x = torch.randn(2, 1, 2, 2)
+    assert torch.equal(plain(x, torch.zeros(2)), x) and plain.passes == 1  # the net alone, one pass
     from diffexp.text import LearnedTextEncoder
 
     text = TextConditioner(LearnedTextEncoder(dim=8, layers=1, heads=2, max_length=4))
     with pytest.raises(ValueError, match="pass 2 captions"):
-        text.model_fn(net, 2, {})
+        text.model_fn(net, 2, {}, guider, path, "epsilon")
     with pytest.raises(ValueError, match=r"takes \['captions'\]"):
-        text.model_fn(net, 2, {"class_labels": torch.tensor([0, 1])})
+        text.model_fn(net, 2, {"class_labels": torch.tensor([0, 1])}, guider, path, "epsilon")
     with pytest.raises(ValueError, match="text_encoder=learned"):
         TextConditioner(None)
 

@@ -14,6 +14,7 @@ import torch
 from diffexp.diffusion import get_prediction, to_x0_eps
 from diffexp.distillation import (ConsistencyObjective, ProgressiveObjective, check_boundary, consistency_function,
                                   ect_sigma_r, pseudo_huber)
+from diffexp.guiders import CFG
 from diffexp.paths import CosinePath, DiscretePath, EDMPath, FlowPath
 from diffexp.samplers import ConsistencySampler, get_sampler
 from diffexp.schedules import get_schedule
@@ -301,7 +302,8 @@ def test_reflow_pairs_are_reproducible_resumable_and_tied_to_their_setting(tmp_p
         assert torch.equal(reflow.data[key], first[key])
     z = first["noise"][:4]
     sampler = EulerSampler(teacher.path, steps=3, prediction_type="velocity", progress=False)
-    expected = sampler.sample(teacher.conditioner.model_fn(teacher.denoiser_fn("fp32"), 4, {}, 1.0, 0.0, "cpu"),
+    expected = sampler.sample(teacher.conditioner.model_fn(teacher.denoiser_fn("fp32"), 4, {}, CFG(1.0), teacher.path,
+                                                           "velocity", "cpu"),
                               x_T=z)
     torch.testing.assert_close(first["sample"][:4], expected)  # the teacher's ODE from that noise
     other = Reflow(str(tiny_checkpoint), pairs=6, shard_size=4, sampler=partial(EulerSampler, steps=5), seed=7,
@@ -420,3 +422,35 @@ def test_progressive_resume_keeps_its_round_length_and_students_sample_on_their_
     state = read_checkpoint(checkpoints / "last.ckpt")["diffexp_distill"]
     assert state["round"] == 1 and state["round_length"] == 2  # still the last round: not back to round 0
     assert (checkpoints / "progressive_2steps.safetensors").stat().st_mtime_ns == written["progressive_2steps.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_class_conditional_teacher_distils_with_guidance_applied_at_sampling(tmp_path):
+    """A conditional teacher: its conditions are dropped for exactly the items the student's are (one generator
+    draw replayed), and the student samples each class with classifier-free guidance through the consistency
+    sampler (two net passes per step, counted)."""
+    from functools import partial
+
+    from diffexp.api import load_model
+    from diffexp.samplers import ConsistencySampler
+    from diffexp.train import run
+
+    run(compose_config("train", SHRINK + ["conditioning=class"], tmp_path / "teacher"))
+    teacher = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    model = build_and_fit(distill_config(tmp_path, "consistency", teacher, "conditioning=class",
+                                         "conditioning.p_uncond=0.5"))
+    batch = {"image": torch.zeros(64, 1, 16, 16), "label": torch.arange(64) % 10}
+    student_cond, teacher_cond = model.distill.conditions(model, batch, True, torch.Generator().manual_seed(3))
+    dropped = student_cond["class_labels"] == 10
+    assert 0 < int(dropped.sum()) < 64  # some items dropped, not all
+    assert torch.equal(student_cond["class_labels"], teacher_cond["class_labels"])
+    student, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    labels = torch.tensor([0, 1, 2])
+    sampler = partial(ConsistencySampler, steps=2, progress=False)
+    guided = student.sample(3, sampler=sampler, generator=torch.Generator().manual_seed(0), class_labels=labels,
+                            guidance_scale=2.0)
+    assert student.last_net_passes == 4  # 2 steps x (conditional + unconditional)
+    plain = student.sample(3, sampler=sampler, generator=torch.Generator().manual_seed(0), class_labels=labels,
+                           guidance_scale=1.0)
+    assert student.last_net_passes == 2
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)

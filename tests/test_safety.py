@@ -261,14 +261,15 @@ def test_payload_class_is_picklable():
 # --- killed at any moment --------------------------------------------------------------------------------------
 KILL_RUN = ["data=shapes", "data.num_train=32", "data.num_val=8", "net.channel_mult=[1,2]",  # 4 steps per epoch
             "trainer.max_steps=60", "eval_every=1000", "callbacks.model_checkpoint.every_n_train_steps=3",
-            "paths.latest_link=null"]
+            "paths.latest_link=null", "callbacks.ema.posthoc=true", "callbacks.ema.snapshot_every=5"]
 
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_same_weights(tmp_path):
     """SIGKILL a training at random moments (temp dir on another filesystem, /dev/shm) and resume from last.ckpt
-    each time: no checkpoint is ever unreadable, every resume works, and the final weights equal an
-    uninterrupted run's bit for bit (checkpoints every 3 steps of 4-step epochs: most resumes are mid-epoch)."""
+    each time: no checkpoint is ever unreadable, every resume works, and the final weights, both EMA kinds (fixed
+    decay and post-hoc power EMAs) and the post-hoc snapshots equal an uninterrupted run's bit for bit
+    (checkpoints every 3 steps of 4-step epochs: most resumes are mid-epoch)."""
     import random
     import signal
     import subprocess
@@ -315,6 +316,18 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path):
     assert resumed["global_step"] == full["global_step"] == 60
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+    # both EMA kinds: the fixed-decay average and the post-hoc power EMAs, and every post-hoc snapshot
+    ema_full, ema_resumed = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (full, resumed))
+    assert ema_full["num_updates"] == ema_resumed["num_updates"] == 60
+    for key, value in ema_full["ema_state"].items():
+        assert torch.equal(value, ema_resumed["ema_state"][key]), key
+    for mine, theirs in zip(ema_full["posthoc_state"], ema_resumed["posthoc_state"], strict=True):
+        assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    from safetensors.torch import load_file as load_tensors
+
+    for snapshot in sorted((tmp_path / "full" / "ema_snapshots").glob("step_*.safetensors")):
+        a, b = load_tensors(snapshot), load_tensors(run_dir / "ema_snapshots" / snapshot.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), snapshot.name
 
 
 @pytest.mark.parametrize("n,world_size,limit,step,expect_epoch,expect_skip", [

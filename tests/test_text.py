@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from diffexp.data.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataModule, describe, make_shapes, render
-from diffexp.guidance import guided_model
 from diffexp.metrics.adherence import caption_adherence, parse_caption
 from diffexp.nets import UNet
 from diffexp.text import LearnedTextEncoder, PretrainedTextEncoder
@@ -71,37 +70,6 @@ def test_cross_attention_uses_text_and_mask():
         net(x, t)
     with pytest.raises(ValueError, match="context_dim"):
         net(x, t, context=torch.randn(2, 4, 7))
-
-
-def test_guidance_formula_and_single_batched_call():
-    calls = []
-
-    def model_fn(x, t, context):
-        calls.append(x.shape[0])
-        return x * 0 + context.view(-1, 1, 1, 1)
-
-    x, t = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
-    cond, uncond = {"context": torch.full((3,), 2.0)}, {"context": torch.full((3,), 0.5)}
-    out = guided_model(model_fn, cond, uncond, guidance_scale=3.0)(x, t)
-    assert calls == [6]  # conditional and unconditional in one forward
-    assert torch.allclose(out, torch.full_like(out, 0.5 + 3.0 * (2.0 - 0.5)))
-    assert torch.allclose(guided_model(model_fn, cond, uncond, 1.0)(x, t), torch.full_like(out, 2.0))
-    with pytest.raises(ValueError, match="guidance_scale"):
-        guided_model(model_fn, cond, uncond, -1.0)
-
-
-def test_guidance_rescale_matches_conditional_std():
-    def model_fn(x, t, context):
-        return torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * context.view(-1, 1, 1, 1)
-
-    x, t = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
-    cond, uncond = {"context": torch.full((4,), 1.0)}, {"context": torch.full((4,), 0.2)}
-    full = guided_model(model_fn, cond, uncond, 7.5, guidance_rescale=1.0)(x, t)
-    cond_std = model_fn(x, t, **cond).flatten(1).std(1)  # the same draws as the conditional half
-    assert torch.allclose(full.flatten(1).std(1), cond_std, atol=1e-5)
-    plain = guided_model(model_fn, cond, uncond, 7.5)(x, t)
-    half = guided_model(model_fn, cond, uncond, 7.5, guidance_rescale=0.5)(x, t)
-    assert torch.allclose(half, 0.5 * full + 0.5 * plain, atol=1e-5)
 
 
 def test_shapes_data_deterministic_with_holdout():
@@ -195,16 +163,6 @@ def test_text_presets_compose(tmp_path, experiment, encoder):
     assert cfg.data._target_.endswith("ShapesDataModule") and cfg.text_encoder._target_.endswith(encoder)
     assert cfg.model.prediction_type == "v_prediction" and cfg.conditioning.p_uncond == 0.1
     assert cfg.conditioning._target_.endswith("TextConditioner")
-
-
-def test_guidance_scale_zero_is_unconditional():
-    def model_fn(x, t, context):
-        return x + context.view(-1, 1, 1, 1)
-
-    x, t = torch.randn(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
-    cond, uncond = {"context": torch.full((3,), 2.0)}, {"context": torch.full((3,), -1.0)}
-    assert torch.allclose(guided_model(model_fn, cond, uncond, 0.0)(x, t), model_fn(x, t, **uncond))
-    assert torch.allclose(guided_model(model_fn, cond, uncond, 1.0)(x, t), model_fn(x, t, **cond))
 
 
 def test_p_uncond_drops_captions_at_its_rate():

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from diffexp.callbacks.ema import ema_state_from_checkpoint
 from diffexp.checkpoints import CONFIG_KEY, CheckpointError, non_finite_tensors, read_checkpoint
-from diffexp.config import build_model
+from diffexp.config import build_model, instantiate
 from diffexp.editing import edit, inpaint
 from diffexp.lit import DiffusionModel
 
@@ -66,11 +66,12 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
                  progress: bool = True, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None, batch_seconds: list | None = None,
                  init_images: torch.Tensor | None = None, strength: float = 1.0,
-                 mask: torch.Tensor | None = None, resampling: dict | None = None, observe=None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, resampling: dict | None = None, observe=None,
+                 guider=None) -> torch.Tensor:
     """``n`` samples in [-1, 1] drawn in batches; the noise comes from one generator seeded with ``seed``.
 
     ``conditions`` hold one entry per sample (``class_labels``, ``captions``: the model's conditioner says
-    which); conditional models use classifier-free guidance. ``batch_seconds``, if given, receives each batch's
+    which); conditional models use classifier-free guidance, or ``guider`` (:func:`make_guider`). ``batch_seconds``, if given, receives each batch's
     wall time (the first includes compilation when the net is compiled). With ``init_images`` (one per sample)
     each is edited instead (:func:`diffexp.editing.edit`, SDEdit at ``strength``), or inpainted where
     ``mask`` is 1 (:func:`diffexp.editing.inpaint`, with ``resampling``: its ``jump_length`` and
@@ -87,7 +88,8 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         m = min(batch_size, n - start)
         cond = {k: v[start:start + m] for k, v in (conditions or {}).items()}
         start_time = time.perf_counter()
-        options = dict(progress=progress, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, **cond)
+        options = dict(progress=progress, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                       guider=guider, **cond)
         if init_images is not None and mask is not None:
             chunks.append(inpaint(model, init_images[start:start + m], mask, sampler, generator, strength=strength,
                                         **(resampling or {}), **options).cpu())
@@ -98,6 +100,38 @@ def draw_samples(model, n: int, sampler, seed: int, batch_size: int, conditions:
         if batch_seconds is not None:
             batch_seconds.append(time.perf_counter() - start_time)
     return torch.cat(chunks)
+
+
+def make_guider(guider, model, **options):
+    """A :class:`diffexp.guiders.Guider` for ``model``: a Guider as is, a name (``cfg``, ``interval``, ``apg``,
+    ``cfgpp``, ``auto``) with its ``options``, or a config (sample.py's ``guider`` group). Autoguidance's
+    ``guide_ckpt`` is loaded (EMA weights, on the model's device) and checked against ``model``: the same path,
+    prediction, conditioning, data space and sample shape (its net may differ)."""
+    from omegaconf import DictConfig
+
+    from diffexp.guiders import GUIDERS, Guider
+    from diffexp.lit.compat import differences
+
+    if isinstance(guider, DictConfig):
+        guider = instantiate(guider)
+    elif isinstance(guider, str):
+        if guider not in GUIDERS:
+            raise ValueError(f"guider={guider!r}; choose one of {sorted(GUIDERS)}")
+        guider = GUIDERS[guider](**options)
+    if not isinstance(guider, Guider):
+        raise TypeError(f"guider must be a name, a guider config or a diffexp.guiders.Guider, got {guider!r}")
+    if guider.needs_guide and getattr(guider, "guide_model", None) is None:
+        if not guider.guide_ckpt:
+            raise ValueError(f"guider={guider.name} needs guider.guide_ckpt=CKPT: a weaker version of this model (e.g. "
+                             f"the same preset trained for a quarter of the steps)")
+        guide, _ = load_model(guider.guide_ckpt, device=model.device)
+        differ = differences(model, guide, net=False)
+        if differ:
+            raise ValueError(f"guider.guide_ckpt={guider.guide_ckpt!r} cannot guide this model: {'; '.join(differ)}. "
+                             f"The guide must denoise the same x_t: train it with the model's own formulation, data "
+                             f"and conditioning")
+        guider.guide_model = guide
+    return guider
 
 
 def sampling_conditions(model, prompts: list[str] | None, n: int) -> dict:

@@ -234,12 +234,36 @@ def conditions_for(model, n: int, prompt: str | None) -> dict:
     return sampling_conditions(model, [prompt] * n if prompt else None, n)
 
 
-def sample_images(model, sampler, n: int, seed: int, conditions: dict, guidance: float | None, observe=None):
+def sample_images(model, sampler, n: int, seed: int, conditions: dict, guidance: float | None, observe=None,
+                  guider=None):
     """``n`` samples drawn as sample.py draws them (:func:`diffexp.api.draw_samples`, one batch)."""
     from diffexp.api import draw_samples
 
     return draw_samples(model, int(n), sampler, int(seed), batch_size=int(n), conditions=conditions, progress=False,
-                        guidance_scale=guidance, observe=observe)
+                        guidance_scale=guidance, observe=observe, guider=guider)
+
+
+GUIDER_CHOICES = ("cfg", "interval", "apg", "cfgpp", "auto")
+
+
+def build_guider(model, name: str | None, guidance, guide_ckpt: str | None):
+    """The guider of the sampling controls: ``name`` at the guidance slider's value (CFG++: its lambda in [0, 1]);
+    ``auto`` guided by ``guide_ckpt`` (shipped name, file or run directory). None for plain CFG."""
+    from diffexp.api import make_guider
+
+    name = name or "cfg"
+    if name not in GUIDER_CHOICES:
+        raise ValueError(f"guider {name!r}; choose one of {list(GUIDER_CHOICES)}")
+    if name == "cfg":
+        return None
+    if name == "auto":
+        if not (guide_ckpt or "").strip():
+            raise ValueError("guider auto needs a guide checkpoint (a weaker model of the same task)")
+        return make_guider("auto", model, scale=number(guidance, "guidance scale", 0, 100),
+                           guide_ckpt=str(resolve_checkpoint(guide_ckpt.strip())))
+    if name == "cfgpp":
+        return make_guider("cfgpp", model, scale=number(guidance, "guidance scale (CFG++'s lambda)", 0, 1))
+    return make_guider(name, model, scale=None if guidance is None else number(guidance, "guidance scale", 0, 100))
 
 
 def grid_file(images: torch.Tensor, name: str = "grid.png") -> str:
@@ -247,7 +271,7 @@ def grid_file(images: torch.Tensor, name: str = "grid.png") -> str:
     return str(save_grid(images, directory / name, scale=GRID_SCALE))
 
 
-def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
+def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance, guider_name="cfg", guide_ckpt=None):
     """Sampling tab: yields (x_t view, predicted x_0 view, final grid file, status) as the sampler runs."""
     import gradio as gr
 
@@ -255,8 +279,10 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
     steps, seed, n = checked(counts, steps, seed, n)
     sampler = checked(build_sampler, model, sampler_name, steps)
     conditions = checked(conditions_for, model, n, prompt)
+    guider = checked(build_guider, model, guider_name, guidance, guide_ckpt)
     guidance = checked(number, guidance, "guidance scale", 0, 100) \
-        if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys else None
+        if guider is None and ("captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys) \
+        else None
     updates: queue.Queue = queue.Queue()
     result: dict = {}
 
@@ -265,7 +291,7 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
 
     def run():
         try:
-            result["images"] = sample_images(model, sampler, n, seed, conditions, guidance, observe)
+            result["images"] = sample_images(model, sampler, n, seed, conditions, guidance, observe, guider)
         except Exception as e:  # shown in the page
             result["error"] = e
         finally:
@@ -280,21 +306,27 @@ def sampling_stream(choice, sampler_name, steps, seed, n, prompt, guidance):
         raise gr.Error(str(result["error"]))
     images = result["images"]
     yield gr.update(), gr.update(), grid_file(images), (f"done: {len(images)} images, {sampler_name}, {int(steps)} steps, "
+                                                         f"guider {guider_name or 'cfg'}, "
+                                                         f"{model.last_net_passes} net passes per image, "
                                                          f"seed {int(seed)} (the grid sample.py writes)")
 
 
-def compare_samplers(choice, sampler_a, steps_a, sampler_b, steps_b, seed, n, prompt, guidance):
-    """Compare tab: two samplers from the same noise (the same seed)."""
+def compare_samplers(choice, sampler_a, steps_a, sampler_b, steps_b, seed, n, prompt, guidance, guider_name="cfg",
+                     guide_ckpt=None):
+    """Compare tab: two samplers from the same noise (the same seed), under the sampling tab's guider."""
     model = checked(lambda: load_checkpoint(str(resolve_checkpoint(choice))))
     steps_a, seed, n = checked(counts, steps_a, seed, n)
     steps_b = checked(counts, steps_b, seed, n)[0]
     conditions = checked(conditions_for, model, n, prompt)
+    guider = checked(build_guider, model, guider_name, guidance, guide_ckpt)
     guidance = checked(number, guidance, "guidance scale", 0, 100) \
-        if "captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys else None
+        if guider is None and ("captions" in model.conditioner.keys or "class_labels" in model.conditioner.keys) \
+        else None
     grids = []
     for name, steps in ((sampler_a, steps_a), (sampler_b, steps_b)):
         sampler = checked(build_sampler, model, name, steps)
-        grids.append(grid_file(sample_images(model, sampler, n, seed, conditions, guidance), f"{name}.png"))
+        grids.append(grid_file(checked(sample_images, model, sampler, n, seed, conditions, guidance, None, guider),
+                               f"{name}.png"))
     return grids[0], grids[1]
 
 
@@ -355,6 +387,9 @@ def build_app(extra_checkpoints: list[str] = ()):
                                         elem_id="smp-prompt")
                     guidance = gr.Slider(0, 10, value=3, step=0.25, label="guidance scale (conditional models)",
                                          elem_id="smp-guidance")
+                    guider = gr.Radio(list(GUIDER_CHOICES), value="cfg", elem_id="smp-guider",
+                                      label="guider (cfgpp: the scale is its lambda in [0, 1]; auto: a guide checkpoint)")
+                    guide_ckpt = gr.Textbox(label="guide checkpoint (guider auto)", elem_id="smp-guide")
                     run = gr.Button("Sample", variant="primary", elem_id="smp-run")
                 with gr.Column(scale=2):
                     status = gr.Markdown("", elem_id="smp-status")
@@ -365,7 +400,8 @@ def build_app(extra_checkpoints: list[str] = ()):
                                      elem_id="smp-final")
             ckpt.change(default_guidance, ckpt, guidance)
             app.load(default_guidance, ckpt, guidance)
-            run.click(sampling_stream, [ckpt, sampler, steps, seed, n, prompt, guidance], [xt_view, x0_view, final, status])
+            run.click(sampling_stream, [ckpt, sampler, steps, seed, n, prompt, guidance, guider, guide_ckpt],
+                      [xt_view, x0_view, final, status])
 
         with gr.Tab("Compare"):
             with gr.Row():
@@ -377,8 +413,8 @@ def build_app(extra_checkpoints: list[str] = ()):
             with gr.Row():
                 grid_a = gr.Image(label="sampler A", type="filepath", format="png", elem_id="cmp-grid-a")
                 grid_b = gr.Image(label="sampler B", type="filepath", format="png", elem_id="cmp-grid-b")
-            cmp_run.click(compare_samplers, [ckpt, cmp_a, cmp_steps_a, cmp_b, cmp_steps_b, seed, n, prompt, guidance],
-                          [grid_a, grid_b])
+            cmp_run.click(compare_samplers, [ckpt, cmp_a, cmp_steps_a, cmp_b, cmp_steps_b, seed, n, prompt, guidance,
+                                             guider, guide_ckpt], [grid_a, grid_b])
             gr.Markdown("Two schedules noising the same image with the same noise, at the same fraction of T:")
             with gr.Row():
                 sched_a = gr.Radio(schedules, value="linear", label="schedule A", elem_id="cmp-sched-a")

@@ -13,13 +13,12 @@ these methods; it never asks which kind it holds.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
-from diffexp.guidance import guided_model
+from diffexp.guiders import GuidedModel, Guider
 from diffexp.registry import register_part
 
 
@@ -93,15 +92,25 @@ class Conditioner(nn.Module):
             raise ValueError(f"this model cannot be conditioned on {unknown}: {accepted}")
         return given
 
-    def model_fn(self, net: Callable, n: int, conditions: dict, guidance_scale: float = 1.0,
-                 guidance_rescale: float = 0.0, device: torch.device | str = "cpu") -> Callable:
-        """(x_t, t) -> prediction for sampling ``n`` items under ``conditions``, with classifier-free guidance
-        (:func:`diffexp.guidance.guided_model`); without conditions, the unconditional prediction."""
+    def model_fn(self, net: Callable, n: int, conditions: dict, guider: Guider, path, prediction_type: str,
+                 device: torch.device | str = "cpu", guide: tuple | None = None) -> GuidedModel:
+        """(x_t, t) -> prediction for sampling ``n`` items under ``conditions``, guided by ``guider``
+        (:mod:`diffexp.guiders`; ``guide`` = (net function, its condition arguments) of autoguidance's second
+        model); without conditions, the unconditional prediction (autoguided if the guider has a guide)."""
         given = self.check_conditions(conditions)
+        guide_fn, guide_cond = guide or (None, None)
         if not given and not self.requires_conditions:
-            return partial(net, **self.null(n, device))
-        return guided_model(net, self.encode(given, n, device), self.null(n, device), guidance_scale,
-                            guidance_rescale)
+            null = self.null(n, device)
+            if guider.needs_guide:
+                return guider.bind(net, null, null, path, prediction_type, guide_fn, guide_cond)
+            return unguided(net, null)
+        return guider.bind(net, self.encode(given, n, device), self.null(n, device), path, prediction_type,
+                           guide_fn, guide_cond)
+
+
+def unguided(net: Callable, arguments: dict) -> GuidedModel:
+    """The net with ``arguments`` bound: one pass per evaluation, no guidance."""
+    return GuidedModel(lambda x, t: (net(x, t, **arguments), 1))
 
 
 @register_part
@@ -110,9 +119,11 @@ class Unconditional(Conditioner):
 
     conditional = False
 
-    def model_fn(self, net, n, conditions, guidance_scale=1.0, guidance_rescale=0.0, device="cpu"):
+    def model_fn(self, net, n, conditions, guider, path, prediction_type, device="cpu", guide=None):
         self.check_conditions(conditions)
-        return net
+        if guider.needs_guide:
+            return guider.bind(net, {}, {}, path, prediction_type, *(guide or (None, None)))
+        return unguided(net, {})
 
 
 @register_part

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.api import draw_samples, load_model, resolve_device, sampling_conditions
+from diffexp.api import draw_samples, load_model, make_guider, resolve_device, sampling_conditions
 from diffexp.config import check_number, data_of_run, instantiate
 from diffexp.editing import edit_start
 from diffexp.images import load_image, save_grid, to_uint8_nhwc
@@ -167,8 +167,14 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
         warnings.warn(f"compile_mode={cfg.compile_mode} has no effect without compile=true", stacklevel=2)
     sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
     conditions = sampling_conditions(model, read_prompts(cfg, cfg.n), cfg.n)
-    if not model.conditioner.conditional and cfg.get("guidance_scale") not in (None, 1, 1.0):
-        warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional", stacklevel=2)
+    guider = make_guider(cfg.guider, model) if cfg.get("guider") else None
+    if not model.conditioner.conditional and not (guider is not None and guider.needs_guide):
+        if cfg.get("guidance_scale") not in (None, 1, 1.0):
+            warnings.warn(f"guidance_scale={cfg.guidance_scale} has no effect: this model is unconditional",
+                          stacklevel=2)
+        if guider is not None and guider.name != "cfg":
+            warnings.warn(f"guider={guider.name} has no effect: this model is unconditional (guider=auto guides "
+                          f"unconditional models too)", stacklevel=2)
     inputs, files = read_init_images(cfg.init_image, model, cfg.n) if cfg.get("init_image") else (None, [])
     if inputs is None and cfg.get("strength") is not None:
         warnings.warn(f"strength={cfg.strength} has no effect without init_image=...", stacklevel=2)
@@ -191,7 +197,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
     images = draw_samples(model, cfg.n, sampler, cfg.seed, cfg.batch_size, conditions, cfg.progress,
                           cfg.get("guidance_scale"), cfg.get("guidance_rescale"), batch_seconds,
                           None if inputs is None else inputs.repeat_interleave(cfg.n // len(inputs), 0),
-                          strength, mask, resampling)
+                          strength, mask, resampling, guider=guider)
     seconds = time.perf_counter() - start
     if not torch.isfinite(images).all():
         warnings.warn(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {cfg.n} samples hold NaN/inf",
@@ -220,6 +226,9 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
                **({"jump_length": resampling["jump_length"], "jump_n_sample": resampling["jump_n_sample"]}
                   if mask is not None else {}),
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
+               "guider": None if guider is None else repr(model.guider_for(guider, cfg.get("guidance_scale"),
+                                                                            cfg.get("guidance_rescale"))),
+               "net_passes_per_image": getattr(model, "last_net_passes", None),
                "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):
         from diffexp.metrics import evaluate, needs_reference

@@ -1,11 +1,27 @@
-"""Exponential moving average of the weights, kept in the checkpoint and swapped in for evaluation."""
+"""Exponential moving average of the weights, kept in the checkpoint and swapped in for evaluation; optionally
+EDM2's power-function profiles with periodic snapshots for post-hoc EMA (:mod:`diffexp.posthoc`)."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from diffexp.posthoc import power_beta, sigma_rel_to_gamma
+
+SNAPSHOT_DIR = "ema_snapshots"  # in the run directory
+
+
+def profile_prefix(sigma_rel: float) -> str:
+    """The key prefix of one profile's tensors in a snapshot file."""
+    return f"sigma_rel={sigma_rel:g}/"
+
+
+def snapshot_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:09d}.safetensors"
 
 
 class EMA(Callback):
@@ -16,14 +32,37 @@ class EMA(Callback):
     The averaged weights are swapped into the module for validation (and for whoever enters
     :meth:`swapped`, e.g. the sampling and FID callbacks); the raw weights are restored after.
     DDP keeps the weights equal on every rank, so each rank's average is the same.
+
+    With ``posthoc`` it also keeps EDM2's power-function EMAs (Karras et al. 2024), one per ``sigma_rels`` value
+    (beta_t = (1 - 1/t)^(gamma + 1) after update t), and every ``snapshot_every`` updates writes them to
+    ``RUN/ema_snapshots/step_<t>.safetensors`` (rank 0), and at the end of training; ``python -m diffexp.ema RUN --sigma-rel ...`` then
+    reconstructs any EMA length. Both kinds of state are in the checkpoint and resume bit-identically.
     """
 
-    def __init__(self, decay: float = 0.999, warmup: bool = True, validate_with_ema: bool = True):
+    def __init__(self, decay: float = 0.999, warmup: bool = True, validate_with_ema: bool = True,
+                 posthoc: bool = False, sigma_rels=(0.05, 0.10), snapshot_every: int = 100):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"callbacks.ema.decay must lie in (0, 1), got {decay}")
         self.decay, self.warmup, self.validate_with_ema = decay, warmup, validate_with_ema
+        self.posthoc = bool(posthoc)
+        self.sigma_rels = [float(v) for v in sigma_rels] if posthoc else []
+        if posthoc:
+            if len(self.sigma_rels) < 1 or len(set(self.sigma_rels)) != len(self.sigma_rels):
+                raise ValueError(f"callbacks.ema.sigma_rels must list distinct EMA lengths (EDM2: [0.05, 0.1]), got "
+                                 f"{list(sigma_rels)}")
+            for value in self.sigma_rels:
+                try:
+                    sigma_rel_to_gamma(value)
+                except ValueError as e:
+                    raise ValueError(f"callbacks.ema.sigma_rels: {e}") from None
+            if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+                raise ValueError(f"callbacks.ema.snapshot_every must be a positive number of steps, got "
+                                 f"{snapshot_every!r}")
+        self.gammas = [sigma_rel_to_gamma(v) for v in self.sigma_rels]
+        self.snapshot_every = snapshot_every
         self.num_updates = 0
         self.ema_state: dict[str, torch.Tensor] | None = None
+        self.posthoc_state: list[dict[str, torch.Tensor]] | None = None
         self._backup: dict[str, torch.Tensor] | None = None
 
     @staticmethod
@@ -44,6 +83,13 @@ class EMA(Callback):
             self.ema_state = {k: v.detach().clone() for k, v in tracked.items()}
         else:  # restored from a checkpoint
             self.ema_state = {k: v.to(tracked[k].device) for k, v in self.ema_state.items() if k in tracked}
+        if self.posthoc:
+            if self.posthoc_state is None:
+                self.posthoc_state = [{k: v.detach().clone() for k, v in tracked.items()} for _ in self.sigma_rels]
+            else:
+                self.posthoc_state = [{k: v.to(tracked[k].device) for k, v in state.items() if k in tracked}
+                                      for state in self.posthoc_state]
+        self._snapshot_dir = Path(trainer.default_root_dir) / SNAPSHOT_DIR
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -52,6 +98,30 @@ class EMA(Callback):
         keys = list(self.ema_state)
         torch._foreach_lerp_([self.ema_state[k] for k in keys], [tracked[k] for k in keys], 1.0 - d)
         self.num_updates += 1
+        if self.posthoc:
+            t = self.num_updates
+            for gamma, state in zip(self.gammas, self.posthoc_state):
+                torch._foreach_lerp_([state[k] for k in keys], [tracked[k] for k in keys], 1.0 - power_beta(gamma, t))
+            if t % self.snapshot_every == 0 and trainer.is_global_zero:
+                self.write_snapshot(self._snapshot_dir, t)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The last update's power EMAs as a snapshot too (the reconstruction's default step is the run's end)."""
+        if self.posthoc and self.num_updates % self.snapshot_every and trainer.is_global_zero:
+            self.write_snapshot(self._snapshot_dir, self.num_updates)
+
+    def write_snapshot(self, directory: Path, step: int) -> Path:
+        """The power EMAs after update ``step`` as one safetensors file (atomic; a resumed run rewrites a step's
+        file with the same values)."""
+        from safetensors.torch import save_file
+
+        from diffexp.checkpoints import atomic_write
+
+        tensors = {profile_prefix(v) + k: t.detach().cpu().contiguous()
+                   for v, state in zip(self.sigma_rels, self.posthoc_state) for k, t in state.items()}
+        metadata = {"step": str(step), "sigma_rels": json.dumps(self.sigma_rels)}
+        directory.mkdir(parents=True, exist_ok=True)
+        return atomic_write(snapshot_path(directory, step), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @contextmanager
     def swapped(self, pl_module: L.LightningModule):
@@ -83,11 +153,23 @@ class EMA(Callback):
             checkpoint["state_dict"].update({k: v.clone() for k, v in self._backup.items()})
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "ema_state": self.ema_state}
+        state = {"decay": self.decay, "num_updates": self.num_updates, "ema_state": self.ema_state}
+        if self.posthoc:
+            state.update(sigma_rels=self.sigma_rels, posthoc_state=self.posthoc_state)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.num_updates = state["num_updates"]
         self.ema_state = state["ema_state"]
+        if self.posthoc:
+            if state.get("posthoc_state") is None:
+                raise ValueError("callbacks.ema.posthoc=true, but the checkpoint resumed from has no power-function EMAs "
+                                 "(its run had posthoc=false): they cannot start mid-run; resume with posthoc=false or "
+                                 "start a new run")
+            if [float(v) for v in state["sigma_rels"]] != self.sigma_rels:
+                raise ValueError(f"callbacks.ema.sigma_rels={self.sigma_rels}, but the checkpoint's run tracked "
+                                 f"{state['sigma_rels']}: resume with the run's own values")
+            self.posthoc_state = state["posthoc_state"]
 
 
 def find_ema(trainer) -> EMA | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffexp.conditioning import Conditioner, Unconditional
 from diffexp.diffusion import get_prediction, to_x0_eps
-from diffexp.guidance import guided_model
+from diffexp.guiders import CFG, Guider
 from diffexp.lit.base import TrainingModule
 from diffexp.lit.distill import STATE_KEY
 from diffexp.nets.contract import Denoiser
@@ -319,6 +319,32 @@ class DiffusionModel(TrainingModule):
         indices = torch.arange(n) if indices is None else indices
         return fixed_noise(n, self.sample_shape, seed)[indices], self.conditioner.for_sampling(indices)
 
+    def guider_for(self, guider: Guider | None = None, guidance_scale: float | None = None,
+                   guidance_rescale: float | None = None) -> Guider:
+        """The guider a sampling run uses: ``guider`` with its options left None filled from ``guidance_scale`` and
+        ``guidance_rescale`` (each None: the model's); no guider: classifier-free guidance
+        (:class:`~diffexp.guiders.CFG`) at those."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
+        if guider is None:
+            return CFG(scale, rescale)
+        if not isinstance(guider, Guider):
+            raise TypeError(f"guider must be a diffexp.guiders.Guider, got {type(guider).__name__}")
+        return guider.with_defaults(scale, rescale)
+
+    def guide_inputs(self, guider: Guider, n: int, conditions: dict, precision: str) -> tuple | None:
+        """(net function, condition arguments) of the guider's second model (autoguidance), or None."""
+        if not guider.needs_guide:
+            return None
+        guide = getattr(guider, "guide_model", None)
+        if guide is None:
+            raise ValueError(f"guider={guider.name} needs its guide model: load it with diffexp.api.make_guider (or "
+                             f"guider.guide_ckpt=CKPT in sample.py)")
+        given = guide.conditioner.check_conditions(conditions)
+        null = not given and not guide.conditioner.requires_conditions
+        cond = guide.conditioner.null(n, self.device) if null else guide.conditioner.encode(given, n, self.device)
+        return guide.denoiser_fn(precision), cond
+
     @torch.no_grad()
     def sample(
         self,
@@ -337,6 +363,7 @@ class DiffusionModel(TrainingModule):
         jump_n_sample: int = 1,
         net_conditions: dict | None = None,
         observe=None,
+        guider: Guider | None = None,
         **conditions,
     ) -> torch.Tensor | Trajectory:
         """Draw ``n`` images with ``sampler`` (default: the configured one), clamped to [-1, 1].
@@ -351,25 +378,37 @@ class DiffusionModel(TrainingModule):
         fp32. ``net_conditions``: the net's condition arguments given directly, one per image, instead of
         ``conditions`` (e.g. interpolated text embeddings), guided against the null condition.
         ``observe(i, t, x_t, x0)`` sees each step's x_t and predicted x_0 as images (decoded for latent models) while
-        sampling runs.
+        sampling runs. ``guider``: a :class:`diffexp.guiders.Guider` in place of CFG (:meth:`guider_for`); the net's
+        forward passes per image of the run are left in ``last_net_passes`` (CFG: two per model evaluation).
         """
         was_training = self.training
         self.eval()
         try:
-            scale = self.guidance_scale if guidance_scale is None else guidance_scale
-            rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
+            guider = self.guider_for(guider, guidance_scale, guidance_rescale)
             denoiser = self.denoiser_fn(precision or self.sample_precision)
+            guide = self.guide_inputs(guider, n, conditions, precision or self.sample_precision)
+            kind = self.prediction.sampler_type
             if net_conditions is not None:
                 self.conditioner.check_conditions(conditions)
-                model_fn = guided_model(denoiser, net_conditions, self.conditioner.null(n, self.device), scale, rescale)
+                model_fn = guider.bind(denoiser, net_conditions, self.conditioner.null(n, self.device), self.path,
+                                       kind, *(guide or (None, None)))
             else:
-                model_fn = self.conditioner.model_fn(denoiser, n, conditions, scale, rescale, self.device)
-            result = self.make_sampler(sampler).sample(
+                model_fn = self.conditioner.model_fn(denoiser, n, conditions, guider, self.path, kind, self.device,
+                                                     guide)
+            sampler = self.make_sampler(sampler)
+            if guider.needs_pair_sampler and not sampler.steps_from_pair:
+                from diffexp.samplers import SAMPLERS
+
+                fitting = sorted(name for name, cls in SAMPLERS.items() if getattr(cls, "steps_from_pair", False))
+                raise ValueError(f"guider={guider.name} needs a sampler that steps from the pair (x0, eps) alone: "
+                                 f"{fitting}; {type(sampler).__name__} steps from x_t")
+            result = sampler.sample(
                 model_fn, (n, *self.sample_shape), x_T=x_T, generator=generator, device=self.device,
                 progress=progress, return_trajectory=return_trajectory, start_step=start_step, on_step=on_step,
                 jump_length=jump_length, jump_n_sample=jump_n_sample,
                 observe=None if observe is None else
                 lambda i, t, x, x0: observe(i, t, self.space.decode(x), self.space.decode(x0)))
+            self.last_net_passes = model_fn.passes
             if isinstance(result, Trajectory):
                 result.xs = [self.space.decode(x) for x in result.xs]
                 result.x0s = [self.space.decode(x) for x in result.x0s]

@@ -24,6 +24,8 @@ from diffexp.cache import default_cache_dir, weights_fingerprint
 from diffexp.checkpoints import atomic_torch_save, atomic_write
 from diffexp.diffusion import to_x0_eps
 from diffexp.distillation import ConsistencyObjective, ProgressiveObjective, check_boundary
+from diffexp.guiders import CFG
+from diffexp.lit.compat import differences
 from diffexp.paths import FlowPath
 from diffexp.registry import register_part
 
@@ -42,19 +44,6 @@ def teacher_denoiser(model, cond: dict, precision: str = "fp32", net=None):
         return to_x0_eps(prediction, x_t, alpha, sigma, model.prediction.sampler_type, model.path.variance_preserving)
 
     return fn
-
-
-def describe(model) -> dict:
-    """What a teacher and its student must share: path, prediction, conditioning, space, net architecture (LoRA
-    adapters of the student left out: they start as the identity)."""
-    from diffexp.lora import base_key, is_adapter_key
-
-    net_shapes = {base_key(k): tuple(v.shape) for k, v in model.net.state_dict().items() if not is_adapter_key(k)}
-    return {"path": repr(model.path), "prediction": repr(model.prediction),
-            "conditioning": type(model.conditioner).__name__, "space": type(model.space).__name__,
-            "net": f"{type(model.net).__name__} ({len(net_shapes)} tensors, "
-                   f"{sum(math.prod(s) for s in net_shapes.values()):,} parameters)",
-            "_net_shapes": net_shapes}
 
 
 class Distillation:
@@ -79,10 +68,7 @@ class Distillation:
     def attach_teacher(self, model, teacher) -> None:
         """Freeze ``teacher`` (eval mode, no gradients), check it against the student ``model`` and keep it outside
         the module's parameters; record its weights fingerprint."""
-        mine, theirs = describe(model), describe(teacher)
-        differ = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if not k.startswith("_") and mine[k] != theirs[k]]
-        if not differ and mine["_net_shapes"] != theirs["_net_shapes"]:
-            differ = ["net: the same kind of denoiser with other layer sizes"]
+        differ = differences(model, teacher)
         if differ:
             raise ValueError(f"distill={self.method}: the teacher init_from={self.teacher_path!r} does not match this "
                              f"run's student ({'; '.join(differ)}). Distil with the teacher's own settings (formulation=, "
@@ -112,7 +98,12 @@ class Distillation:
         if generator is not None:
             after = generator.get_state()
             generator.set_state(state)
-        teacher_cond = self.teacher.conditioner.from_batch(batch, drop, generator, model.device)
+        own_rate = self.teacher.conditioner.p_uncond
+        self.teacher.conditioner.p_uncond = model.conditioner.p_uncond  # the same draws drop the same items
+        try:
+            teacher_cond = self.teacher.conditioner.from_batch(batch, drop, generator, model.device)
+        finally:
+            self.teacher.conditioner.p_uncond = own_rate
         if generator is not None:
             generator.set_state(after)
         return cond, teacher_cond
@@ -382,7 +373,8 @@ class Reflow(Distillation):
         z, labels = self.shard_noise(index, count, teacher.sample_shape, num_classes)
         sampler = teacher.make_sampler(self.sampler).with_options(progress=False)
         conditions = {"class_labels": labels} if labels is not None else {}
-        model_fn = teacher.conditioner.model_fn(teacher.denoiser_fn("fp32"), count, conditions, 1.0, 0.0, device)
+        model_fn = teacher.conditioner.model_fn(teacher.denoiser_fn("fp32"), count, conditions, CFG(1.0), teacher.path,
+                                               teacher.prediction.sampler_type, device)
         with torch.no_grad():
             x = sampler.sample(model_fn, (count, *teacher.sample_shape), x_T=z.to(device), device=device)
         shard = {"noise": z, "sample": x.cpu().float()}

@@ -17,7 +17,7 @@ class ImageModule(Protocol):
 @runtime_checkable
 class SamplingModule(ImageModule, Protocol):
     def sample(self, n: int, sampler=None, generator=None, x_T=None, progress=None, return_trajectory=False,
-               guidance_scale=None, guidance_rescale=None, **conditions):
+               guidance_scale=None, guidance_rescale=None, guider=None, **conditions):
         """``n`` images in [-1, 1] (or a trajectory)."""
 
     def monitoring_inputs(self, n: int, seed: int, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

@@ -144,8 +144,18 @@ class Denoiser:
         return x0, eps
 
     def __call__(self, x_t: torch.Tensor, t: float):
-        """(x_0, eps) predicted at (x_t, t): one model evaluation."""
-        return self.x0_eps(self.model_output(x_t, t), x_t, t)
+        """(x_0, eps) predicted at (x_t, t): one model evaluation. A model function (a guider,
+        :mod:`diffexp.guiders`) may return the pair itself; with ``clip_sample`` its x_0 is clamped and eps moved by
+        -(alpha / sigma) (x_0' - x_0), what recomputing eps from x_t does for a pair consistent with x_t."""
+        output = self.model_output(x_t, t)
+        if not isinstance(output, tuple):
+            return self.x0_eps(output, x_t, t)
+        x0, eps = output
+        if self.clip_sample:
+            clipped = x0.clamp(-1, 1)
+            alpha, sigma = self.path.alpha_sigma(t)
+            x0, eps = clipped, eps - (alpha / sigma) * (clipped - x0)
+        return x0, eps
 
 
 class Sampler:
@@ -161,6 +171,9 @@ class Sampler:
 
     #: model evaluations per step (:meth:`nfe` = this x the number of steps unless a subclass says otherwise)
     evaluations_per_step = 1
+    #: every step reads the model only through the pair (x0, eps), never x_t itself: x' = alpha' x0 + sigma' eps
+    #: (what CFG++ needs, :class:`diffexp.guiders.CFGPlusPlus`)
+    steps_from_pair = False
     #: options :meth:`with_options` may change (plain settings; the rest is derived in the constructor)
     adjustable = ("clip_sample", "progress")
 

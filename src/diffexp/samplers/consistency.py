@@ -22,6 +22,8 @@ class ConsistencySampler(SpacedSampler):
     samples the data law exactly; with a denoiser in its place each step gives a posterior mean.
     """
 
+    steps_from_pair = True
+
     default_spacing = "trailing"
 
     def __init__(self, path, steps: int = 2, timestep_spacing: str | None = None, sigmas: list | None = None,

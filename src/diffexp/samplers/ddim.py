@@ -16,6 +16,8 @@ class DDIMSampler(SpacedSampler):
     :class:`~diffexp.samplers.euler.EulerSampler` on the same times.
     """
 
+    steps_from_pair = True
+
     def __init__(self, path, steps: int = 50, eta: float = 0.0, timestep_spacing: str | None = None, **kwargs):
         super().__init__(path, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
         self.eta = checked_eta(eta)

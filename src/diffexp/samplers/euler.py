@@ -31,6 +31,7 @@ class EulerSampler(SpacedSampler):
     """Euler's method on the probability-flow ODE in sigma. Default spacing: karras (rho = 7)."""
 
     default_spacing = "karras"
+    steps_from_pair = True
 
     def __init__(self, path, steps: int = 20, timestep_spacing: str | None = None, **kwargs):
         super().__init__(path, steps=steps, timestep_spacing=timestep_spacing, **kwargs)
@@ -44,6 +45,8 @@ class EulerSampler(SpacedSampler):
 class HeunSampler(EulerSampler):
     """Heun's second-order method (Karras et al. 2022, Alg. 1; Alg. 2 with S_churn = 0): two model evaluations
     per step, one on the last (to sigma = 0) and on a first step from pure noise, so NFE = 2 * steps - 1."""
+
+    steps_from_pair = False  # the corrector steps from x_t
 
     def churn(self, sigma: float) -> float:
         """gamma of Alg. 2 at noise level sigma: 0 (deterministic)."""
