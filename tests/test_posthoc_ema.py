@@ -164,3 +164,18 @@ def test_compare_posthoc_ema_script(tmp_path):
     assert [r["sigma_rel"] for r in rows] == [None, None, 0.05, 0.1]
     assert rows[2]["relative_residual"] < 1e-6  # stored lengths at the last snapshot: exact
     assert all(math.isfinite(r["fid_digits"]) for r in rows) and out.with_suffix(".png").is_file()
+
+
+def test_reconstruction_only_at_a_snapshot_step(tmp_path):
+    """EDM2 reconstructs at snapshot times: a step between snapshots is refused, naming the steps there."""
+    from diffexp.callbacks import EMA
+    from diffexp.ema import reconstruct
+
+    ema = EMA(posthoc=True, sigma_rels=[0.05, 0.1])
+    for step in (2, 4):
+        ema.posthoc_state = [{"w": torch.full((3,), float(step))}, {"w": torch.full((3,), step + 0.5)}]
+        ema.write_snapshot(tmp_path, step)
+    weights, report = reconstruct(tmp_path, 0.1, 2)
+    assert torch.allclose(weights["w"], torch.full((3,), 2.5)) and report["relative_residual"] < 1e-6
+    with pytest.raises(ValueError, match=r"--step 3: reconstructions are made at a snapshot's step; .* \[2, 4\]"):
+        reconstruct(tmp_path, 0.07, 3)

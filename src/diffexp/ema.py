@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,12 @@ def reconstruct(directory: Path, sigma_rel: float, step: int | None = None) -> t
     """The EMA of length ``sigma_rel`` at ``step`` (default: the last snapshot's) from the snapshots in
     ``directory``; with a report (coefficients, snapshots used, the profile fit's relative residual)."""
     snapshots = read_snapshots(directory)
-    last = max(s[0] for s in snapshots)
-    step = last if step is None else int(step)
-    if not 0 < step <= last:
-        raise ValueError(f"--step {step}: the snapshots cover steps up to {last}")
+    steps_there = sorted({s[0] for s in snapshots})
+    step = steps_there[-1] if step is None else int(step)
+    if step not in steps_there:  # EDM2 reconstructs at snapshot times: elsewhere the fit has nothing near the end
+        shown = steps_there if len(steps_there) <= 12 else steps_there[:3] + ["..."] + steps_there[-3:]
+        raise ValueError(f"--step {step}: reconstructions are made at a snapshot's step; this run has snapshots at "
+                         f"steps {shown}")
     used = [s for s in snapshots if s[0] <= step]
     gamma = sigma_rel_to_gamma(sigma_rel)
     steps, gammas = [s[0] for s in used], [s[2] for s in used]
@@ -59,6 +62,10 @@ def reconstruct(directory: Path, sigma_rel: float, step: int | None = None) -> t
     residual = math.sqrt(max(float(x @ A @ x - 2 * x @ b + target), 0.0) / float(target))
     report = {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(used),
               "coefficient_sum": float(np.sum(x)), "relative_residual": residual}
+    if residual > 0.1:
+        warnings.warn(f"sigma_rel={sigma_rel} at step {step}: the snapshots' profiles fit the target's only to a "
+                      f"relative residual of {residual:.2f}; the result is far from that EMA (keep more snapshots: "
+                      f"callbacks.ema.snapshot_every)", stacklevel=2)
     return combine([s[3] for s in used], x), report
 
 

@@ -226,8 +226,8 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
                **({"jump_length": resampling["jump_length"], "jump_n_sample": resampling["jump_n_sample"]}
                   if mask is not None else {}),
                "guidance_scale": cfg.get("guidance_scale") if model.conditioner.conditional else None,
-               "guider": None if guider is None else repr(model.guider_for(guider, cfg.get("guidance_scale"),
-                                                                            cfg.get("guidance_rescale"))),
+               "guider": None if guider is None or not (model.conditioner.conditional or guider.needs_guide)
+               else repr(model.guider_for(guider, cfg.get("guidance_scale"), cfg.get("guidance_rescale"))),
                "net_passes_per_image": getattr(model, "last_net_passes", None),
                "prompts": list(dict.fromkeys(captions)) if captions is not None and len(set(captions)) <= 16 else None}
     if cfg.get("metrics"):
