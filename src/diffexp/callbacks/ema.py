@@ -89,7 +89,7 @@ class EMA(Callback):
             else:
                 self.posthoc_state = [{k: v.to(tracked[k].device) for k, v in state.items() if k in tracked}
                                       for state in self.posthoc_state]
-        self._snapshot_dir = Path(trainer.default_root_dir) / SNAPSHOT_DIR
+            self._snapshot_dir = Path(trainer.default_root_dir) / SNAPSHOT_DIR
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
