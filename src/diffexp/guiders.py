@@ -176,18 +176,17 @@ class IntervalCFG(CFG):
         return (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
 
     def combine_fn(self, net_fn, cond, uncond, path, prediction_type, guide_fn, guide_cond):
-        guided = super().combine_fn(net_fn, cond, uncond, path, prediction_type, guide_fn, guide_cond)
+        scale, rescale = self.scale, self.rescale
 
         def fn(x, t):
             inside = self.inside(x, t, path)
+            if scale == 1.0 or not bool(inside.any()):
+                return net_fn(x, t, **cond), 1
+            c, u = self.both(net_fn, x, t, cond, uncond)
+            guided = cfg_combine(c, u, scale, rescale)
             if bool(inside.all()):
-                return guided(x, t)
-            plain = net_fn(x, t, **cond)
-            if not bool(inside.any()):
-                return plain, 1
-            both, passes = guided(x, t)
-            shape = (-1, *([1] * (x.ndim - 1)))
-            return torch.where(inside.reshape(shape), both, plain), passes + 1
+                return guided, 2
+            return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, c), 2
 
         return fn
 
