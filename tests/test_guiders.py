@@ -2,6 +2,7 @@
 guider= option through sample.py, the API and the playground."""
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
