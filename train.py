@@ -4,7 +4,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from diffexp.config import exit_on_renamed_groups
+from diffexp.config import exit_on_renamed_groups, quote_shard_patterns
 from diffexp.distributed import secondary_process_overrides
 
 
@@ -19,5 +19,6 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     exit_on_renamed_groups(sys.argv[1:])
+    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
     sys.argv += secondary_process_overrides(sys.argv[1:])  # only rank 0 of a multi-node job makes a run dir
     main()

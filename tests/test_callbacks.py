@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from diffexp.callbacks import DenoisingGrid, FIDCallback
 from diffexp.callbacks.fid import merge_rank_features, rank_indices
 from diffexp.loggers import prepare_logger_configs
-from diffexp.samplers import DDIMSampler
 from tests.conftest import ROOT, SHRINK, compose_config
 
 

@@ -24,7 +24,8 @@ SRC = ROOT / "src" / "diffexp"
 CORE = ("registry", "schedules", "paths", "diffusion", "objectives", "distillation", "samplers", "guiders", "posthoc",
         "precision", "nets")
 APPLICATION = ("train", "sample", "config", "course", "compare", "distributed", "slurm", "loggers", "runinfo",
-               "viz.__main__", "export", "build", "fsdp", "app", "api", "ema")
+               "viz.__main__", "export", "build", "fsdp", "app", "api", "ema", "encode_latents", "evaluate",
+               "make_shards")
 FORBIDDEN_IN_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics", "transformers")
 
 

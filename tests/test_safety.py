@@ -535,3 +535,20 @@ def test_lpips_backbone_read_safely_matches_lpips_own_loading(tmp_path, monkeypa
     torch.testing.assert_close(lpips_distance(ours, x, y), lpips_distance(theirs, x, y), rtol=0, atol=0)
     random_backbone = lpips_model("alex", pretrained_backbone=False)
     assert not torch.allclose(lpips_distance(random_backbone, x, y), lpips_distance(ours, x, y))
+
+
+@pytest.mark.slow
+def test_webdataset_resume_under_ddp_with_workers_is_exact(tmp_path):
+    """Shards streamed by 2 CPU processes x 2 loader workers (8 streams over 8 shards); resumed at step 3 of 6, the
+    run ends with the weights of the uninterrupted one."""
+    from diffexp.data import ShapesDataModule
+    from diffexp.make_shards import write_shards
+
+    data = ShapesDataModule(num_train=64, num_val=8)
+    write_shards(data.iter_items("train"), tmp_path / "shards", shard_size=8)
+    _resume_matches(tmp_path, ["trainer=ddp_cpu", "data=webdataset", f"data.shards={tmp_path / 'shards'}",
+                               "data.image_size=32", "data.captions=true", "data.num_workers=2",
+                               "data.shuffle_buffer=16", "data.preview_size=16", "data.val_size=8",
+                               "net.channel_mult=[1,2]", "trainer.max_steps=6",
+                               "callbacks.model_checkpoint.every_n_train_steps=3"],
+                    "step0000003.ckpt", ["step0000006.ckpt"])

@@ -36,6 +36,11 @@ class FrozenAutoencoder(Frozen):
     def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The posterior q(latent | x) = N(mean, diag(exp(logvar))) as (mean, logvar); logvar None for a
+        deterministic encoder. (LDM's diagonal Gaussian, which pre-encoded latents keep so training samples it.)"""
+        return self.encode_raw(images), None
+
     def architecture(self) -> dict | None:
         """Constructor arguments that rebuild the net when its weights travel in the checkpoint of the model
         using it (``in_checkpoint``); None for autoencoders loaded from their own files."""
@@ -121,6 +126,10 @@ class OwnAutoencoder(FrozenAutoencoder):
     def encode_raw(self, images):
         return self.net.encode(images).mode()
 
+    def encode_moments(self, images):
+        posterior = self.net.encode(images)
+        return posterior.mean, posterior.logvar
+
     def decode_raw(self, latents):
         return self.net.decode(latents)
 
@@ -179,6 +188,12 @@ class DiffusersAutoencoder(FrozenAutoencoder):
     def encode_raw(self, images):
         out = self.model.encode(images)
         return out.latent_dist.mode() if self.kind == "kl" else out.latents
+
+    def encode_moments(self, images):
+        if self.kind != "kl":
+            return super().encode_moments(images)
+        posterior = self.model.encode(images).latent_dist
+        return posterior.mean, posterior.logvar
 
     def decode_raw(self, latents):
         return self.model.decode(latents).sample

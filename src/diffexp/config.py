@@ -75,6 +75,32 @@ def renamed_group_errors(args: list[str]) -> list[str]:
             f"(U-Nets and DiTs): write {renamed_override(arg)}" for arg in args if renamed_group(arg)]
 
 
+PATTERN_OPTIONS = ("data.shards", "data.val_shards", "data.data_files")
+
+
+def quote_shard_patterns(args: list[str]) -> list[str]:
+    """``args`` with the values of shard-pattern options quoted for Hydra's override grammar, which reads
+    ``{...}`` as a dictionary: ``data.shards='DIR/train-{000000..000099}.tar'`` as a shell passes it (quotes
+    removed) reaches Hydra as the one string it was meant to be. Values already quoted are left alone. An option
+    given several times (a shell expanded an unquoted pattern's braces into one argument per shard) exits with
+    status 2 and says to quote it."""
+    keys = [arg.partition("=")[0].lstrip("+~") for arg in args if "=" in arg]
+    repeated = sorted({k for k in keys if k in PATTERN_OPTIONS and keys.count(k) > 1})
+    if repeated:
+        print(f"error: {repeated[0]} is given {keys.count(repeated[0])} times: the shell expanded the braces of an "
+              f"unquoted pattern. Quote it: {repeated[0]}='DIR/train-{{000000..000099}}.tar'", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in PATTERN_OPTIONS and ("{" in value or "," in value) \
+                and not (value[:1] in "'\"" and value[:1] and value[-1:] == value[:1]) and not value.startswith("["):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
+
+
 def exit_on_renamed_groups(args: list[str]) -> None:
     """For the entry points: print :func:`renamed_group_errors` and exit with status 2 if there are any."""
     errors = renamed_group_errors(args)

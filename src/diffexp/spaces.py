@@ -44,8 +44,8 @@ class PixelSpace(nn.Module):
         """x_0 in this space -> images (not clamped)."""
         return x
 
-    def from_batch(self, batch: dict) -> torch.Tensor:
-        """x_0 of a training batch."""
+    def from_batch(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_0 of a training batch (``generator``: for spaces that draw, see :meth:`LatentSpace.from_batch`)."""
         return self.encode(batch["image"])
 
     def cached(self, datamodule):
@@ -116,10 +116,17 @@ class LatentSpace(PixelSpace):
 
         return CachedLatentsDataModule(datamodule, self.autoencoder)
 
-    def from_batch(self, batch):
+    def from_batch(self, batch, generator: torch.Generator | None = None):
+        """The diffusion latents of a training batch: encoded from ``image``, or pre-encoded raw latents
+        (``latent``; with ``latent_logvar`` the posterior mean and log-variance, from which latent = mean +
+        exp(logvar / 2) * eps is drawn with ``generator``)."""
         # training only: fit() has set the scale, so no NaN check (a host sync) per step
         if "latent" in batch:  # pre-encoded raw latents
-            return self.autoencoder.to_diffusion(batch["latent"], self.latent_scale, self.latent_shift)
+            raw = batch["latent"]
+            if "latent_logvar" in batch:
+                eps = torch.randn(raw.shape, generator=generator, device=raw.device, dtype=raw.dtype)
+                raw = raw + torch.exp(0.5 * batch["latent_logvar"]) * eps
+            return self.autoencoder.to_diffusion(raw, self.latent_scale, self.latent_shift)
         return self.autoencoder.encode(batch["image"], self.latent_scale, self.latent_shift)
 
     @torch.no_grad()

@@ -88,8 +88,10 @@ def build(cfg: DictConfig):
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
         raise ValueError(f"eval_every must be a positive number of optimizer steps (between grids, FID, checkpoints "
                          f"and validation), got {every!r}")
-    datamodule = instantiate(cfg.data)
+    datamodule = latents_datamodule(cfg) if cfg.get("latents") else instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    if cfg.get("latents"):
+        check_latents_autoencoder(model, datamodule)
     warn_unused_schedule(model)
     if cfg.get("init_from"):
         start_from_weights(model, cfg)
@@ -109,6 +111,40 @@ def build(cfg: DictConfig):
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_sharded_callbacks(trainer, callbacks)
     return datamodule, model, callbacks, loggers, trainer
+
+
+def latents_datamodule(cfg):
+    """``latents=DIR``: train on latents encoded by ``python -m diffexp.encode_latents`` (their data's sizes and
+    classes; this run's batch size, workers and data seed)."""
+    from diffexp.data.latent_shards import LatentShardsDataModule
+
+    if cfg.get("cache_latents"):
+        rank_zero_info(f"[diffexp] latents={cfg.latents}: training on latents encoded beforehand, so "
+                       f"cache_latents=true (which would encode them again) is ignored")
+        cfg.cache_latents = False
+    data = cfg.data
+    datamodule = LatentShardsDataModule(cfg.latents, batch_size=data.get("batch_size", 64),
+                                        num_workers=data.get("num_workers", 0), seed=data.get("seed", 0))
+    for option in ("image_size", "channels"):
+        if data.get(option) is not None and data[option] != getattr(datamodule, option):
+            raise ValueError(f"latents={cfg.latents} were encoded from {datamodule.manifest['data_name']} at "
+                             f"{option}={getattr(datamodule, option)}, but data.{option}={data[option]}; set "
+                             f"data.{option}={getattr(datamodule, option)} (or pick the data= it was encoded from)")
+    return datamodule
+
+
+def check_latents_autoencoder(model, datamodule) -> None:
+    """The model's autoencoder must be the one the latents were encoded with (same weights)."""
+    from diffexp.cache import weights_fingerprint
+
+    autoencoder = getattr(getattr(model, "space", None), "autoencoder", None)
+    manifest = datamodule.manifest
+    if autoencoder is None:
+        raise ValueError(f"latents={datamodule.root} holds latents of {manifest['vae_name']}; this model diffuses "
+                         f"pixels: use model=latent with the same vae=")
+    if weights_fingerprint(autoencoder) != manifest["vae_fingerprint"]:
+        raise ValueError(f"latents={datamodule.root} were encoded with {manifest['vae_name']}, whose weights differ "
+                         f"from this run's vae ({autoencoder.name}); use the same vae= as the encoding, or encode again")
 
 
 def warn_unused_schedule(model) -> None:

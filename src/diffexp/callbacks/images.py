@@ -69,7 +69,9 @@ class ImageLogger(PeriodicCallback):
         batch = None
         if self.num_images:
             dataset = trainer.datamodule.dataset("val")
-            batch = {"image": torch.stack([dataset[i]["image"] for i in range(min(self.num_images, len(dataset)))])}
+            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+            if items and "image" in items[0]:  # encoded latents (latents=DIR) carry no images
+                batch = {"image": torch.stack([item["image"] for item in items])}
         with ema_weights(trainer, pl_module):
             grids = pl_module.log_images(batch, seed=self.seed, **self.options)
         for key, images in grids.items():

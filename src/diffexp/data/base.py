@@ -156,6 +156,12 @@ class ImageDataModule(L.LightningDataModule):
         """The captions of ``split`` in item order, or None when the data has none."""
         return getattr(self.dataset(split), "captions", None)
 
+    def iter_items(self, split: str = "train", max_n: int | None = None):
+        """The items of ``split`` in dataset order (the first ``max_n``)."""
+        dataset = self.dataset(split)
+        for i in range(len(dataset) if max_n is None else min(max_n, len(dataset))):
+            yield dataset[i]
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         drop_last = shuffle and len(dataset) >= self.batch_size
         trainer = self.trainer
@@ -200,3 +206,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+def batch_size_of(batch: dict) -> int:
+    """The number of items in a batch dict: its images, or its latents (encoded data carries no images)."""
+    return len(batch["image"] if "image" in batch else batch["latent"])

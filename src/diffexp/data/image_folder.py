@@ -6,11 +6,12 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from diffexp.data.base import ImageDataModule, split_indices
+from diffexp.data.transforms import preprocess, to_mode
 from diffexp.registry import register_part
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
@@ -36,14 +37,9 @@ def folder_classes(root: Path, labels: str) -> dict[str, int]:
 
 
 def open_image(path: Path, channels: int) -> Image.Image:
-    """The image at ``path`` as 8-bit L (``channels`` 1) or RGB: 16-bit and 32-bit integer grayscale are scaled
-    to 0..255 (not clipped, which would turn them white); palette, CMYK and alpha images are converted by PIL."""
+    """The image at ``path`` as 8-bit L (``channels`` 1) or RGB (see :func:`diffexp.data.transforms.to_mode`)."""
     with Image.open(path) as img:
-        if img.mode.startswith("I"):  # I;16, I;16B, I (32-bit): values up to 65535
-            array = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0  # 32-bit "I": by range
-            img = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
-        return img.convert("L" if channels == 1 else "RGB")
+        return to_mode(img, channels)
 
 
 def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
@@ -64,23 +60,17 @@ class FolderDataset(Dataset):
 
     def __init__(self, files: list[Path], captions: dict[str, str] | None, image_size: int, channels: int,
                  random_flip: bool, root: Path | None = None, classes: dict[str, int] | None = None):
-        from torchvision import transforms as T
-
-        self.files, self.channels = files, channels
+        self.files, self.channels, self.image_size, self.random_flip = files, channels, image_size, random_flip
         names = [path.relative_to(root).as_posix() if root is not None else path.name for path in files]
         self.captions = None if captions is None else [captions.get(name, "") for name in names]
         self.labels = None if classes is None else [classes[path.relative_to(root).parts[0]] for path in files]
-        tfs = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
-        if random_flip:
-            tfs.append(T.RandomHorizontalFlip())
-        tfs += [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]
-        self.transform = T.Compose(tfs)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = self.transform(open_image(self.files[i], self.channels))
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        image = preprocess(open_image(self.files[i], self.channels), self.image_size, self.channels, flip)
         item = {"image": image}
         if self.captions is not None:
             item["caption"] = self.captions[i]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffexp.conditioning import Conditioner, Unconditional
+from diffexp.data.base import batch_size_of
 from diffexp.diffusion import get_prediction, to_x0_eps
 from diffexp.guiders import CFG, Guider
 from diffexp.lit.base import TrainingModule
@@ -222,7 +223,7 @@ class DiffusionModel(TrainingModule):
         then the conditioning dropout. With ``distill`` its loss instead."""
         if self.distill is not None:
             return self.distill.loss(self, batch, drop_conditioning, generator)
-        x0 = self.space.from_batch(batch)
+        x0 = self.space.from_batch(batch, generator)
 
         def net_fn(x, noise_input):  # the conditions drawn after the objective's times and noise
             cond = self.conditioner.from_batch(batch, drop_conditioning, generator, self.device)
@@ -250,13 +251,13 @@ class DiffusionModel(TrainingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, generator=self.step_generator())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size_of(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # the same t and noise for a batch at every validation: val/loss moves only with the weights
         loss = self.loss(batch, drop_conditioning=False, generator=self.step_generator(stream=1, index=batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size_of(batch))
 
     def denoiser_fn(self, precision: str = "auto") -> Callable:
         """(x_t, t, **conditions) -> the model's prediction (of ``prediction.sampler_type``): the net at ``precision``

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from diffexp.data.base import batch_size_of
 from diffexp.cache import default_cache_dir, weights_fingerprint
 from diffexp.checkpoints import atomic_torch_save, atomic_write
 from diffexp.diffusion import to_x0_eps
@@ -158,7 +159,7 @@ class ConsistencyDistillation(Distillation):
         self.objective = ConsistencyObjective(model.path, model.prediction, **self.options)
 
     def loss(self, model, batch, drop_conditioning, generator):
-        x0 = model.space.from_batch(batch)
+        x0 = model.space.from_batch(batch, generator)
         cond, teacher_cond = self.conditions(model, batch, drop_conditioning, generator)
         teacher = None
         if self.objective.target == "teacher":
@@ -274,7 +275,7 @@ class ProgressiveDistillation(Distillation):
         if self.round_net is None:
             self.on_train_batch_start(model)
         self.round_net.to(model.device)
-        x0 = model.space.from_batch(batch)
+        x0 = model.space.from_batch(batch, generator)
         cond, _ = self.conditions(model, batch, drop_conditioning, generator)
         teacher = teacher_denoiser(model, cond, net=self.round_net)
         return self.objective.loss(model.raw_fn(cond), teacher, x0, generator, self.student_steps(self.round))
@@ -412,7 +413,7 @@ class Reflow(Distillation):
     def loss(self, model, batch, drop_conditioning, generator):
         if self.data is None:
             raise ValueError("distill=reflow: the teacher's pairs are not prepared (the model's setup() does it)")
-        n = len(batch["image"])
+        n = batch_size_of(batch)
         index = torch.randint(0, len(self.data["sample"]), (n,), generator=generator, device=model.device).cpu()
         pairs = {key: value[index].to(model.device) for key, value in self.data.items()}
         batch = {"image": pairs["sample"], **({"label": pairs["label"]} if "label" in pairs else {})}

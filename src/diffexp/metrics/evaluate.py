@@ -9,12 +9,14 @@ import torch
 from diffexp.metrics.domain import DOMAIN_CLASSIFIERS, load_domain_classifier
 from diffexp.metrics.features import build_feature_extractor, extract_features
 from diffexp.metrics.reference import reference_features
-from diffexp.metrics.scores import (classifier_report, frechet_distance, inception_score, kernel_distance,
-                                    lpips_diversity, lpips_model, warn_if_small)
+from diffexp.metrics.scores import (classifier_report, clip_score, frechet_distance, inception_score,
+                                    kernel_distance, lpips_diversity, lpips_model, precision_recall, warn_if_small)
 
-INCEPTION_METRICS = ("fid", "kid", "is")
-METRICS = (*INCEPTION_METRICS, "lpips_diversity",
-           *(f"{kind}_{name}" for name in DOMAIN_CLASSIFIERS for kind in ("fid", "kid")),
+GENERAL_FEATURES = ("inception", "dinov2")  # networks not tied to one dataset
+
+INCEPTION_METRICS = ("fid", "kid", "is", "precision_recall")
+METRICS = (*INCEPTION_METRICS, "lpips_diversity", "fd_dinov2", "clip_score",
+           *(f"{kind}_{name}" for name in DOMAIN_CLASSIFIERS for kind in ("fid", "kid", "precision_recall")),
            *(f"{name}_classifier" for name in DOMAIN_CLASSIFIERS))
 
 
@@ -41,6 +43,12 @@ def parse_metric(name: str) -> MetricName:
     check_metric_names([name])
     if name in INCEPTION_METRICS:
         return MetricName(name, "inception")
+    if name == "fd_dinov2":  # the Frechet distance of DINOv2 features (Stein et al. 2023)
+        return MetricName("fid", "dinov2")
+    if name == "clip_score":
+        return MetricName(name, None)
+    if name.startswith("precision_recall_"):
+        return MetricName("precision_recall", name[len("precision_recall_"):])
     if name.endswith("_classifier"):
         return MetricName("classifier", name.rsplit("_", 1)[0])
     if name == "lpips_diversity":
@@ -51,16 +59,19 @@ def parse_metric(name: str) -> MetricName:
 
 def needs_reference(names) -> bool:
     """Whether any of the metrics compares against the training data's features (FID/KID)."""
-    return any(parse_metric(n).kind in ("fid", "kid") for n in names)
+    return any(parse_metric(n).kind in ("fid", "kid", "precision_recall") for n in names)
 
 
 def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.device = "cpu",
-             cache_dir=None, inception_weights: str | None = None, reference_split: str = "train") -> dict:
+             cache_dir=None, inception_weights: str | None = None, reference_split: str = "train",
+             dinov2: str | None = None, captions: list[str] | None = None, clip: str | None = None) -> dict:
     """Compute each named metric for ``images`` (float [-1, 1] NCHW); returns {metric: value, ...}.
 
-    ``fid``/``kid``/``is`` use torch-fidelity's Inception-v3; ``fid_<dataset>``/``kid_<dataset>``
+    ``fid``/``kid``/``is``/``precision_recall`` use torch-fidelity's Inception-v3, ``fd_dinov2`` DINOv2
+    ViT-L/14 (``dinov2``: its folder); ``fid_<dataset>``/``kid_<dataset>``/``precision_recall_<dataset>``
     use that dataset's committed classifier features (reported under their own name);
-    ``<dataset>_classifier`` reports how confidently the classifier recognises the samples.
+    ``<dataset>_classifier`` reports how confidently the classifier recognises the samples; ``clip_score``
+    needs the ``captions`` and CLIP (``clip``: its folder).
     Reference features come from ``datamodule`` (an :class:`diffexp.data.ImageDataModule`).
     Every entry carries the sample count ``n``; ``seconds`` is the metric's wall time.
     """
@@ -73,10 +84,11 @@ def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.d
 
     def feats(extractor_name: str):
         if extractor_name not in features:
-            if extractor_name != "inception" and datamodule is not None and datamodule.name != extractor_name:
+            if extractor_name not in GENERAL_FEATURES and datamodule is not None and datamodule.name != extractor_name:
                 raise ValueError(f"{extractor_name} features compare against data={extractor_name}, but this "
                                  f"model was trained on data={datamodule.name}")
-            extractors[extractor_name] = build_feature_extractor(extractor_name, device, inception_weights)
+            extractors[extractor_name] = build_feature_extractor(extractor_name, device, inception_weights,
+                                                                 dinov2=dinov2)
             fake = extract_features(extractors[extractor_name], images)
             real = reference_features(datamodule, extractors[extractor_name], extractor_name, reference_split,
                                       cache_dir=cache_dir)
@@ -95,11 +107,17 @@ def evaluate(names, images: torch.Tensor, datamodule=None, device: str | torch.d
             value = {"value": mean, "std": std}
         elif kind == "lpips_diversity":
             value = {"value": lpips_diversity(lpips_model().to(device), images)}
+        elif kind == "clip_score":
+            if captions is None:
+                raise ValueError("clip_score needs the captions of the samples: it is for text-conditioned models")
+            value = {"value": clip_score(images, captions, clip, device)}
         else:
             real, fake = feats(extractor_name)
-            small = warn_if_small(n, "inception" if extractor_name == "inception" else "domain", name)
+            small = warn_if_small(n, "inception" if extractor_name in GENERAL_FEATURES else "domain", name)
             if kind == "fid":
                 value = {"value": frechet_distance(real, fake)}
+            elif kind == "precision_recall":
+                value = precision_recall(real, fake)
             else:
                 mean, std = kernel_distance(real, fake)
                 value = {"value": mean, "std": std}

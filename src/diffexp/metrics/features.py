@@ -85,14 +85,64 @@ class PassThrough(nn.Module):
         return features
 
 
-FEATURE_EXTRACTORS = ("inception", *DOMAIN_CLASSIFIERS)
+DINOV2_ID = "facebook/dinov2-large"  # DINOv2 ViT-L/14, the FD-DINOv2 network of Stein et al. 2023
+
+
+class DINOv2Features(nn.Module):
+    """DINOv2's class token (after the final layer norm): FD-DINOv2's features (Stein et al. 2023, dgm-eval).
+
+    Images are resized to 224x224 (bicubic, antialiased), scaled to [0, 1] and normalised with ImageNet's mean
+    and std, as dgm-eval does. ``path``: a local folder with ``config.json`` and safetensors weights, or a hub id
+    found in the Hugging Face cache; offline without it, the error names what to download and where.
+    """
+
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, path: str | os.PathLike | None = None, resolution: int = 224):
+        super().__init__()
+        from transformers import Dinov2Model
+
+        from diffexp.frozen import hub_offline
+
+        source = str(Path(path).expanduser()) if path is not None and Path(path).expanduser().exists() else \
+            (path or DINOV2_ID)
+        try:
+            self.net = Dinov2Model.from_pretrained(source, use_safetensors=True,
+                                                   local_files_only=hub_offline() or Path(str(source)).exists())
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"DINOv2 weights for fd_dinov2 not found at {source!r} ({type(e).__name__}). Download "
+                f"{DINOV2_ID} on a machine with internet (huggingface-cli download {DINOV2_ID}) into the HF cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass metrics_options.dinov2=FOLDER "
+                f"holding its config.json and model.safetensors") from None
+        self.net.requires_grad_(False).eval()
+        self.resolution = resolution
+        self.num_features = self.net.config.hidden_size
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_uint8_rgb(images).to(self.mean.device).float() / 255.0
+        x = nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic",
+                                      antialias=True, align_corners=False).clamp(0, 1)
+        return self.net(pixel_values=(x - self.mean) / self.std).pooler_output
+
+
+FEATURE_EXTRACTORS = ("inception", "dinov2", *DOMAIN_CLASSIFIERS)
 
 
 def build_feature_extractor(name: str, device: str | torch.device = "cpu", inception_weights: str | None = None,
-                            feature: str = "2048") -> nn.Module:
-    """``inception`` (needs its weights file) or a domain classifier name such as ``digits``."""
+                            feature: str = "2048", dinov2: str | None = None) -> nn.Module:
+    """``inception`` (needs its weights file), ``dinov2`` (its folder or cached hub id) or a domain classifier
+    name such as ``digits``."""
     if name == "inception":
         return InceptionFeatures(feature, inception_weights).to(device)
+    if name == "dinov2":
+        return DINOv2Features(dinov2).to(device)
     if name in DOMAIN_CLASSIFIERS:
         return DomainFeatures(load_domain_classifier(name, device))
     raise ValueError(f"unknown feature extractor {name!r}; allowed: {list(FEATURE_EXTRACTORS)}")

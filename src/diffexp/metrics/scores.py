@@ -143,3 +143,46 @@ def lpips_diversity(model, images: torch.Tensor, pairs: int = 500, seed: int = 0
     i = torch.randint(len(images), (pairs,), generator=generator)
     j = (i + torch.randint(1, len(images), (pairs,), generator=generator)) % len(images)
     return float(lpips_distance(model, images[i], images[j]).mean())
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, nearest_k: int = 3,
+                     max_n: int = 10_000, seed: int = 0) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of samples inside the real data's
+    k-NN manifold (balls reaching each real feature's k-th neighbour) and of real features inside the samples'
+    one; with density and coverage (Naeem et al. 2020), all from the ``prdc`` library. k = 3 as the paper.
+    ``prdc`` holds full distance matrices, so at most ``max_n`` of each set (a fixed random subset) are used."""
+    from prdc import compute_prdc
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def subset(features):
+        if len(features) <= max_n:
+            return features
+        return features[torch.randperm(len(features), generator=generator)[:max_n]]
+
+    real, fake = subset(real_features.double()), subset(fake_features.double())
+    scores = compute_prdc(real.numpy(), fake.numpy(), nearest_k=nearest_k)
+    return {"precision": float(scores["precision"]), "recall": float(scores["recall"]),
+            "density": float(scores["density"]), "coverage": float(scores["coverage"]), "nearest_k": nearest_k,
+            "n_pr": min(len(real), len(fake))}
+
+
+def clip_score(images: torch.Tensor, captions: list[str], model_path: str | None = None,
+               device: str | torch.device = "cpu", batch_size: int = 64) -> float:
+    """CLIP score (Hessel et al. 2021): 100 * mean max(cos(image embedding, caption embedding), 0), by torchmetrics
+    with a local CLIP (``model_path``: a folder or a cached hub id; openai/clip-vit-large-patch14 by default)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from diffexp.metrics.features import to_uint8_rgb
+
+    if len(captions) != len(images):
+        raise ValueError(f"clip_score needs one caption per image, got {len(captions)} for {len(images)}")
+    try:
+        metric = CLIPScore(model_name_or_path=model_path or "openai/clip-vit-large-patch14").to(device)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"CLIP weights for clip_score not found ({type(e).__name__}): download "
+                                f"openai/clip-vit-large-patch14 into the HF cache, or pass "
+                                f"metrics_options.clip=FOLDER") from None
+    for start in range(0, len(images), batch_size):
+        metric.update(to_uint8_rgb(images[start:start + batch_size]).to(device), captions[start:start + batch_size])
+    return float(metric.compute())

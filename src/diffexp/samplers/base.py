@@ -12,7 +12,6 @@ from the denoiser (which asks the path) and never which path it is on.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
