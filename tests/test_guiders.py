@@ -154,6 +154,10 @@ def test_apg_matches_the_paper_on_x0_with_momentum_threshold_and_a_consistent_ep
     # eta = 1, no momentum, no threshold: CFG on x0
     plain = APG(4.0, eta=1.0, norm_threshold=0.0, momentum=0.0).bind(net, cond, uncond, path, kind)(x, t)[0]
     torch.testing.assert_close(plain, x0_u + 4.0 * (x0_c - x0_u), rtol=1e-5, atol=1e-5)
+    # w = 1: the conditional prediction, from its one pass
+    unguided = APG(1.0).bind(net, cond, uncond, path, kind)
+    torch.testing.assert_close(unguided(x, t), net(x, t, **cond))
+    assert unguided.passes == 1
 
 
 @pytest.mark.parametrize("path_name", ["ddpm", "flow", "edm"])

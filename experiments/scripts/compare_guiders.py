@@ -99,6 +99,8 @@ def run(args) -> None:
 
 
 def write(rows: list[dict], out: Path, args) -> None:
+    order = {name: i for i, name in enumerate(GUIDERS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["guider"], len(order)), r["scale"]))  # resumed rows in place
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"ckpt": args.ckpt, "guide": args.guide, "steps": args.steps,
                                                     "n": args.n, "seed": args.seed, "rows": rows}, indent=2))

@@ -235,6 +235,8 @@ class APG(Guider):
         state: dict = {}
 
         def fn(x, t):
+            if self.scale == 1.0:  # x0 = x0_c whatever the update: the conditional pass alone
+                return net_fn(x, t, **cond), 1
             c, u = self.both(net_fn, x, t, cond, uncond)
             (x0_c, eps_c), (x0_u, _) = self.pair(c, x, t, path, prediction_type), self.pair(u, x, t, path, prediction_type)
             x0 = self.guide_x0(x0_c, x0_u, state)
