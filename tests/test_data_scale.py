@@ -175,6 +175,12 @@ def test_webdataset_items_carry_captions_labels_and_come_in_file_order(shard_dir
     assert batch["image"].shape == (4, 3, 8, 8) and len(batch["caption"]) == 4 and batch["label"].dtype == torch.long
     from_json = WebDatasetDataModule(str(shard_dir / "json-000000.tar"), captions=True, image_size=8, num_workers=0)
     assert [it["caption"] for it in from_json.iter_items()] == ["c0", "c1", "c2"]
+    # classes outside 0..num_classes-1 are unreadable samples (num_classes is the null class of CFG)
+    two = WebDatasetDataModule(str(shard_dir / "train-{000000..000002}.tar"), labels=True, num_classes=2, image_size=8,
+                               num_workers=0, val_size=4)
+    with pytest.warns(UserWarning, match=r"train-000002.tar:2000.cls: class '2' is not one of 0..1"):
+        assert len(list(two.iter_items())) == 10
+    assert len(list(two.iter_items("val"))) == 4  # no held-out shards: at most val_size training items
 
 
 def test_webdataset_setup_holds_a_preview_and_validation_in_memory(shard_dir):
@@ -257,6 +263,11 @@ def test_hf_dataset_random_access_reads_columns_and_classes(hf_folder):
     with pytest.raises(ValueError, match=r"data.caption_column='caption' is not a column of the dataset; its columns: "
                                          r"\['img', 'text', 'y'\]"):
         HFDataModule(str(hf_folder), image_column="img", caption_column="caption").setup()
+    with pytest.raises(ValueError, match="one dataset without splits"):
+        HFDataModule(str(hf_folder), image_column="img", split="validation").setup()
+    capped = HFDataModule(str(hf_folder), image_column="img", image_size=8, val_fraction=0.5, val_size=3)
+    capped.setup()
+    assert len(capped.dataset("val")) == 3
 
 
 def test_hf_dataset_streaming_is_sharded_and_resumes_exactly(hf_folder):

@@ -184,6 +184,10 @@ def test_reference_statistics_then_fid_from_them_match_the_in_memory_metrics(tmp
                        torch.load(__import__("io").BytesIO(lost))["images"])
     assert again["per_seed"] == report["per_seed"]
     assert json.loads((out / "metrics.json").read_text())["mean"] == again["mean"]
+    # other sampling settings into the same out= are refused, the samples kept
+    with pytest.raises(ValueError, match=r"holds samples drawn with other \['sampler'\]"):
+        evaluate_cmd(tmp_path, *[c for c in common if c != "sampler.steps=4"], "sampler.steps=3")
+    assert len(list((out / "seed_0").glob("chunk_*.pt"))) == 3
 
 
 def test_a_published_mu_sigma_file_gives_the_same_fid(tmp_path, digits_model):
@@ -204,6 +208,14 @@ def test_a_published_mu_sigma_file_gives_the_same_fid(tmp_path, digits_model):
 
     assert frechet_from_statistics(*feature_statistics(a), *feature_statistics(b)) == \
         pytest.approx(frechet_distance(a, b), rel=1e-6)
+    # published files may store float32; a network of another width is an error, not a crash
+    np.savez(tmp_path / "f32.npz", mu=statistics["digits"]["mu"].astype(np.float32),
+             sigma=statistics["digits"]["sigma"].astype(np.float32))
+    f32 = read_reference(tmp_path / "f32.npz")[0]["inception"]
+    assert frechet_from_statistics(f32["mu"], f32["sigma"], statistics["digits"]["mu"],
+                                   statistics["digits"]["sigma"]) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="statistics of other sizes"):
+        frechet_from_statistics(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(FileExistsError):
         write_reference(ref, {}, {})
     np.savez(tmp_path / "other.npz", x=np.zeros(2))

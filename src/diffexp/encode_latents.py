@@ -108,6 +108,9 @@ def run(cfg: DictConfig) -> dict:
         stale.unlink()
     counts = {}
     for split in splits:
+        if split == "val" and hasattr(datamodule, "shards") and not datamodule.shards("val"):
+            print(f"[diffexp] {datamodule.name} has no held-out split: no val written", flush=True)
+            continue
         done = complete_shards(out, split)
         count = sum(json.loads((out / f"{shard_name(split, i)}.json").read_text())["count"] for i in range(done))
         total = len(datamodule.dataset(split)) if not hasattr(datamodule, "shards") else None

@@ -95,6 +95,23 @@ def compute_reference(cfg: DictConfig, extractors: dict, fingerprints: dict) -> 
     return write_reference(cfg.reference, statistics, meta)
 
 
+def check_samples_signature(out: Path, signature: dict) -> None:
+    """Chunks already in ``out`` must come from the same checkpoint, sampler, guidance and chunking (recorded in
+    ``out/samples.json``); otherwise an error, and nothing there is reused or removed."""
+    path = out / "samples.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(signature) if before.get(k) != signature.get(k))
+        if changed:
+            raise ValueError(f"out={str(out)!r} holds samples drawn with other {changed}; use a new out= (nothing "
+                             f"there is reused or removed)")
+        return
+    if out.is_dir() and any(out.glob("seed_*")):
+        raise ValueError(f"out={str(out)!r} holds samples of unknown origin (no samples.json); use a new out=")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(signature, indent=2))
+
+
 def draw_chunks(cfg: DictConfig, model, sampler, guider, seed: int, out: Path, bar) -> list[Path]:
     """The chunk files of ``seed``'s ``n`` samples, drawing those not yet written."""
     from diffexp.api import draw_samples, sampling_conditions
@@ -182,9 +199,13 @@ def run(cfg: DictConfig) -> dict | None:
     for option in ("n", "chunk_size", "batch_size", "pr_features"):
         check_number(option, cfg[option], integer=True, positive=True)
     check_number("reference_n", cfg.reference_n, integer=True, positive=True, allow_none=True)
-    seeds = list(cfg.seeds)
+    seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
     if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds={seeds}: give distinct integers, e.g. seeds=[0,1,2]")
+    if not OmegaConf.is_list(cfg.metrics) or not cfg.metrics:
+        raise ValueError(f"metrics={cfg.metrics!r}: give a list, e.g. metrics=[fid] or metrics=[fid_digits,kid_digits]")
+    if cfg.n < 2:
+        raise ValueError(f"n={cfg.n}: statistics need at least 2 samples per seed")
     parsed, networks, with_features = plan(cfg.metrics)
     device = resolve_device(cfg.device)
     extractors = {name: build_feature_extractor(name, device, cfg.inception_weights, dinov2=cfg.dinov2).eval()
@@ -204,10 +225,23 @@ def run(cfg: DictConfig) -> dict | None:
         return None
     statistics, meta = read_reference(reference) if networks else ({}, {})
     check_reference(statistics, meta, reference, fingerprints, with_features)
-    model, _ = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    model, train_cfg = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    data = train_cfg.get("data") or {}
+    for key in ("image_size", "channels"):
+        if meta.get(key) is not None and data.get(key) is not None and meta[key] != data[key]:
+            raise ValueError(f"reference={reference} was computed from {meta.get('data_name')} images with {key}="
+                             f"{meta[key]}, but ckpt={cfg.ckpt} makes {key}={data[key]}: compute a reference from "
+                             f"this model's data (data=... reference=NEW.npz)")
     sampler = model.make_sampler(instantiate(cfg.sampler) if cfg.get("sampler") else None)
     guider = make_guider(cfg.guider, model) if cfg.get("guider") else None
     out = Path(cfg.out).expanduser()
+    check_samples_signature(out, {
+        "ckpt": str(Path(cfg.ckpt).expanduser().resolve()), "ckpt_bytes": Path(cfg.ckpt).expanduser().stat().st_size,
+        "use_ema": bool(cfg.use_ema), "sampler": [type(sampler).__name__, sampler.nfe(), OmegaConf.to_container(cfg.sampler, resolve=True)
+                    if cfg.get("sampler") else None],
+        "guider": OmegaConf.to_container(cfg.guider, resolve=True) if cfg.get("guider") else None,
+        "guidance_scale": cfg.guidance_scale, "guidance_rescale": cfg.guidance_rescale, "chunk_size": cfg.chunk_size,
+        "n": cfg.n})
     bar = tqdm(total=cfg.n * len(seeds), desc="samples", unit="img", disable=not cfg.progress, file=sys.stderr,
                mininterval=2)
     per_seed = []

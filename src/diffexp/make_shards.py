@@ -76,6 +76,9 @@ def run(cfg: DictConfig) -> dict:
     datamodule = instantiate(data_cfg)
     counts = {}
     for split in splits:
+        if split == "val" and hasattr(datamodule, "shards") and not datamodule.shards("val"):
+            print(f"[diffexp] {datamodule.name} has no held-out split: no val written", flush=True)
+            continue
         bar = tqdm(desc=f"writing {split}", unit="img", disable=not cfg.progress, file=sys.stderr, mininterval=2)
         paths = write_shards(datamodule.iter_items(split), out / split, cfg.shard_size, cfg.format, cfg.quality, bar)
         bar.close()
@@ -98,4 +101,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from diffexp.config import quote_shard_patterns
+
+    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
     main()

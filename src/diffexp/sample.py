@@ -234,7 +234,7 @@ def sample_into(cfg: DictConfig, out: Path, device: torch.device) -> dict:
         from diffexp.metrics import evaluate, needs_reference
 
         datamodule = data_of_run(train_cfg) if needs_reference(cfg.metrics) else None
-        summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device)
+        summary["metrics"] = evaluate(list(cfg.metrics), images, datamodule, device=device, captions=captions)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))  # timing, sampler and NFE even without metrics
     print(json.dumps(summary, indent=2))
     print(f"[diffexp] wrote {out / 'grid.png'} and {out / 'samples.npz'}")

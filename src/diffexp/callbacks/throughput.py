@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from diffexp.data.base import batch_size_of
 
 
 class Throughput(Callback):
@@ -54,7 +55,7 @@ class Throughput(Callback):
         if self._window is None:
             self._window = (step, now)
         elif step % every == 0 and step > self._window[0]:
-            images = (step - self._window[0]) * len(batch["image"]) * trainer.world_size * trainer.accumulate_grad_batches
+            images = (step - self._window[0]) * batch_size_of(batch) * trainer.world_size * trainer.accumulate_grad_batches
             pl_module.log("train/images_per_second", images / (now - self._window[1]), on_step=True, on_epoch=False)
             self._window = (step, now)
         if 0 < trainer.max_steps <= step and self._end is None:  # the last step: stop the clock before end-of-run work

@@ -35,7 +35,11 @@ def load_hf_dataset(path: str, split: str, config_name: str | None = None, data_
             if split not in loaded:
                 raise ValueError(f"data.split={split!r}: {path} has the splits {sorted(loaded)}")
             loaded = loaded[split]
-        return loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded) // 256 or 1))) if streaming else loaded
+        elif split != "train":
+            raise ValueError(f"data.split={split!r} / data.val_split: {path} is one dataset without splits (saved "
+                             f"from a Dataset, not a DatasetDict); use data.split=train and data.val_fraction")
+        # one shard per 16 rows, at most 4,096: enough streams for many ranks x workers
+        return loaded.to_iterable_dataset(num_shards=max(1, min(4096, len(loaded) // 16))) if streaming else loaded
     try:
         return datasets.load_dataset(path, config_name, split=split, data_dir=data_dir, data_files=data_files,
                                      streaming=streaming)
@@ -179,6 +183,7 @@ class HFDataModule(StreamingDataModule):
         else:
             val_rows = rows
             train_idx, val_idx = (idx.tolist() for idx in split_indices(len(rows), self.val_fraction, self.seed))
+        val_idx = val_idx[:self.val_size]  # validation reads at most data.val_size items
         self.train_set = HFImageDataset(rows, train_idx, self.reader, self.random_flip)
         self.val_set = HFImageDataset(val_rows, val_idx, self.reader, False)
 

@@ -122,6 +122,15 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"data.labels={labels!r}; allowed: null (unlabelled), {', '.join(LABEL_MODES)}")
         self.labels, self._classes = labels, None
 
+    @property
+    def reference_key(self) -> str:
+        """The data's name with a hash of its folder and preprocessing (cached features of another folder, or of the
+        earlier bilinear resizing, are not reused)."""
+        import hashlib
+
+        text = repr((str(self.root.resolve()), self.val_fraction, self.seed, "pil-bicubic"))
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     def classes(self) -> dict[str, int] | None:
         """Top-level folder -> class label (None without ``labels``), read from ``root`` once."""
         if self.labels is None:

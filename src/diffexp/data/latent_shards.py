@@ -59,6 +59,15 @@ class LatentShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.mean)
 
+    def head(self, n: int) -> "LatentShardDataset":
+        """The first ``n`` items (a view of the same tensors)."""
+        head = object.__new__(LatentShardDataset)
+        head.mean = self.mean[:n]
+        head.logvar = None if self.logvar is None else self.logvar[:n]
+        head.labels = None if self.labels is None else self.labels[:n]
+        head.captions = None if self.captions is None else self.captions[:n]
+        return head
+
     def __getitem__(self, i: int) -> dict:
         return self.batch([i], single=True)
 
@@ -103,5 +112,7 @@ class LatentShardsDataModule(ImageDataModule):
             return
         counts, shard_size = self.manifest["counts"], self.manifest["shard_size"]
         self.train_set = LatentShardDataset(self.root, "train", counts["train"], shard_size)
-        split = "val" if counts.get("val") else "train"
-        self.val_set = LatentShardDataset(self.root, split, counts[split], shard_size)
+        if counts.get("val"):
+            self.val_set = LatentShardDataset(self.root, "val", counts["val"], shard_size)
+        else:  # no held-out latents: validate on the first 256 training ones
+            self.val_set = self.train_set.head(256)

@@ -189,10 +189,22 @@ class StreamingDataModule(ImageDataModule):
         """An item from a raw sample; :class:`UnreadableSample` when it cannot be read."""
         raise NotImplementedError
 
+    @property
+    def reference_key(self) -> str:
+        """The data's name with a hash of its shards and preview size: cached reference features of other shards
+        are not mistaken for these."""
+        import hashlib
+
+        text = repr((self.shards("train"), self.shards("val"), self.preview_size, self.val_size))
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     # -- shared
     def iter_items(self, split: str = "train", max_n: int | None = None) -> Iterator[dict]:
         """The items of ``split`` in file order, unshuffled, unflipped, unreadable ones skipped with a warning."""
-        shards = self.shards(split) or (self.shards("train") if split == "val" else [])
+        shards = self.shards(split)
+        if split == "val" and not shards:  # no held-out data: the first val_size training items
+            shards = self.shards("train")
+            max_n = self.val_size if max_n is None else min(max_n, self.val_size)
         count = 0
         for shard in shards:
             for raw in self.read_shard(shard):
@@ -219,8 +231,8 @@ class StreamingDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         if not self.shards("val"):
-            warnings.warn("data.val_shards is not set: validation uses the first data.val_size training samples, "
-                          "which are not held out", stacklevel=2)
+            warnings.warn(f"{self.name}: no held-out split (data.val_shards / data.val_split): validation uses the "
+                          f"first data.val_size training samples, which are not held out", stacklevel=2)
         self.train_set = self.head("train", self.preview_size)
         self.val_set = self.head("val", self.val_size)
 

@@ -117,5 +117,9 @@ class WebDatasetDataModule(StreamingDataModule):
         if self.with_labels:
             if "cls" not in raw:
                 raise UnreadableSample(name, "no .cls member with the class label")
-            item["label"] = int(raw["cls"].decode().strip())
+            text = raw["cls"].decode(errors="replace").strip()
+            if not text.isdigit() or int(text) >= self.num_classes:
+                raise UnreadableSample(f"{name}.cls", f"class {text!r} is not one of 0..{self.num_classes - 1} "
+                                                      f"(data.num_classes={self.num_classes})")
+            item["label"] = int(text)
         return item

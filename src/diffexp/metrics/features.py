@@ -38,8 +38,9 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
     if not candidate.is_file():
         raise FileNotFoundError(
             f"Inception-v3 weights for FID/KID/IS not found at {candidate}. Download {INCEPTION_URL} on a machine "
-            f"with internet and place it there (or pass metrics.inception_weights=PATH). Offline, use the domain "
-            f"metrics instead (e.g. fid_digits)."
+            f"with internet and place it there (or pass its path: inception_weights=PATH to python -m "
+            f"diffexp.evaluate, callbacks.fid.inception_weights=PATH to train.py). Offline, use the domain metrics "
+            f"instead (e.g. fid_digits)."
         )
     return candidate
 
@@ -113,8 +114,8 @@ class DINOv2Features(nn.Module):
             raise FileNotFoundError(
                 f"DINOv2 weights for fd_dinov2 not found at {source!r} ({type(e).__name__}). Download "
                 f"{DINOV2_ID} on a machine with internet (huggingface-cli download {DINOV2_ID}) into the HF cache "
-                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass metrics_options.dinov2=FOLDER "
-                f"holding its config.json and model.safetensors") from None
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass dinov2=FOLDER (python -m "
+                f"diffexp.evaluate) holding its config.json and model.safetensors") from None
         self.net.requires_grad_(False).eval()
         self.resolution = resolution
         self.num_features = self.net.config.hidden_size

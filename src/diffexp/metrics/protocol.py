@@ -28,8 +28,12 @@ def frechet_from_statistics(mu_1, sigma_1, mu_2, sigma_2) -> float:
     """|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) (Heusel et al. 2017), by torch-fidelity."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    result = fid_statistics_to_metric({"mu": np.asarray(mu_1), "sigma": np.asarray(sigma_1)},
-                                      {"mu": np.asarray(mu_2), "sigma": np.asarray(sigma_2)}, False)
+    mu_1, sigma_1, mu_2, sigma_2 = (np.asarray(a, dtype=np.float64) for a in (mu_1, sigma_1, mu_2, sigma_2))
+    dim = mu_1.shape[0]
+    if mu_1.shape != (dim,) or mu_2.shape != (dim,) or sigma_1.shape != (dim, dim) or sigma_2.shape != (dim, dim):
+        raise ValueError(f"Frechet distance of statistics of other sizes: mu {mu_1.shape} / {mu_2.shape}, sigma "
+                         f"{sigma_1.shape} / {sigma_2.shape} (a reference made with another feature network?)")
+    result = fid_statistics_to_metric({"mu": mu_1, "sigma": sigma_1}, {"mu": mu_2, "sigma": sigma_2}, False)
     return float(result[KEY_METRIC_FID])
 
 
@@ -56,12 +60,13 @@ def read_reference(path: str | Path) -> tuple[dict[str, dict], dict]:
         raise FileNotFoundError(f"reference={str(path)!r} does not exist; compute it with `python -m "
                                 f"diffexp.evaluate data=... reference={path}`")
     with np.load(path, allow_pickle=False) as npz:
+        if "meta" not in npz.files:  # read only mu and sigma (ADM's files also hold the images)
+            if not all(key in npz.files for key in PUBLISHED_KEYS):
+                raise ValueError(f"reference={str(path)!r} has neither diffexp's arrays nor 'mu' and 'sigma' "
+                                 f"(clean-fid / ADM format); it holds {sorted(npz.files)}")
+            return {"inception": {"mu": npz["mu"].astype(np.float64), "sigma": npz["sigma"].astype(np.float64)}}, \
+                {"published": True}
         arrays = {key: npz[key] for key in npz.files}
-    if "meta" not in arrays:
-        if not all(key in arrays for key in PUBLISHED_KEYS):
-            raise ValueError(f"reference={str(path)!r} has neither diffexp's arrays nor 'mu' and 'sigma' "
-                             f"(clean-fid / ADM format); it holds {sorted(arrays)}")
-        return {"inception": {"mu": arrays["mu"], "sigma": arrays["sigma"]}}, {"published": True}
     meta = json.loads(str(arrays.pop("meta")))
     statistics: dict[str, dict] = {}
     for key, value in arrays.items():

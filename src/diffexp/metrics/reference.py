@@ -29,6 +29,7 @@ def reference_features(datamodule, extractor: nn.Module, extractor_name: str, sp
     """Features (N, D) of the real images, from the cache when present (float64, CPU)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     limit = "" if max_n is None else f"-n{max_n}"
-    path = cache_dir / (f"{datamodule.name}-{split}-{datamodule.image_size}px-{datamodule.channels}ch-"
+    name = getattr(datamodule, "reference_key", datamodule.name)  # which files, for file-based data
+    path = cache_dir / (f"{name}-{split}-{datamodule.image_size}px-{datamodule.channels}ch-"
                         f"{extractor_name}-{weights_fingerprint(extractor)}{limit}.pt")
     return cached_tensor(path, lambda: extract_features(extractor, real_images(datamodule, split, max_n)))

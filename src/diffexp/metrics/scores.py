@@ -182,7 +182,7 @@ def clip_score(images: torch.Tensor, captions: list[str], model_path: str | None
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"CLIP weights for clip_score not found ({type(e).__name__}): download "
                                 f"openai/clip-vit-large-patch14 into the HF cache, or pass "
-                                f"metrics_options.clip=FOLDER") from None
+                                f"clip=FOLDER (python -m diffexp.evaluate)") from None
     for start in range(0, len(images), batch_size):
         metric.update(to_uint8_rgb(images[start:start + batch_size]).to(device), captions[start:start + batch_size])
     return float(metric.compute())
