@@ -31,6 +31,30 @@ def test_there_are_ten_notebooks_each_committed_with_outputs():
                    for c in code for o in c["outputs"]), f"{notebook.name} shows no figure"
 
 
+# committed notebooks whose sources changed since they were executed (issue 30): re-executing them in course mode
+# (python experiments/run_notebooks.py 05 06 08 09) takes longer than the session that found them had; strict, so
+# each must leave this list once it is re-executed
+KNOWN_STALE = {"05_sampling", "06_text_and_guidance", "08_latent_diffusion", "09_editing_and_finetuning"}
+
+
+@pytest.mark.parametrize("source", [pytest.param(s, marks=pytest.mark.xfail(
+    s.stem in KNOWN_STALE, reason="stale notebook, to re-execute", strict=True)) for s in SOURCES],
+    ids=[s.stem for s in SOURCES])
+def test_each_committed_notebook_is_the_execution_of_its_current_source(source):
+    """No stale notebook: the committed .ipynb holds exactly the cells of its jupytext .py source (the outputs are
+    those of that source, as run_notebooks.py writes them). After editing a source: python
+    experiments/run_notebooks.py NN."""
+    import jupytext
+
+    expected = [(cell.cell_type, cell.source) for cell in jupytext.read(source).cells]
+    committed = json.loads((EXPERIMENTS / f"{source.stem}.ipynb").read_text())["cells"]
+    actual = [(cell["cell_type"], "".join(cell["source"])) for cell in committed]
+    stale = [i for i, (a, b) in enumerate(zip(actual, expected)) if a != b]
+    assert len(actual) == len(expected) and not stale, \
+        f"{source.stem}.ipynb is stale (cells {stale} differ from {source.name}): python experiments/run_notebooks.py " \
+        f"{source.stem[:2]}"
+
+
 @pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
 @pytest.mark.slow
 def test_notebook_executes_in_ci_mode(source, tmp_path, monkeypatch):
