@@ -101,6 +101,19 @@ def quote_shard_patterns(args: list[str]) -> list[str]:
     return out
 
 
+def run_module_app(config_name: str, run) -> None:
+    """The ``python -m diffexp.X key=value ...`` entry points: shard patterns quoted for Hydra, then ``run(cfg)`` on
+    ``conf/<config_name>.yaml`` as a Hydra app, a user's error reported in one paragraph (:func:`reported_errors`)."""
+    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def main(cfg: DictConfig):
+        with reported_errors():
+            return run(cfg)
+
+    main()
+
+
 def exit_on_renamed_groups(args: list[str]) -> None:
     """For the entry points: print :func:`renamed_group_errors` and exit with status 2 if there are any."""
     errors = renamed_group_errors(args)

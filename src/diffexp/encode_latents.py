@@ -12,12 +12,10 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import CONF_DIR
 from diffexp.data.latent_shards import MANIFEST, shard_name
 
 
@@ -139,16 +137,7 @@ def run(cfg: DictConfig) -> dict:
     return counts
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="encode_latents")
-def main(cfg: DictConfig):
-    from diffexp.config import reported_errors
-
-    with reported_errors():
-        return run(cfg)
-
-
 if __name__ == "__main__":
-    from diffexp.config import quote_shard_patterns
+    from diffexp.config import run_module_app
 
-    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
-    main()
+    run_module_app("encode_latents", run)

@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import CONF_DIR
 
 FEATURE_KINDS = ("fid", "kid", "precision_recall")
 PROTOCOL_KINDS = (*FEATURE_KINDS, "is", "clip_score")
@@ -261,16 +259,7 @@ def run(cfg: DictConfig) -> dict | None:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-def main(cfg: DictConfig):
-    from diffexp.config import reported_errors
-
-    with reported_errors():
-        return run(cfg)
-
-
 if __name__ == "__main__":
-    from diffexp.config import quote_shard_patterns
+    from diffexp.config import run_module_app
 
-    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
-    main()
+    run_module_app("evaluate", run)

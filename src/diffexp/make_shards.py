@@ -10,12 +10,10 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from diffexp.config import CONF_DIR
 
 FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
@@ -92,16 +90,7 @@ def run(cfg: DictConfig) -> dict:
     return counts
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="make_shards")
-def main(cfg: DictConfig):
-    from diffexp.config import reported_errors
-
-    with reported_errors():
-        return run(cfg)
-
-
 if __name__ == "__main__":
-    from diffexp.config import quote_shard_patterns
+    from diffexp.config import run_module_app
 
-    sys.argv[1:] = quote_shard_patterns(sys.argv[1:])
-    main()
+    run_module_app("make_shards", run)
