@@ -69,24 +69,27 @@ def compute_reference(cfg: DictConfig, extractors: dict, fingerprints: dict) -> 
     if hasattr(datamodule, "random_flip"):
         datamodule.random_flip = False
     features = {name: [] for name in extractors}
+    count = 0
     bar = tqdm(total=cfg.reference_n, desc="reference", unit="img", disable=not cfg.progress, file=sys.stderr,
                mininterval=2)
     for chunk in batches(datamodule.iter_items(cfg.reference_split, cfg.reference_n), cfg.batch_size):
         images = torch.stack([item["image"] for item in chunk])
         for name, extractor in extractors.items():
             features[name].append(extractor(images).double().cpu())
+        count += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    if count < 2:
+        raise ValueError(f"reference: {count} real images; statistics need at least 2")
     statistics = {}
     for name, parts in features.items():
         real = torch.cat(parts)
-        if len(real) < 2:
-            raise ValueError(f"reference: {len(real)} real images; statistics need at least 2")
+        parts.clear()  # one copy of the features at a time
         mu, sigma = feature_statistics(real)
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(stream_seed(len(real))))
         statistics[name] = {"mu": mu, "sigma": sigma,
                             "features": real[keep[:cfg.pr_features]].float().numpy()}
-    meta = {"n": len(torch.cat(features[next(iter(features))])), "split": cfg.reference_split,
+    meta = {"n": count, "split": cfg.reference_split,
             "data": OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None,
             "data_name": datamodule.name, "image_size": datamodule.image_size, "channels": datamodule.channels,
             "fingerprints": fingerprints, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
