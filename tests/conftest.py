@@ -21,7 +21,32 @@ CONF = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, further limited by a cgroup v2 quota (a container
+    can see every core of its host and be allowed two; torch would start a thread per visible core)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+THREADS = min(2, usable_cpus())
+torch.set_num_threads(THREADS)
+# the training/sampling subprocesses the slow tests start inherit the same limit
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
+
+
+def pytest_report_header(config):
+    """The CPU facts a slow CI run is read against (visible cores, usable cores, torch's threads)."""
+    return (f"cpus: {os.cpu_count()} visible, {usable_cpus()} usable; torch threads {torch.get_num_threads()}; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
 
 # settings that make any training config finish in seconds on a CPU: the one list a test of a README
 # command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)

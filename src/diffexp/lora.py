@@ -1,9 +1,10 @@
 """Low-rank adapters (LoRA, Hu et al. 2022) on a diffusion model's layers, through the ``peft`` library.
 
-A targeted layer W becomes W + (alpha / rank) B A with A (rank x in) random and B (out x rank) zero, so training
-starts from the base model's function and only A and B learn. On an embedding table (a learned text encoder's
-words) the same low-rank update is added to every word's vector, which lets a word added to the vocabulary learn
-its meaning while the existing rows stay frozen.
+A targeted linear or convolution layer W becomes W + (alpha / rank) B A with A (rank x in) random and B
+(out x rank) zero, so training starts from the base model's function and only A and B learn. On an embedding table
+(a learned text encoder's words) word i gets its own update B A[:, i] (A: rank x vocabulary, zero at the start; B:
+dim x rank, random, as peft initialises embeddings), so a word added to the vocabulary can learn its own vector; the
+base rows stay frozen, though the adapted vectors of existing words move wherever their columns of A get gradients.
 """
 from __future__ import annotations
 
