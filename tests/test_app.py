@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import ROOT, readme_command, run_script, user_env
@@ -43,6 +44,38 @@ def test_forward_process_view_follows_t_and_schedule():
         app.forward_process("digits", 0, None, "linear", 1000, 0.5, 0.02, 0.008, False, 10)
     with pytest.raises(gradio.Error, match="num_timesteps"):
         app.forward_process("digits", 0, None, "linear", 1, 1e-4, 0.02, 0.008, False, 0)
+
+
+def test_forward_tab_formulations_noise_the_same_image_along_each_path():
+    """formulation=vp|edm|flow: x_t = alpha x0 + sigma eps at t / (T - 1) of the path's clock (the same eps as the
+    DDPM view), shown at unit scale; the strip holds every path with its log-SNR; a bad choice names the option."""
+    import math
+
+    image = app.image_of("digits", 5, None)
+    eps = torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    fraction = 600 / 999
+    low, high = 0.002 ** (1 / 7), 80 ** (1 / 7)
+    t_flow, sigma_edm = 1e-3 + fraction * (1 - 1e-3), (low + fraction * (high - low)) ** 7
+    angle = (fraction + 0.008) / 1.008 * math.pi / 2
+    alpha_vp = math.cos(angle) / math.cos(0.008 / 1.008 * math.pi / 2)
+    expected = {"flow": ((1 - t_flow) * image + t_flow * eps, (1 - t_flow) ** 2 + t_flow**2),
+                "edm": (image + sigma_edm * eps, 1 + sigma_edm**2),
+                "vp": (alpha_vp * image + math.sqrt(1 - alpha_vp**2) * eps, 1.0)}
+    views, paths = {}, app.formulation_paths(app.make_schedule("linear", 1000, 1e-4, 0.02, 0.008, False))
+    for name, (x_t, power) in expected.items():
+        view, _, _, strip = app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600, name)
+        torch.testing.assert_close(app.path_noised(image, paths[name], fraction)[1], x_t,
+                                   rtol=1e-5, atol=1e-5)
+        assert np.array_equal(view, app.as_view((x_t / math.sqrt(power))[None].float()))
+        titles = [ax.get_title() for ax in strip.axes]
+        assert [title.split(":")[0] for title in titles] == ["ddpm", "vp", "edm", "flow"]
+        assert [ax.title.get_color() for ax in strip.axes][list(app.PATH_CHOICES).index(name)] == "red"
+        views[name] = view
+    assert not np.array_equal(views["flow"], views["vp"])
+    ddpm = app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600, "ddpm")[0]
+    assert np.array_equal(ddpm, app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600)[0])
+    with pytest.raises(gradio.Error, match="formulation='ve'"):
+        app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600, "ve")
 
 
 def test_sampling_stream_shows_every_step_and_ends_with_sample_py_grid(tmp_path):
@@ -195,6 +228,12 @@ def test_playground_in_a_browser(served_app, browser, tmp_path):
     wait_for(lambda: (s := image_src(browser, "fwd-image")) not in (first, after_t) and s,
              what="x_t to follow the schedule")
     assert not np.array_equal(fetch_png(first), fetch_png(image_src(browser, "fwd-image")))
+    cosine = image_src(browser, "fwd-image")
+    choose(browser, "fwd-path", "flow")  # the flow path at the same fraction, with the same noise
+    wait_for(lambda: (s := image_src(browser, "fwd-image")) not in (first, after_t, cosine) and s,
+             what="x_t to follow the formulation")
+    assert browser.find_elements("css selector", "#fwd-paths img, #fwd-paths svg, #fwd-paths canvas"), \
+        "the strip of every path is not shown"
     browser.save_screenshot(str(ARTIFACTS / "app_forward.png"))
 
     next(b for b in browser.find_elements("css selector", "button[role=tab]") if b.text.strip() == "Sampling").click()

@@ -5,8 +5,9 @@
     python -m diffexp.app --ckpt logs/train/latest/checkpoints/last.ckpt --port 7861
 
 Three tabs, offline and on the CPU:
-- Forward process: a dataset image (or an upload), a schedule and its parameters (T, beta range, cosine s,
-  zero-terminal SNR) and t: the noised image, its pixel histogram against N(0, 1), alpha-bar and SNR curves.
+- Forward process: a dataset image (or an upload), a formulation's path (DDPM with a schedule and its parameters:
+  T, beta range, cosine s, zero-terminal SNR; or the cosine VP, EDM or flow path) and t: the noised image, its pixel
+  histogram against N(0, 1), alpha and log-SNR curves, and the same image and noise along every path at once.
 - Sampling: a checkpoint (shipped, a file, or a run directory), sampler, steps, seed, prompt and guidance scale;
   x_t and the predicted x_0 fill in step by step, then the final grid (the grid ``sample.py`` writes for the
   same checkpoint, sampler, steps and seed: ``grid_scale=2``).
@@ -31,6 +32,9 @@ from diffexp.images import make_grid, save_grid
 DATASETS = ("digits", "shapes")
 GRID_SCALE = 2  # sample.py's default grid_scale: the final grid is the file sample.py writes
 VIEW_PIXELS = 256  # live views are upscaled (nearest) to about this width
+# the forward tab's formulations: DDPM's path is the schedule the controls describe; the others are the paths
+# formulation=vp|edm|flow train on (diffexp.paths), each at the same fraction of its own clock
+PATH_CHOICES = ("ddpm", "vp", "edm", "flow")
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc")
 
 
@@ -89,14 +93,14 @@ def noised_view(image: torch.Tensor, schedule, t: int, seed: int = 0) -> tuple[n
     return as_view(x_t[None]), x_t
 
 
-def histogram_plot(x_t: torch.Tensor, t: int, abar: float):
+def histogram_plot(x_t: torch.Tensor, t, abar: float, label: str = "pixels of x_t"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.2, 2.6))
     grid = np.linspace(-4, 4, 200)
-    ax.hist(x_t.flatten().numpy(), bins=40, range=(-4, 4), density=True, alpha=0.7, label="pixels of x_t")
+    ax.hist(x_t.flatten().numpy(), bins=40, range=(-4, 4), density=True, alpha=0.7, label=label)
     ax.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), color="black", lw=1, label="N(0, 1)")
-    ax.set_title(f"t = {t}, alpha-bar = {abar:.4f}", fontsize=9)
+    ax.set_title(f"t = {t:g}, alpha^2 = {abar:.4f}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     plt.close(fig)
@@ -122,6 +126,73 @@ def curves_plot(schedules: dict, t: int):
     return fig
 
 
+def formulation_paths(schedule) -> dict:
+    """{name: Gaussian path} of the forward tab: DDPM's discrete path of ``schedule``, the cosine VP, EDM and flow."""
+    from diffexp.paths import CosinePath, DiscretePath, EDMPath, FlowPath
+
+    return {"ddpm": DiscretePath(schedule), "vp": CosinePath(), "edm": EDMPath(), "flow": FlowPath()}
+
+
+def path_noised(image: torch.Tensor, path, fraction: float, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(time, x_t) of one image ``fraction`` of the way along ``path``'s clock (:func:`diffexp.paths.time_at_fraction`),
+    with the noise the DDPM view draws from ``seed``, so every path noises the same image with the same noise."""
+    from diffexp.paths import time_at_fraction
+
+    time = time_at_fraction(path, fraction)
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
+    return time, path.noised(image.float()[None], time, noise[None])[0]
+
+
+def unit_scaled(path, time: float, x_t: torch.Tensor) -> torch.Tensor:
+    """x_t / sqrt(alpha^2 + sigma^2): every path's x_t at unit scale for display (EDM's grows to sigma = 80)."""
+    alpha, sigma = path.alpha_sigma(time)
+    return x_t / (alpha**2 + sigma**2) ** 0.5
+
+
+def paths_plot(image: torch.Tensor, schedule, fraction: float, chosen: str = "ddpm"):
+    """The same image and noise along every path of :func:`formulation_paths`, at the same fraction of each clock,
+    shown at unit scale with each time and log-SNR (the chosen path's title in red)."""
+    import matplotlib.pyplot as plt
+
+    paths = formulation_paths(schedule)
+    fig, axes = plt.subplots(1, len(paths), figsize=(7.5, 2.3))
+    for ax, (name, path) in zip(axes, paths.items()):
+        time, x_t = path_noised(image, path, fraction)
+        view = make_grid(unit_scaled(path, time, x_t).clamp(-1, 1)[None])
+        ax.imshow(view.squeeze(), cmap="gray" if view.ndim == 2 or view.shape[-1] == 1 else None)
+        lam = path.log_snr(torch.tensor([time], dtype=torch.float64)).item()
+        ax.set_title(f"{name}: t = {time:.3g}\nlog-SNR {lam:.2f}", fontsize=8, color="red" if name == chosen else "black")
+        ax.axis("off")
+    fig.suptitle(f"the same image and noise, {fraction:.0%} of the way along each path", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def path_curves_plot(schedule, fraction: float):
+    """alpha and log-SNR of every path of :func:`formulation_paths` against the fraction of its clock, the chosen
+    fraction marked."""
+    import matplotlib.pyplot as plt
+
+    from diffexp.paths import time_at_fraction
+
+    fractions = np.linspace(0, 1, 201)
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.6))
+    for name, path in formulation_paths(schedule).items():
+        times = torch.tensor([time_at_fraction(path, f) for f in fractions], dtype=torch.float64)
+        alpha, _ = path.coefficients(times, times)
+        axes[0].plot(fractions, alpha.numpy(), label=name)
+        axes[1].plot(fractions, path.log_snr(times).clamp(-20, 20).numpy(), label=name)
+    for ax, title in zip(axes, ["alpha", "log SNR"]):
+        ax.axvline(fraction, color="red", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("fraction of the path's clock")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def number(value, name: str, low: float | None = None, high: float | None = None) -> float:
     """A control's value as a number in [low, high]; a clear error for an emptied field or one out of range."""
     if value is None or value == "":
@@ -139,20 +210,37 @@ def counts(steps, seed, n) -> tuple[int, int, int]:
 
 
 def forward_process(*controls):
-    """Tab 1: (noised image, histogram, curves) for the controls' values."""
+    """Tab 1: (noised image, histogram, curves, every path at once) for the controls' values."""
     return checked(forward_views, *controls)
 
 
-def forward_views(dataset, index, upload, name, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t):
+def forward_views(dataset, index, upload, name, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t,
+                  formulation="ddpm"):
+    """DDPM (``formulation=ddpm``): x_t of the schedule the controls describe at timestep t. Another formulation:
+    x_t of its path at the same fraction t / (T - 1) of its own clock (shown at unit scale). Both with the
+    same noise, and the strip of all paths at that fraction."""
     index, t = int(number(index, "image")), int(number(t, "t"))
     T = number(num_timesteps, "T")
     if not T.is_integer():
         raise ValueError(f"T={T:g} must be a whole number of steps")
+    if formulation not in PATH_CHOICES:
+        raise ValueError(f"formulation={formulation!r}; allowed: {list(PATH_CHOICES)}")
     schedule = make_schedule(name, int(T), number(beta_start, "beta start"), number(beta_end, "beta end"),
                              number(cosine_s, "cosine s"), ztsnr)
     t = min(t, schedule.num_timesteps - 1)
-    view, x_t = noised_view(image_of(dataset, index, upload), schedule, t)
-    return view, histogram_plot(x_t, t, schedule.alphas_cumprod[t].item()), curves_plot({schedule.name: schedule}, t)
+    image = image_of(dataset, index, upload)
+    fraction = t / (schedule.num_timesteps - 1)
+    strip = paths_plot(image, schedule, fraction, formulation)
+    if formulation == "ddpm":
+        view, x_t = noised_view(image, schedule, t)
+        return (view, histogram_plot(x_t, t, schedule.alphas_cumprod[t].item()),
+                curves_plot({schedule.name: schedule}, t), strip)
+    path = formulation_paths(schedule)[formulation]
+    time, x_t = path_noised(image, path, fraction)
+    shown = unit_scaled(path, time, x_t)
+    alpha, sigma = path.alpha_sigma(time)
+    return (as_view(shown[None]), histogram_plot(shown, time, alpha**2 / (alpha**2 + sigma**2), "pixels of x_t at unit scale"),
+            path_curves_plot(schedule, fraction), strip)
 
 
 def compare_schedules(dataset, index, upload, name_a, name_b, fraction):
@@ -365,14 +453,20 @@ def build_app(extra_checkpoints: list[str] = ()):
                     cosine_s = gr.Number(0.008, label="cosine s", elem_id="fwd-cosine-s")
                     ztsnr = gr.Checkbox(False, label="zero-terminal SNR (Lin et al. 2023)", elem_id="fwd-ztsnr")
                     t = gr.Slider(0, 999, value=250, step=1, label="t", elem_id="fwd-t")
+                    formulation = gr.Radio(list(PATH_CHOICES), value="ddpm", elem_id="fwd-path",
+                                           label="formulation's path (ddpm: the schedule above; vp, edm, flow: at "
+                                                 "t / (T - 1) of their own clock)")
                 with gr.Column(scale=2):
                     noised_image = gr.Image(label="x_t", format="png", height=260, elem_id="fwd-image")
                     histogram = gr.Plot(label="pixel histogram", elem_id="fwd-hist")
                     curves = gr.Plot(label="schedule", elem_id="fwd-curves")
-            inputs = [dataset, index, upload, schedule, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t]
+                    strip = gr.Plot(label="every path", elem_id="fwd-paths")
+            inputs = [dataset, index, upload, schedule, num_timesteps, beta_start, beta_end, cosine_s, ztsnr, t,
+                      formulation]
+            outputs = [noised_image, histogram, curves, strip]
             for control in inputs:
-                control.change(forward_process, inputs, [noised_image, histogram, curves])
-            app.load(forward_process, inputs, [noised_image, histogram, curves])
+                control.change(forward_process, inputs, outputs)
+            app.load(forward_process, inputs, outputs)
 
         with gr.Tab("Sampling"):
             with gr.Row():

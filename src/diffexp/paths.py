@@ -424,6 +424,20 @@ def as_path(path_or_schedule) -> GaussianPath:
     raise ValueError(f"expected a Gaussian path (diffexp.paths) or a noise schedule, got {type(path_or_schedule).__name__}")
 
 
+def time_at_fraction(path: GaussianPath, fraction: float, rho: float = 7.0) -> float:
+    """The time ``fraction`` of the way from the clean end (0: ``t_min``) to the noisiest trained time (1: ``t_max``)
+    on the clock the path's samplers step on by default: EDM's sigma on Karras et al.'s ramp
+    sigma = (sigma_min^(1/rho) + fraction (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho (their eq. 5, rho = 7), equal
+    steps of t on the other paths (a discrete path's real timestep)."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if isinstance(path, EDMPath):
+        low, high = path.sigma_min ** (1 / rho), path.sigma_max ** (1 / rho)
+        return (low + fraction * (high - low)) ** rho
+    return path.grid_time(fraction)
+
+
 def flow_time(path: GaussianPath, t: float) -> float:
     """u = sigma / (alpha + sigma): the time on the flow path with t's log-SNR (0 clean, 1 pure noise)."""
     alpha, sigma = path.alpha_sigma(t)
