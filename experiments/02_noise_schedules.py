@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 2. Noise schedules compared
 #
-# A schedule is the sequence $\beta_1..\beta_T$; everything else follows:
+# A schedule is the sequence $\beta_0..\beta_{T-1}$ (diffexp counts timesteps from 0); everything else follows:
 # $\bar\alpha_t=\prod_s(1-\beta_s)$, the signal-to-noise ratio $\mathrm{SNR}(t)=\bar\alpha_t/(1-\bar\alpha_t)$,
 # and the weight $\sqrt{\bar\alpha_t}$ of the clean image left in $x_t$.
 # The code is `diffexp/schedules.py`; the config group is `schedule=linear|quadratic|cosine|sigmoid`.
@@ -39,15 +39,17 @@ fig.savefig(FIGURES / "02_schedules.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
-# Reading the curves: the linear schedule spends the second half of its steps at nearly zero
-# signal (log-SNR below -5), where the network has little to learn. Cosine keeps signal longer
-# and spreads the log-SNR more evenly. None of the standard schedules reaches SNR = 0 at t = T:
+# Reading the curves: the linear schedule's log-SNR falls fastest: it crosses 0 near t = 260, is about -2.5
+# at t = 500 (sqrt(abar) = 0.28), and stays below -5 for the last ~30 % of the steps (t >= 702), where the
+# network has little to learn. Cosine keeps signal longer and spreads the log-SNR more evenly. None of the
+# standard schedules reaches SNR = 0 at the last timestep t = T - 1:
 # the *zero-terminal-SNR* rescaling (Lin et al. 2023, dashed) fixes that, so sampling from pure
 # noise matches training.
 #
 # ## How the schedule changes training
 # A sweep on the digits: the same U-Net, the same steps, only `schedule=` differs. This is
-# what `python train.py -m schedule=linear,quadratic,cosine` runs from the command line. The three runs ship with
+# what `python train.py -m formulation=ddpm schedule=linear,quadratic,cosine` runs from the command line (the
+# quickstart's own formulation is flow matching, whose path has no `schedule=`). The three runs ship with
 # diffexp (`diffexp.course.pretrained("digits")`, `"digits_quadratic"`, `"digits_cosine"`: the quickstart preset's
 # full 1,100 steps, with their training curves); `DIFFEXP_NOTEBOOK_TRAIN=1` trains shorter ones here instead.
 
