@@ -19,8 +19,8 @@ def runner():
     return module
 
 
-def test_there_are_ten_notebooks_each_committed_with_outputs():
-    assert len(SOURCES) == 10
+def test_there_are_eleven_notebooks_each_committed_with_outputs():
+    assert len(SOURCES) == 11
     for source in SOURCES:
         notebook = EXPERIMENTS / f"{source.stem}.ipynb"
         assert notebook.is_file(), f"{notebook.name} is not committed"
