@@ -12,11 +12,12 @@
 # ---
 
 # %% [markdown]
-# # 10. A few steps by training: consistency models, progressive distillation, reflow
+# # 11. A few steps by training: consistency models, progressive distillation, reflow
 #
 # A diffusion or flow model defines an ODE from noise to data; solvers (notebook 05) follow it in 10-50 model
-# evaluations because its trajectories are **curved**: a single Euler step from pure noise lands on the mean of all
-# the images that noise could become, a blur. Few-step generation *trains* a student to jump:
+# evaluations because its trajectories are **curved**: a single Euler step from pure noise lands on the model's
+# $\hat x_0$ there, which for an exact model is the mean of the whole training set (pure noise says nothing about
+# $x_0$): the same blur for every noise. Few-step generation *trains* a student to jump:
 #
 # - a **consistency model** (Song et al. 2023; easy consistency tuning, Geng et al. 2024) learns
 #   $f(x_t, t) = x_0$ for every point of a trajectory, with $f(x, t_{clean}) = x$ built in:
@@ -24,7 +25,8 @@
 # - **progressive distillation** (Salimans & Ho 2022) halves the step count round after round, each student
 #   matching two of its teacher's DDIM steps with one;
 # - **reflow** (Liu et al. 2023) retrains a rectified flow on its own (noise, sample) pairs, whose straight
-#   interpolations no longer cross, so the new flow's trajectories are straighter.
+#   interpolations cross far less, so the new flow's trajectories are straighter (each further reflow straightens
+#   them more).
 #
 # `python train.py distill=consistency init_from=TEACHER` (or `progressive`, `reflow`) does each. Here: the
 # rectified-flow quickstart model as the teacher and its consistency student, both shipped with diffexp
@@ -56,9 +58,10 @@ print(teacher.path, teacher.prediction, "| student:", student.distill)
 # ## The teacher's trajectories bend where the image is decided
 # We follow the teacher's probability-flow ODE with 100 Euler steps from a few noises $x_1$ and project every
 # $x_t$ onto the plane spanned by the start $x_1$ and the end $x_0$ (the first axis along $x_1$). A rectified flow
-# is nearly straight by length (the path is barely longer than the chord), but it bends near the data, and at the
-# scale of an image that bend is everything: the first Euler step's landing point, the teacher's $\hat x_0$ at pure
-# noise, is the blurry mean of the digits that noise could become, far from where the path ends.
+# is nearly straight by length (the path, measured in pixel space, is barely longer than the chord), but it bends
+# near the data, and at the scale of an image that bend is everything: the first Euler step's landing point, the
+# teacher's $\hat x_0$ at pure noise, is (nearly) the mean of the training digits, the same blur for every noise,
+# far from where the path ends.
 
 # %%
 x_T = fixed_noise(4, teacher.sample_shape, seed=3)
@@ -84,8 +87,8 @@ for i, ax in enumerate(axes):
     xs = [x[i] for x in path.xs] + [path.sample[i]]
     basis = plane(xs[0], xs[-1])
     curve = project(xs, basis)
-    chord_length = (curve[-1] - curve[0]).norm()
-    length = (curve[1:] - curve[:-1]).norm(dim=1).sum()
+    chord_length = (xs[-1] - xs[0]).norm()
+    length = sum((b - a).norm() for a, b in zip(xs, xs[1:]))  # in pixel space (the projection would shorten it)
     bends.append(float(length / chord_length))
     ax.plot(*curve.T, lw=2, label="teacher ODE (100 Euler steps)")
     ax.plot(*torch.stack([curve[0], curve[-1]]).T, "k--", lw=1, label="chord")
@@ -95,7 +98,7 @@ for i, ax in enumerate(axes):
     ax.set_aspect("equal")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
-fig.savefig(FIGURES / "10_teacher_curves.png", dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "11_teacher_curves.png", dpi=80, bbox_inches="tight")
 plt.show()
 print("path length / chord length:", [round(b, 3) for b in bends])
 
@@ -119,7 +122,7 @@ for ax, (title, images) in zip(axes, rows.items()):
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 fig.tight_layout()
-fig.savefig(FIGURES / "10_student_jumps.png", dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "11_student_jumps.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
@@ -138,7 +141,7 @@ for i, ax in enumerate(axes):
     ax.set_aspect("equal")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
-fig.savefig(FIGURES / "10_jumps_in_the_plane.png", dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "11_jumps_in_the_plane.png", dpi=80, bbox_inches="tight")
 plt.show()
 end_error = [(one_step[i] - path.sample[i]).norm() / path.sample[i].norm() for i in range(4)]
 euler_error = [(path.x0s[0][i] - path.sample[i]).norm() / path.sample[i].norm() for i in range(4)]
@@ -174,15 +177,96 @@ axes[0].set_title("the consistency parameterisation (velocity)")
 for stage in range(5):
     axes[1].plot(sigma_t, ect_sigma_r(sigma_t, stage) / sigma_t, label=f"stage {stage}")
 axes[1].set_xscale("log")
-axes[1].set_xlabel("EDM sigma = t / (1 - t)")
-axes[1].set_ylabel("r / t")
-axes[1].set_title("ECT's mapping t -> r (q = 2, k = 8, b = 1)")
+axes[1].set_xlabel("EDM sigma_t = t / (1 - t)")
+axes[1].set_ylabel("sigma_r / sigma_t")
+axes[1].set_title("ECT's mapping sigma_t -> sigma_r (q = 2, k = 8, b = 1)")
 axes[1].legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(FIGURES / "10_parameterisation.png", dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "11_parameterisation.png", dpi=80, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
+# ## Reflow straightens, on data small enough to see
+# Rectified flow trains on **independent** pairs: a random noise $\varepsilon$ and a random data point $x_0$,
+# joined by straight lines. Those lines cross, and where they cross the velocity the net learns is an average of
+# directions, so the ODE's trajectories bend. Reflow (Liu et al. 2023) solves the trained ODE from each noise and
+# trains a new flow on the resulting **coupled** pairs (noise, where its ODE ends): their lines cross far less, and
+# the new flow's trajectories straighten. On five points in the plane the first flow needs no net (its
+# velocity is exact: $v = (y - \hat x_0)/u$ with the posterior mean $\hat x_0$); the reflowed one is a small MLP
+# trained on 4,096 ODE pairs for a few seconds.
+
+# %%
+torch.manual_seed(0)
+points = torch.tensor([[1.0, 0.0], [0.31, 0.95], [-0.81, 0.59], [-0.81, -0.59], [0.31, -0.95]])
+
+
+def exact_velocity(y, u):
+    """The rectified flow of data uniform on ``points``: (y - E[x0 | y_u]) / u on the path y = (1 - u) x0 + u eps."""
+    u = u.reshape(-1, 1)
+    logits = -((y[:, None] - (1 - u)[:, None] * points[None]) ** 2).sum(-1) / (2 * u**2)
+    return (y - torch.softmax(logits, dim=1) @ points) / u
+
+
+def euler(velocity, y, steps, keep=False):
+    """Euler's method from u = 1 (noise) to u = 0 (data) in equal steps; every point with ``keep``."""
+    us, ys = torch.linspace(1, 0, steps + 1), [y]
+    for u, u_next in zip(us[:-1], us[1:]):
+        y = y + (u_next - u) * velocity(y, u.expand(len(y)))
+        ys.append(y)
+    return torch.stack(ys) if keep else y
+
+
+noise = torch.randn(4096, 2)
+with torch.no_grad():
+    ends = euler(exact_velocity, noise, 400)  # the ODE coupling: (noise, its end)
+net = torch.nn.Sequential(torch.nn.Linear(3, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128), torch.nn.SiLU(),
+                          torch.nn.Linear(128, 2))
+optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+for step in range(300 if FAST else 3000):
+    batch = torch.randint(0, len(noise), (512,))
+    u = torch.rand(512, 1)
+    y = (1 - u) * ends[batch] + u * noise[batch]
+    loss = ((net(torch.cat([y, u], 1)) - (noise[batch] - ends[batch])) ** 2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+reflowed = lambda y, u: net(torch.cat([y, u.reshape(-1, 1)], 1))  # noqa: E731
+
+test = torch.randn(200, 2, generator=torch.Generator().manual_seed(1))
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+independent = points[torch.randint(0, 5, (40,))]
+for a, b in zip(noise[:40], independent):
+    axes[0].plot([a[0], b[0]], [a[1], b[1]], color="tab:gray", lw=0.6)
+for a, b in zip(noise[:40], ends[:40]):
+    axes[0].plot([a[0], b[0]], [a[1], b[1]], color="tab:blue", lw=0.8)
+axes[0].set_title("pairs: independent (grey) vs the ODE's (blue)", fontsize=9)
+report = {}
+with torch.no_grad():
+    for ax, (name, velocity) in zip(axes[1:], [("rectified flow (exact)", exact_velocity), ("reflowed (MLP)", reflowed)]):
+        path = euler(velocity, test, 400, keep=True)
+        for i in range(12):
+            ax.plot(*path[:, i].T, lw=1)
+        arc = (path[1:] - path[:-1]).norm(dim=-1).sum(0)
+        excess = (arc / (path[-1] - path[0]).norm(dim=-1) - 1).mean().item()
+        one_step = (euler(velocity, test, 1) - path[-1]).norm(dim=-1).mean().item()
+        report[name] = (excess, one_step)
+        ax.set_title(f"{name}: excess length {excess:.3f}", fontsize=9)
+for ax in axes:
+    ax.scatter(*points.T, c="k", s=14, zorder=3)
+    ax.set_aspect("equal")
+fig.tight_layout()
+fig.savefig(FIGURES / "11_reflow.png", dpi=80, bbox_inches="tight")
+plt.show()
+for name, (excess, one_step) in report.items():
+    print(f"{name:24s} excess length {excess:.3f}; one Euler step lands {one_step:.3f} from its own ODE's end")
+
+# %% [markdown]
+# The reflowed flow's trajectories are close to straight, so one Euler step lands near where its ODE ends; the
+# exact flow's one step lands on the data mean. Reflow changes *which* noise goes to which point (its coupling), not
+# the data distribution. On digits the same two effects compete with the student's own error: the table below
+# has reflow and **progressive distillation** (each round's student matching two DDIM steps of its teacher with
+# one, $8 \to 4 \to 2 \to 1$ steps: the columns are its rounds) against the consistency student.
+#
 # ## Measured: every method against its teacher
 # `experiments/scripts/compare_distillation.py` scores each student at 1, 2, 4 and 8 evaluations against the
 # teacher at 20 and its converged ODE (N = 1,000 from the same noise; the README's table).
