@@ -16,9 +16,10 @@
 #
 # The denoiser $\epsilon_\theta(x_t, t[, \text{text}])$ is a U-Net (Ronneberger et al. 2015) as
 # adapted by Ho et al. (2020) and Dhariwal & Nichol (2021): residual blocks at falling resolutions,
-# self-attention at the lowest ones, and skip connections that hand each down-path output to the
+# self-attention at low resolutions, and skip connections that hand each down-path output to the
 # matching up-path block. The timestep enters *every* residual block (a sinusoidal embedding
-# through an MLP, applied as scale and shift after a GroupNorm); text enters through
+# through an MLP, added as a per-channel bias as in Ho et al., `net=base`, or applied as scale and
+# shift after a GroupNorm as in Dhariwal & Nichol's AdaGN, `net=tiny|small`); text enters through
 # cross-attention. Code: `diffexp/nets/unet.py` and `layers.py`; sizes: `conf/net/{tiny,small,base}.yaml`.
 # The second half of the notebook puts the diffusion transformer (DiT) beside it.
 
@@ -47,8 +48,9 @@ plt.show()
 # %% [markdown]
 # ## Where time enters: the sinusoidal embedding
 # $\mathrm{emb}(t)_i = \cos(t\,\omega_i)$ for the first half of the channels, $\sin(t\,\omega_i)$ for the
-# second, with $\omega_i = 10000^{-i/(d/2)}$: low channels oscillate fast, high channels slowly, so
-# nearby timesteps get similar but distinguishable codes.
+# second, with $\omega_i = 10000^{-i/(d/2)}$: within each half, low channels oscillate fast and high channels
+# slowly (channels $i$ and $d/2 + i$ share the frequency $\omega_i$, hence two bands), so nearby timesteps get
+# similar but distinguishable codes.
 
 # %%
 t = torch.arange(0, 1000)
