@@ -76,8 +76,17 @@ def test_forward_tab_formulations_noise_the_same_image_along_each_path():
     assert np.array_equal(ddpm, app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600)[0])
     with pytest.raises(gradio.Error, match="formulation='ve'"):
         app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, 600, "ve")
+    for t, message in [(-5, "t=-5 must be at least 0"), (float("nan"), "t=nan must be a finite number")]:
+        with pytest.raises(gradio.Error, match=message):
+            app.forward_process("digits", 5, None, "linear", 1000, 1e-4, 0.02, 0.008, False, t, "flow")
+    grey = np.full((10, 12, 1), 200, dtype=np.uint8)  # one channel, and a float image in [0, 1]: both read as images
+    torch.testing.assert_close(app.image_of("digits", 0, grey), app.image_of("digits", 0, grey[..., 0]))
+    torch.testing.assert_close(app.image_of("digits", 0, grey / 255.0), app.image_of("digits", 0, grey), atol=0.01, rtol=0)
+    with pytest.raises(gradio.Error, match=r"upload must be an H x W .* got shape \(5,\)"):
+        app.forward_process("digits", 5, np.zeros(5), "linear", 1000, 1e-4, 0.02, 0.008, False, 600, "vp")
 
 
+@pytest.mark.slow
 def test_sampling_stream_shows_every_step_and_ends_with_sample_py_grid(tmp_path):
     """The tab's generator yields one x_t / x_0 view per step, then the grid sample.py writes (same pixels)."""
     updates = list(app.sampling_stream("digits", "ddim", 10, 3, 4, "", 3.0))

@@ -70,7 +70,14 @@ def image_of(dataset: str, index: int, upload: np.ndarray | None) -> torch.Tenso
     if upload is not None:
         from PIL import Image
 
-        pil = Image.fromarray(np.asarray(upload, dtype=np.uint8)).convert("RGB").resize((32, 32), Image.BICUBIC)
+        array = np.asarray(upload)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or 0 in array.shape:
+            raise ValueError(f"the upload must be an H x W (grey) or H x W x 3/4 (colour) image, got shape {array.shape}")
+        if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+            array = array * 255  # a float image in [0, 1]
+        pil = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB").resize((32, 32), Image.BICUBIC)
         return torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 127.5 - 1
     images = dataset_images(dataset)
     return images[int(index) % len(images)]
@@ -163,7 +170,7 @@ def paths_plot(image: torch.Tensor, schedule, fraction: float, chosen: str = "dd
         lam = path.log_snr(torch.tensor([time], dtype=torch.float64)).item()
         ax.set_title(f"{name}: t = {time:.3g}\nlog-SNR {lam:.2f}", fontsize=8, color="red" if name == chosen else "black")
         ax.axis("off")
-    fig.suptitle(f"the same image and noise, {fraction:.0%} of the way along each path", fontsize=9)
+    fig.suptitle(f"the same image and noise, {fraction:.1%} of the way along each path", fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -198,8 +205,12 @@ def number(value, name: str, low: float | None = None, high: float | None = None
     if value is None or value == "":
         raise ValueError(f"{name} is empty: enter a number")
     value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name}={value:g} must lie in [{low:g}, {high:g}]")
+        bounds = (f"lie in [{low:g}, {high:g}]" if low is not None and high is not None
+                  else f"be at least {low:g}" if low is not None else f"be at most {high:g}")
+        raise ValueError(f"{name}={value:g} must {bounds}")
     return value
 
 
@@ -219,7 +230,7 @@ def forward_views(dataset, index, upload, name, num_timesteps, beta_start, beta_
     """DDPM (``formulation=ddpm``): x_t of the schedule the controls describe at timestep t. Another formulation:
     x_t of its path at the same fraction t / (T - 1) of its own clock (shown at unit scale). Both with the
     same noise, and the strip of all paths at that fraction."""
-    index, t = int(number(index, "image")), int(number(t, "t"))
+    index, t = int(number(index, "image")), int(number(t, "t", 0))  # t past T - 1: the last timestep
     T = number(num_timesteps, "T")
     if not T.is_integer():
         raise ValueError(f"T={T:g} must be a whole number of steps")
