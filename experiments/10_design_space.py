@@ -110,7 +110,7 @@ for name, (density, options) in densities.items():
     axes[2].hist(lam.numpy(), bins=bins, histtype="step", density=True, color=COLORS[name], lw=1.5,
                  label=f"{name}: t ~ {density}")
 axes[2].set_xlabel("log-SNR lambda of the training times")
-axes[2].set_title("where training puts its effort")
+axes[2].set_title("where training draws its times (weightings not shown)")
 axes[2].legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(FIGURES / "10_paths.png", dpi=80, bbox_inches="tight")
@@ -118,7 +118,7 @@ plt.show()
 
 # %% [markdown]
 # The cosine and flow paths fall almost linearly in log-SNR over the middle of their clocks; the linear DDPM
-# schedule leaves the clean end fast (log-SNR 9 to 0 within the first quarter of its steps) and spends its last
+# schedule leaves the clean end fast (log-SNR 9 to 0 within the first 26 % of its steps) and spends its last
 # ~30 % below -5, near pure noise (notebook 2). EDM's $\sigma$ reaches a log-SNR
 # of $-2\ln 80 \approx -8.8$ and its log-normal density centres training at $\ln\sigma = -1.2$
 # ($\lambda = 2.4$); the flow path's uniform $t$ puts most samples at moderate $\lambda$ too ($\lambda = 0$ at
@@ -168,9 +168,9 @@ for value in lam:
 # - **$v$-prediction** (Salimans & Ho 2022), $v = \alpha\varepsilon - \sigma x_0$: then
 #   $\alpha x_t - \sigma v = (\alpha^2 + \sigma^2)\,x_0$ and $\sigma x_t + \alpha v = (\alpha^2 + \sigma^2)\,\varepsilon$,
 #   so on a variance-preserving path $\hat x_0 = \alpha x_t - \sigma\hat v$, $\hat\varepsilon = \sigma x_t + \alpha\hat v$.
-# - **velocity** (flow matching): the path's time derivative
-#   $u = \tfrac{d x_t}{dt} = \alpha'(t)\,x_0 + \sigma'(t)\,\varepsilon$, on the flow path $u = \varepsilon - x_0$.
-#   Then $x_t - \sigma u = (\alpha + \sigma)\,x_0$ and $x_t + \alpha u = (\alpha + \sigma)\,\varepsilon$, so
+# - **velocity** (flow matching): $u = \varepsilon - x_0$, the time derivative $dx_t/dt$ of the flow path
+#   $x_t = (1 - t)\,x_0 + t\,\varepsilon$ (diffexp uses this target on any path). For any $\alpha, \sigma$,
+#   $x_t - \sigma u = (\alpha + \sigma)\,x_0$ and $x_t + \alpha u = (\alpha + \sigma)\,\varepsilon$, so
 #   $\hat x_0 = (x_t - \sigma\hat u)/(\alpha + \sigma)$, $\hat\varepsilon = (x_t + \alpha\hat u)/(\alpha + \sigma)$;
 #   on the flow path $\alpha + \sigma = 1$ and $\hat x_0 = x_t - t\,\hat u$.
 # - **EDM's preconditioning** (Karras et al. 2022, Table 1 and eq. 7), on $\tilde x = x_t/\alpha$ with
@@ -329,7 +329,7 @@ for name, curve in flow_curves.items():
 # ## What the path changes for a sampler: where the steps go
 # If DDIM is the same solver on every path, a few-step DDIM run differs between formulations only through its time
 # grid. The cell runs 5 and 10 DDIM steps from the same noises on each path (a) on one grid, equally spaced in
-# log-SNR, and (b) on each path's own default grid (equal steps of its clock: integer timesteps for DDPM, $t$ for
+# log-SNR, and (b) on each path's own default grid (equal steps of its clock: real timesteps for DDPM, $t$ for
 # cosine and flow, Karras' $\rho = 7$ for EDM), and measures the distance of the end point to the 2,000-step
 # solution, in flow coordinates.
 
@@ -354,9 +354,9 @@ for steps in (5, 10):
 
 # %% [markdown]
 # On one grid the four formulations give the same numbers; on their own grids they differ, and that difference is
-# all a first-order solver sees of the formulation. Higher-order solvers (Heun, DPM-Solver++, UniPC) also depend
-# on the variable they extrapolate in, which is why diffexp writes them in log-SNR and lets any sampler run on any
-# path (`sampler.timestep_spacing=` chooses the grid). What the formulation changes beyond the grid is the
+# all a first-order solver sees of the formulation. Higher-order solvers also depend on the variable they
+# extrapolate in: diffexp writes DPM-Solver++ and UniPC in log-SNR and Heun in $\tilde\sigma = \sigma/\alpha$, so
+# each behaves the same on every path given the same grid, and any sampler runs on any path (`sampler.timestep_spacing=` chooses the grid). What the formulation changes beyond the grid is the
 # *network*: what it is asked to predict and where training spends its samples (the first figure), and therefore
 # where its errors are. That is what the trained models below measure.
 #
@@ -398,7 +398,7 @@ plt.show()
 # The same noise becomes different digits under different models: each model learned its own map from noise to
 # data, and nothing ties them together (unlike the toy, where one exact denoiser made one ODE). In their own
 # coordinates the variance-preserving DDPM model's curves are the longest detours (excess length 0.133, against 0.028
-# for the flow model; EDM's 0.0000 reflects its long chord from $80\,\varepsilon$). Mapped to flow coordinates all
+# for the flow model; EDM's 0.0003 reflects its long chord from $80\,\varepsilon$). Mapped to flow coordinates all
 # three are nearly straight (0.02 to 0.04): in 256 dimensions the detour towards the data mean that dominated the
 # two-dimensional toy is small against the distance from noise to data.
 #
@@ -455,10 +455,12 @@ for r in seeds:
 #   (0.555 +- 0.087 against 0.532 +- 0.094 at NFE 10); the single-run differences between ddpm, flow and vp in the
 #   left panel at NFE >= 10 are of the size of that seed-to-seed noise.
 # - **The EDM run trails** at 10 evaluations (1.06 with its best sampler, against 0.38 to 0.50) and a little at 20
-#   (0.67 against 0.42 to 0.48), more than the seed spread. The sweep has one training run per formulation and no
-#   seeds for EDM, so it cannot tell EDM's recipe on 16x16 digits from this one run.
-# - **At 5 evaluations the flow model is ahead** (five seeds: 0.72 +- 0.14 against DDPM's 1.51 +- 0.19, both with
-#   UniPC on trailing spacing), as its straighter ODE predicts.
+#   (0.67 against 0.42 to 0.48), more than the seed spread of sampling. The sweep trained each formulation once,
+#   so it cannot separate EDM's recipe on 16x16 digits from the variance between training runs.
+# - **At 5 evaluations the flow model is ahead of DDPM** (five seeds: 0.72 +- 0.14 against 1.51 +- 0.19, both with
+#   UniPC on trailing spacing). The `vp` run (cosine path, v-prediction, one seed) scores alike (0.60), so the gain
+#   goes with starting at pure noise with a target that stays bounded there (v, velocity), not with the flow path's
+#   straight lines: the toy above showed that the path alone changes a solver's grid, not its ODE.
 # - **The sampler and its time grid matter as much as the formulation.** The DDPM model at NFE 5 scores 4.18 with
 #   DPM-Solver++(2M) on the Karras grid and 1.60 with the same solver on the trailing grid; EDM's own Heun sampler
 #   scores 9.62 at 5 evaluations and 0.89 at 19, where DPM-Solver++(2M) on the same model gives 1.28 at 5.
