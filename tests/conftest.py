@@ -36,7 +36,7 @@ def usable_cpus() -> int:
     return cpus
 
 
-THREADS = min(2, usable_cpus())
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or min(2, usable_cpus()))  # an explicit OMP_NUM_THREADS wins
 torch.set_num_threads(THREADS)
 # the training/sampling subprocesses the slow tests start inherit the same limit
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))

@@ -296,3 +296,35 @@ def test_hf_dataset_reads_parquet_files(tmp_path, hf_folder):
     assert [it["caption"] for it in dm.iter_items("train", 3)] != []
     with pytest.raises(ValueError, match="data.path='no-such-builder-xyz'"):
         HFDataModule("no-such-builder-xyz", image_size=8).setup()
+
+
+def test_random_flips_are_drawn_by_the_sampler_with_the_order(tmp_path):
+    """EpochSeededSampler(flips=True) keeps the order of flips=False and adds a flip per position from the same
+    (seed, epoch) generator, so a resumed run flips the same items; folder items decode the key."""
+    from diffexp.data.base import EpochSeededSampler, flip_key
+    from diffexp.data.image_folder import FolderDataset
+
+    plain = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1)
+    flipping = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1, flips=True)
+    keys = list(flipping)
+    assert [flip_key(k, 10)[0] for k in keys] == list(plain) and keys == list(flipping)
+    many = list(EpochSeededSampler(2000, seed=0, flips=True))
+    assert 900 < sum(flip_key(k, 2000)[1] for k in many) < 1100
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp = np.tile(np.arange(0, 240, 30, dtype=np.uint8), (8, 1))
+    Image.fromarray(np.stack([ramp] * 3, -1)).save(folder / "ramp.png")
+    dataset = FolderDataset([folder / "ramp.png"], None, image_size=8, channels=3, random_flip=True)
+    assert torch.equal(dataset[1]["image"], dataset[0]["image"].flip(-1))  # key 1 = index 0, mirrored
+
+
+def test_a_stream_whose_shards_hold_nothing_fails_instead_of_looping(tmp_path):
+    from diffexp.data import ShapesDataModule, WebDatasetDataModule
+    from diffexp.make_shards import write_shards
+
+    write_shards(ShapesDataModule(num_train=8, num_val=4).iter_items("train"), tmp_path / "shards", shard_size=8)
+    (tmp_path / "shards" / "empty-000000.tar").write_bytes(b"\0" * 1024)  # a valid, empty tar archive
+    dm = WebDatasetDataModule(str(tmp_path / "shards" / "empty-000000.tar"), image_size=32, batch_size=2, num_workers=0,
+                              preview_size=1, val_size=1)
+    with pytest.raises(RuntimeError, match="read no sample from its shards"):
+        next(iter(dm.train_dataloader()))

@@ -552,3 +552,25 @@ def test_webdataset_resume_under_ddp_with_workers_is_exact(tmp_path):
                                "net.channel_mult=[1,2]", "trainer.max_steps=6",
                                "callbacks.model_checkpoint.every_n_train_steps=3"],
                     "step0000003.ckpt", ["step0000006.ckpt"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["random-access", "streaming"])
+def test_hf_dataset_resume_under_ddp_is_exact(tmp_path, streaming):
+    """A `datasets` dataset (save_to_disk Arrow, captions) trained by 2 CPU processes with random flips, random access
+    (the epoch-seeded sampler over ranks, flips drawn with the order) or streamed (its shards over ranks x workers);
+    resumed at step 3 of 6, the run ends with the weights of the uninterrupted one."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(128)]
+    datasets.Dataset.from_dict({"image": images, "text": [f"caption {i}" for i in range(128)]}).save_to_disk(
+        str(tmp_path / "hf"))  # streamed as 8 shards of 16 rows: 2 for each of the 4 streams
+    streamed = ["data.streaming=true", "data.num_workers=2", "data.shuffle_buffer=8", "data.val_size=8",
+                "data.preview_size=16"] if streaming else ["data.num_workers=0", "data.val_fraction=0.25"]
+    _resume_matches(tmp_path, ["trainer=ddp_cpu", "data=hf_dataset", f"data.path={tmp_path / 'hf'}",
+                               "data.caption_column=text", "data.image_size=8", "data.channels=3", *streamed,
+                               "net.channel_mult=[1,2]", "trainer.max_steps=6",
+                               "callbacks.model_checkpoint.every_n_train_steps=3"],
+                    "step0000003.ckpt", ["step0000006.ckpt"])

@@ -19,18 +19,31 @@ class EpochSeededSampler(DistributedSampler):
     alone, so a run resumed at any checkpoint -- mid-epoch, after several resumes, under DDP -- sees exactly
     the batches an uninterrupted run sees (Lightning's own epoch counter can be off by one after chained
     resumes, and its loaders restart an interrupted epoch from its first batch).
+
+    With ``flips`` each position of the epoch's order also draws a mirror flip (probability 1/2, from the same
+    generator after the permutation) and the sampler yields keys ``index + n * flip`` (:func:`flip_key` decodes
+    them), so random flips are as resumable as the order.
     """
 
-    def __init__(self, n: int, seed: int = 0, progress=None, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, n: int, seed: int = 0, progress=None, num_replicas: int = 1, rank: int = 0,
+                 flips: bool = False):
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.n, self.progress = n, progress
+        self.n, self.progress, self.flips = n, progress, flips
 
     def __iter__(self):
         epoch, skip = self.progress() if self.progress is not None else (self.epoch, 0)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         order += (order * (-(-self.total_size // max(1, self.n))))[:self.total_size - self.n]  # pad as torch does
+        if self.flips:
+            flipped = (torch.rand(self.total_size, generator=generator) < 0.5).tolist()
+            order = [i + self.n * f for i, f in zip(order, flipped)]
         return iter(order[self.rank:self.total_size:self.num_replicas][skip:])
+
+
+def flip_key(key: int, n: int) -> tuple[int, bool]:
+    """(index, flip) of a key of :class:`EpochSeededSampler` with ``flips`` (a plain index: no flip)."""
+    return key % n, key >= n
 
 
 class TensorImageDataset(Dataset):
@@ -189,7 +202,8 @@ class ImageDataModule(L.LightningDataModule):
         if shuffle:
             sampler = EpochSeededSampler(len(dataset), self.seed, epoch_from_progress if trainer else None,
                                          num_replicas=trainer.world_size if trainer else 1,
-                                         rank=trainer.global_rank if trainer else 0)
+                                         rank=trainer.global_rank if trainer else 0,
+                                         flips=bool(getattr(dataset, "random_flip", False)))
         return DataLoader(
             BatchedDataset(dataset) if hasattr(dataset, "batch") else dataset,
             batch_size=self.batch_size,

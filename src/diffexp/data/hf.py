@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diffexp.data.base import ImageDataModule, split_indices
+from diffexp.data.base import ImageDataModule, flip_key, split_indices
 from diffexp.data.streaming import StreamingDataModule, UnreadableSample
 from diffexp.data.transforms import preprocess
 from diffexp.registry import register_part
@@ -96,8 +96,8 @@ class ColumnReader:
 
 
 class HFImageDataset(Dataset):
-    """Random access to rows ``indices`` of a ``datasets.Dataset`` as items (a mirror with probability 1/2 when
-    ``random_flip``)."""
+    """Random access to rows ``indices`` of a ``datasets.Dataset`` as items; with ``random_flip`` the training
+    sampler's keys carry a mirror flip (:class:`~diffexp.data.base.EpochSeededSampler`, resumable)."""
 
     def __init__(self, rows, indices: list[int], reader: ColumnReader, random_flip: bool):
         self.rows, self.indices, self.reader, self.random_flip = rows, indices, reader, random_flip
@@ -107,8 +107,8 @@ class HFImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+    def __getitem__(self, key: int) -> dict:
+        i, flip = flip_key(key, len(self))
         try:
             return self.reader.item(self.rows[self.indices[i]], f"row {self.indices[i]}", flip)
         except UnreadableSample as bad:
@@ -163,8 +163,11 @@ class HFDataModule(StreamingDataModule):
     def read_shard(self, shard) -> Iterator:
         split, index = shard
         source = self.source(split)
-        for row_number, row in enumerate(source.shard(num_shards=source.num_shards, index=index)):
-            yield shard, row_number, row
+        one = source.shard(num_shards=source.num_shards, index=index)
+        # iterating the IterableDataset itself inside a DataLoader worker would split this one shard again over
+        # the workers (datasets' own sharding; all but one would read nothing): .iter() reads it whole
+        for row_number, batch in enumerate(one.iter(batch_size=1)):
+            yield shard, row_number, {column: values[0] for column, values in batch.items()}
 
     def decode(self, raw, flip: bool = False) -> dict:
         (split, index), row_number, row = raw

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diffexp.data.base import ImageDataModule, split_indices
+from diffexp.data.base import ImageDataModule, flip_key, split_indices
 from diffexp.data.transforms import preprocess, to_mode
 from diffexp.registry import register_part
 
@@ -68,8 +68,8 @@ class FolderDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+    def __getitem__(self, key):
+        i, flip = flip_key(key, len(self))  # the training sampler's keys carry the flip (random_flip)
         image = preprocess(open_image(self.files[i], self.channels), self.image_size, self.channels, flip)
         item = {"image": image}
         if self.captions is not None:

@@ -112,8 +112,15 @@ class ShardStream(IterableDataset):
                 stream_seed(self.seed, epoch))).tolist()
             mine = [self.shards[i] for i in order[slot::slots]]
             rng = random.Random(stream_seed(self.seed, epoch, slot))
-            raw = (sample for shard in mine for sample in self.read_shard(shard))
-            for sample in buffer_shuffle(raw, self.buffer_size, rng):
+            read = [0]
+
+            def counted(shards=mine):
+                for shard in shards:
+                    for sample in self.read_shard(shard):
+                        read[0] += 1
+                        yield sample
+
+            for sample in buffer_shuffle(counted(), self.buffer_size, rng):
                 flip = self.random_flip and rng.random() < 0.5
                 try:
                     yield self.decode(sample, flip)
@@ -125,6 +132,9 @@ class ShardStream(IterableDataset):
                                            f"remove it, or raise data.max_unreadable") from None
                     warnings.warn(f"skipping unreadable sample {bad} ({unreadable} of at most "
                                   f"data.max_unreadable={self.max_unreadable} in this stream)", stacklevel=2)
+            if read[0] == 0:  # another pass would read nothing again: fail instead of looping forever
+                raise RuntimeError(f"data stream {slot} of {slots} read no sample from its shards {mine[:4]}"
+                                   f"{' ...' if len(mine) > 4 else ''}: they are empty")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
