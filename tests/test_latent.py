@@ -102,6 +102,7 @@ def test_mismatched_latent_channels_or_size_fail_before_training(tmp_path, vae_c
         build(cfg)
 
 
+@pytest.mark.slow
 def test_scale_factor_estimated_once_and_restored_from_checkpoint(tmp_path, vae_ckpt, monkeypatch):
     from diffexp.api import load_model
     from diffexp.spaces import LatentSpace
@@ -152,6 +153,7 @@ def test_latent_sampling_returns_images_at_data_size(tmp_path, vae_ckpt, monkeyp
     assert traj.xs[0].shape == (2, 3, 32, 32) and traj.sample.shape == (2, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_sample_py_on_a_text_conditioned_latent_checkpoint(tmp_path, vae_ckpt, monkeypatch):
     from diffexp.sample import run as sample_run
     from diffexp.train import run

@@ -46,6 +46,7 @@ def test_pretrained_names_and_errors():
     assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_shipped_text_model_follows_captions(tmp_path):
     """>= 90 % caption adherence on 64 samples at guidance 3 with a few-step sampler (DDIM-10)."""
     from diffexp.config import data_of_run

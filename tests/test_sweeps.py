@@ -122,6 +122,7 @@ def test_schedule_sweep_preset_sweeps_schedules_and_samplers(tmp_path):
     assert cfg.optimized_metric == "val/fid_digits" and cfg.callbacks.fid.sampler.steps == 50
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path):
     from diffexp.compare import read_metrics
     from diffexp.train import run

@@ -88,6 +88,7 @@ def test_shapes_data_deterministic_with_holdout():
     assert len(COLOURS) >= 6 and len(POSITIONS) == 9
 
 
+@pytest.mark.slow
 def test_adherence_reads_back_real_images():
     images, captions, _ = make_shapes(500, seed=11)
     result = caption_adherence(images, captions)
@@ -101,6 +102,7 @@ def test_adherence_reads_back_real_images():
         assert describe(render("red", shape, "center", "large"))["shape"] == shape
 
 
+@pytest.mark.slow
 def test_star_is_a_new_shape_behind_an_option_and_the_reader_is_unchanged_for_the_others(monkeypatch):
     import diffexp.data.shapes as shapes_module
     from diffexp.data.shapes import ALL_SHAPES, NEW_SHAPES
