@@ -31,10 +31,8 @@ def test_there_are_eleven_notebooks_each_committed_with_outputs():
                    for c in code for o in c["outputs"]), f"{notebook.name} shows no figure"
 
 
-# committed notebooks whose sources changed since they were executed (issue 30): re-executing them in course mode
-# (python experiments/run_notebooks.py 05) took longer than the session that found them had; strict, so
-# each must leave this list once it is re-executed
-KNOWN_STALE = {"05_sampling"}
+# committed notebooks known to be stale (strict xfail: each must leave the set once re-executed); none now
+KNOWN_STALE: set[str] = set()
 
 
 @pytest.mark.parametrize("source", [pytest.param(s, marks=pytest.mark.xfail(
