@@ -326,5 +326,21 @@ def test_a_stream_whose_shards_hold_nothing_fails_instead_of_looping(tmp_path):
     (tmp_path / "shards" / "empty-000000.tar").write_bytes(b"\0" * 1024)  # a valid, empty tar archive
     dm = WebDatasetDataModule(str(tmp_path / "shards" / "empty-000000.tar"), image_size=32, batch_size=2, num_workers=0,
                               preview_size=1, val_size=1)
-    with pytest.raises(RuntimeError, match="read no sample from its shards"):
+    with pytest.raises(RuntimeError, match="read no sample from any shard"):
         next(iter(dm.train_dataloader()))
+
+
+def test_a_stream_with_some_empty_shards_keeps_streaming():
+    """Passes reshuffle the shards over the streams: a pass may hand one stream only empty shards; it goes on."""
+    from itertools import islice
+
+    from diffexp.data.streaming import ShardStream
+
+    data = {"a": [1, 2, 3], "b": [4, 5, 6], "e1": [], "e2": []}
+    stream = ShardStream(list(data), lambda shard: iter(data[shard]), lambda x, flip: x, batch_size=2, buffer_size=2,
+                         rank=0, world_size=2)
+    assert len(list(islice(stream.items(0, 2), 3000))) == 3000
+    with pytest.raises(IndexError):
+        from diffexp.data.base import flip_key
+
+        flip_key(20, 10)

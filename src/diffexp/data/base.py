@@ -42,7 +42,10 @@ class EpochSeededSampler(DistributedSampler):
 
 
 def flip_key(key: int, n: int) -> tuple[int, bool]:
-    """(index, flip) of a key of :class:`EpochSeededSampler` with ``flips`` (a plain index: no flip)."""
+    """(index, flip) of a key of :class:`EpochSeededSampler` with ``flips`` (a plain index: no flip); keys outside
+    [0, 2n) raise IndexError (so iteration by index stops)."""
+    if not 0 <= key < 2 * n:
+        raise IndexError(f"item {key} of {n}")
     return key % n, key >= n
 
 

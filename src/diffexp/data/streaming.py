@@ -107,6 +107,7 @@ class ShardStream(IterableDataset):
         """This stream's decoded items, pass after pass, unreadable ones counted and skipped."""
         unreadable = 0
         epoch = 0
+        ever_read, seen_empty = False, set()
         while True:
             order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
                 stream_seed(self.seed, epoch))).tolist()
@@ -132,9 +133,13 @@ class ShardStream(IterableDataset):
                                            f"remove it, or raise data.max_unreadable") from None
                     warnings.warn(f"skipping unreadable sample {bad} ({unreadable} of at most "
                                   f"data.max_unreadable={self.max_unreadable} in this stream)", stacklevel=2)
-            if read[0] == 0:  # another pass would read nothing again: fail instead of looping forever
-                raise RuntimeError(f"data stream {slot} of {slots} read no sample from its shards {mine[:4]}"
-                                   f"{' ...' if len(mine) > 4 else ''}: they are empty")
+            ever_read = ever_read or read[0] > 0
+            if read[0] == 0:  # a pass of empty shards; once every shard was seen empty, fail instead of looping
+                seen_empty.update(mine)
+                if not ever_read and len(seen_empty) >= len(self.shards):
+                    raise RuntimeError(f"data stream {slot} of {slots} read no sample from any shard "
+                                       f"({len(self.shards)}: {self.shards[:4]}{' ...' if len(self.shards) > 4 else ''}): "
+                                       f"they are empty")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
