@@ -114,23 +114,29 @@ def histogram_plot(x_t: torch.Tensor, t, abar: float, label: str = "pixels of x_
     return fig
 
 
-def curves_plot(schedules: dict, t: int):
-    """alpha-bar and log-SNR of each schedule against t, with the chosen t marked."""
+def curve_pair_plot(curves: dict, titles: tuple[str, str], marker: float, xlabel: str):
+    """Two panels of curves {label: (x, left values, right values)} with x = ``marker`` marked in red."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.6))
-    for label, schedule in schedules.items():
-        steps = np.arange(schedule.num_timesteps)
-        axes[0].plot(steps, schedule.alphas_cumprod.numpy(), label=label)
-        axes[1].plot(steps, schedule.log_snr.numpy(), label=label)
-    for ax, title in zip(axes, ["alpha-bar", "log SNR"]):
-        ax.axvline(t, color="red", lw=0.8)
+    for label, (x, left, right) in curves.items():
+        axes[0].plot(x, left, label=label)
+        axes[1].plot(x, right, label=label)
+    for ax, title in zip(axes, titles):
+        ax.axvline(marker, color="red", lw=0.8)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("t")
+        ax.set_xlabel(xlabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def curves_plot(schedules: dict, t: int):
+    """alpha-bar and log-SNR of each schedule against t, with the chosen t marked."""
+    curves = {label: (np.arange(s.num_timesteps), s.alphas_cumprod.numpy(), s.log_snr.numpy())
+              for label, s in schedules.items()}
+    return curve_pair_plot(curves, ("alpha-bar", "log SNR"), t, "t")
 
 
 def formulation_paths(schedule) -> dict:
@@ -179,25 +185,15 @@ def paths_plot(image: torch.Tensor, schedule, fraction: float, chosen: str = "dd
 def path_curves_plot(schedule, fraction: float):
     """alpha and log-SNR of every path of :func:`formulation_paths` against the fraction of its clock, the chosen
     fraction marked."""
-    import matplotlib.pyplot as plt
-
     from diffexp.paths import time_at_fraction
 
     fractions = np.linspace(0, 1, 201)
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.6))
+    curves = {}
     for name, path in formulation_paths(schedule).items():
         times = torch.tensor([time_at_fraction(path, f) for f in fractions], dtype=torch.float64)
         alpha, _ = path.coefficients(times, times)
-        axes[0].plot(fractions, alpha.numpy(), label=name)
-        axes[1].plot(fractions, path.log_snr(times).clamp(-20, 20).numpy(), label=name)
-    for ax, title in zip(axes, ["alpha", "log SNR"]):
-        ax.axvline(fraction, color="red", lw=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("fraction of the path's clock")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+        curves[name] = (fractions, alpha.numpy(), path.log_snr(times).clamp(-20, 20).numpy())
+    return curve_pair_plot(curves, ("alpha", "log SNR"), fraction, "fraction of the path's clock")
 
 
 def number(value, name: str, low: float | None = None, high: float | None = None) -> float:
