@@ -12,7 +12,6 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

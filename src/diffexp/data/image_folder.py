@@ -6,7 +6,6 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
