@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from diffexp.registry import Registry
-from diffexp.schedules import NoiseSchedule, alpha_bar_at, sigmas_of, timestep_at_sigma
+from diffexp.schedules import NoiseSchedule, alpha_bar_at, karras_ramp, sigmas_of, timestep_at_sigma
 
 PATHS = Registry("path")
 F64 = torch.float64
@@ -433,8 +433,7 @@ def time_at_fraction(path: GaussianPath, fraction: float, rho: float = 7.0) -> f
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     if isinstance(path, EDMPath):
-        low, high = path.sigma_min ** (1 / rho), path.sigma_max ** (1 / rho)
-        return (low + fraction * (high - low)) ** rho
+        return karras_ramp(1.0 - fraction, path.sigma_min, path.sigma_max, rho)
     return path.grid_time(fraction)
 
 

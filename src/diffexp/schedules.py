@@ -174,5 +174,11 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
         raise ValueError("Karras sigma spacing needs a finite largest sigma; this schedule has zero terminal SNR "
                          "(sigma = inf at t = T-1): use sampler.timestep_spacing=trailing")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    return karras_ramp(ramp, sigma_min, sigma_max, rho)
+
+
+def karras_ramp(ramp, sigma_min: float, sigma_max: float, rho: float = 7.0):
+    """The noise level at position ``ramp`` in [0, 1] (a number or a tensor) of Karras et al.'s ramp from sigma_max
+    (0) to sigma_min (1): (sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (their eq. 5)."""
     high, low = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (high + ramp * (low - high)) ** rho
