@@ -36,17 +36,28 @@ def usable_cpus() -> int:
     return cpus
 
 
-THREADS = int(os.environ.get("OMP_NUM_THREADS") or min(2, usable_cpus()))  # an explicit OMP_NUM_THREADS wins
+def xdist_workers() -> int:
+    """How many pytest-xdist workers share the CPUs (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per usable CPU (not per visible core), at most 8."""
+    return min(8, usable_cpus())
+
+
+# an explicit OMP_NUM_THREADS wins; the one this file sets for its own subprocesses is not the user's
+USER_THREADS = os.environ.setdefault("DIFFEXP_USER_OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+THREADS = int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // xdist_workers())
 torch.set_num_threads(THREADS)
 # the training/sampling subprocesses the slow tests start inherit the same limit
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_report_header(config):
     """The CPU facts a slow CI run is read against (visible cores, usable cores, torch's threads)."""
     return (f"cpus: {os.cpu_count()} visible, {usable_cpus()} usable; torch threads {torch.get_num_threads()}; "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; xdist workers: {config.getoption('numprocesses', None)}")
 
 # settings that make any training config finish in seconds on a CPU: the one list a test of a README
 # command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)

@@ -22,6 +22,8 @@ from tests.conftest import ROOT, SHRINK, compare_rows, readme_command, run_as_ty
 
 SCRIPT = ROOT / "experiments" / "cluster" / "slurm_local.sh"
 IN_CI = os.environ.get("CI") == "true"
+# one local cluster per module: its tests stay on one pytest-xdist worker
+SLURM_GROUP = pytest.mark.xdist_group("slurm")
 
 
 def free_port() -> int:
@@ -73,6 +75,7 @@ def job_ids(slurm: dict) -> set[str]:
     return {line.split()[0] for line in squeue(slurm)}
 
 
+@SLURM_GROUP
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_slurm_sweep_of_two_schedules(slurm, fresh_workdir):
@@ -88,6 +91,7 @@ def test_slurm_sweep_of_two_schedules(slurm, fresh_workdir):
     assert [r["schedule"] for r in rows] == ["linear", "cosine"] and all(r["status"] == "ok" for r in rows)
 
 
+@SLURM_GROUP
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_slurm_ddp_job_of_two_tasks(slurm, fresh_workdir):
@@ -104,6 +108,7 @@ def test_slurm_ddp_job_of_two_tasks(slurm, fresh_workdir):
     assert "global_rank=1(2)" in logs[1].read_text()
 
 
+@SLURM_GROUP
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_request_the_cluster_cannot_satisfy_fails_before_submitting(slurm, fresh_workdir):
@@ -126,6 +131,7 @@ LONG_RUN = ["trainer.max_steps=1000000", "trainer.val_check_interval=1000000",
             "callbacks.denoising_grid.every_n_steps=1000000"]
 
 
+@SLURM_GROUP
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_job_killed_by_slurm_ends_the_sweep_and_cancels_the_rest(slurm, fresh_workdir):
@@ -158,6 +164,7 @@ def test_a_job_killed_by_slurm_ends_the_sweep_and_cancels_the_rest(slurm, fresh_
     assert all(line.split()[1] in ("CANCELLED", "COMPLETING") for line in squeue(slurm) if line.split()[0] in left)
 
 
+@SLURM_GROUP
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_job_past_its_time_limit_ends_the_sweep_with_a_clear_error(slurm, fresh_workdir):

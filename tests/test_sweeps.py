@@ -39,6 +39,7 @@ def schedule_multirun(tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.xdist_group("schedule_multirun")  # the module's one sweep serves both
 @pytest.mark.slow
 def test_multirun_writes_three_run_dirs_and_the_comparison_table(schedule_multirun, tmp_path):
     from diffexp.compare import compare
@@ -77,6 +78,7 @@ def test_compare_reports_a_missing_directory(tmp_path):
     assert result.returncode != 0 and "is not a directory" in result.stderr
 
 
+@pytest.mark.xdist_group("schedule_multirun")  # the module's one sweep serves both
 @pytest.mark.slow
 def test_rerun_from_the_run_directory_reproduces_the_weights(schedule_multirun, tmp_path):
     job = schedule_multirun / "1"
