@@ -114,13 +114,25 @@ def user_env(workdir: Path, **extra: str) -> dict:
             **extra}
 
 
+# the one override a test of a README sample.py command may add, and only where the command sets no steps of its
+# own: the default 50 DDIM steps of a text model's 64 images take minutes on a CPU
+SAMPLE_SHRINK = ["sampler.steps=3"]
+
+
 def run_as_typed(command: str, workdir: Path, shrink: bool = True, timeout: float = 900,
                  env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a README command as a user types it, from ``workdir``, with only SHRINK appended (``shrink``).
+    """Run a README command as a user types it, from ``workdir``, with only SHRINK appended (``shrink``; to a
+    ``python sample.py`` command SAMPLE_SHRINK, where it names no ``sampler.steps``).
     ``python`` is this interpreter; the installed diffexp package is the one under test."""
     args = shlex.split(command)
     assert args[0] == "python", command
-    args = [sys.executable, *args[1:], *(SHRINK if shrink else [])]
+    if not shrink:
+        extra = []
+    elif args[1] == "sample.py":
+        extra = [] if any(a.startswith("sampler.steps=") for a in args) else SAMPLE_SHRINK
+    else:
+        extra = SHRINK
+    args = [sys.executable, *args[1:], *extra]
     result = subprocess.run(args, cwd=workdir, env=env or user_env(workdir), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -42,20 +42,20 @@ def test_readme_fine_tuning_commands_as_typed(fresh_workdir):
                                    "lora_merge=true n=16")):
         filled = command.replace("BASE.ckpt", str(base)).replace("RUN/", f"{run_dir}/")
         name = "merged" if "lora_merge" in command else "adapter"
-        run_as_typed(filled + f" out=samples_{name}", fresh_workdir, shrink=False)
+        run_as_typed(filled + f" out=samples_{name}", fresh_workdir)  # SAMPLE_SHRINK: 3 steps
         summary = json.loads((fresh_workdir / f"samples_{name}" / "metrics.json").read_text())
         assert summary["lora"] == str(adapter)
         outputs[name] = np.load(fresh_workdir / f"samples_{name}" / "samples.npz")["images"]
     assert outputs["adapter"].shape == (64, 32, 32, 3) and outputs["merged"].shape == (16, 32, 32, 3)
     whole = run_dir / "checkpoints" / "model.safetensors"  # the fine-tuned run itself, adapters inside
     run_as_typed(f'python sample.py ckpt={whole} prompt="a large red star in the center" out=samples_run',
-                 fresh_workdir, shrink=False)
+                 fresh_workdir)
     from_run = np.load(fresh_workdir / "samples_run" / "samples.npz")["images"]
     assert np.abs(from_run.astype(int) - outputs["adapter"].astype(int)).max() == 0  # base + adapter = the run
 
     script = readme_command("python experiments/scripts/finetune_concept.py --base BASE.ckpt")
     args = shlex.split(script.replace("BASE.ckpt", str(base)))
-    command = [sys.executable, str(ROOT / args[1]), *args[2:], "--steps", "2", "--n", "4", "--methods", "full",
+    command = [sys.executable, str(ROOT / args[1]), *args[2:], "--steps", "2", "--n", "4", "--sampler-steps", "3", "--methods", "full",
                "lora:4", "--work", str(fresh_workdir / "ft"), "--out", str(fresh_workdir / "ft" / "result")]
     result = subprocess.run(command, cwd=fresh_workdir, env=user_env(fresh_workdir), capture_output=True, text=True,
                             timeout=900)
