@@ -29,7 +29,7 @@ DDPM_IN_SUITE = {"digits_ddpm.npz", "digits_cosine_ddpm.npz", "shapes_latent_ddp
 
 
 def reference_case(name: str):
-    if "ddpm" not in name.split("_")[-1]:
+    if "sampler=ddpm" not in MANIFEST["files"][name]["args"]:
         return pytest.param(name, id=name)
     marks = [pytest.mark.slow]
     if name not in DDPM_IN_SUITE and os.environ.get("DIFFEXP_TEST_ALL_DDPM") != "1":
