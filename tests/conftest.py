@@ -10,11 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import numpy as np
-import torch
-from omegaconf import DictConfig
-
-from diffexp.course import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -49,15 +44,25 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # an explicit OMP_NUM_THREADS wins; the one this file sets for its own subprocesses is not the user's
 USER_THREADS = os.environ.setdefault("DIFFEXP_USER_OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
 THREADS = int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // xdist_workers())
+# set before numpy and torch load (their BLAS sizes its pool then); the subprocesses the tests start inherit it
+for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[name] = str(THREADS)
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from diffexp.course import compose
+
 torch.set_num_threads(THREADS)
-# the training/sampling subprocesses the slow tests start inherit the same limit
-os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_report_header(config):
     """The CPU facts a slow CI run is read against (visible cores, usable cores, torch's threads)."""
-    return (f"cpus: {os.cpu_count()} visible, {usable_cpus()} usable; torch threads {torch.get_num_threads()}; "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; xdist workers: {config.getoption('numprocesses', None)}")
+    workers = config.getoption("numprocesses", None) or 0
+    threads = int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // max(1, workers))
+    return (f"cpus: {os.cpu_count()} visible, {usable_cpus()} usable; xdist workers: {workers}; "
+            f"torch threads per test process: {threads}")
 
 # settings that make any training config finish in seconds on a CPU: the one list a test of a README
 # command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)

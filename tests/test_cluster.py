@@ -120,7 +120,7 @@ def test_a_request_the_cluster_cannot_satisfy_fails_before_submitting(slurm, fre
     assert result.returncode != 0
     assert "hydra.launcher.cpus_per_task=512 x hydra.launcher.tasks_per_node=1 asks for 512 CPUs" in result.stderr
     assert "partition 'debug'" in result.stderr and "Traceback" not in result.stderr
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120  # (the other xdist worker shares the CPUs)
     assert job_ids(slurm) <= before  # nothing was submitted
     assert not (fresh_workdir / "logs" / "train" / "multiruns").exists() or not any(
         (fresh_workdir / "logs" / "train" / "multiruns").iterdir())  # and no empty sweep directory is left
