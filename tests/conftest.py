@@ -43,7 +43,15 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 # an explicit OMP_NUM_THREADS wins; the one this file sets for its own subprocesses is not the user's
 USER_THREADS = os.environ.setdefault("DIFFEXP_USER_OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
-THREADS = int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // xdist_workers())
+
+
+def threads_per_process(workers: int) -> int:
+    """Torch/BLAS threads of one test process: the user's OMP_NUM_THREADS, else an equal share of (at most 2)
+    usable CPUs between ``workers`` processes, at least 1."""
+    return int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // max(1, workers))
+
+
+THREADS = threads_per_process(xdist_workers())
 # set before numpy and torch load (their BLAS sizes its pool then); the subprocesses the tests start inherit it
 for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[name] = str(THREADS)
@@ -60,9 +68,8 @@ torch.set_num_threads(THREADS)
 def pytest_report_header(config):
     """The CPU facts a slow CI run is read against (visible cores, usable cores, torch's threads)."""
     workers = config.getoption("numprocesses", None) or 0
-    threads = int(USER_THREADS) if USER_THREADS else max(1, min(2, usable_cpus()) // max(1, workers))
     return (f"cpus: {os.cpu_count()} visible, {usable_cpus()} usable; xdist workers: {workers}; "
-            f"torch threads per test process: {threads}")
+            f"torch threads per test process: {threads_per_process(workers)}")
 
 # settings that make any training config finish in seconds on a CPU: the one list a test of a README
 # command may add (the `++` entries shrink the FID callback where a preset has one and are ignored otherwise)
