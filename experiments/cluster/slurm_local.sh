@@ -37,7 +37,8 @@ pid_alive() { local pid; pid="$(read_pid "$1")"; [ -n "$pid" ] && kill -0 "$pid"
 write_conf() {
   local host cpus mem_mb
   host="$(hostname -s)"
-  cpus="$(nproc)"
+  # the node's CPUs, not a thread limit: GNU nproc reports OMP_NUM_THREADS when it is set
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   mem_mb="$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')"
   cat > "$CONF" <<EOF
 # written by experiments/cluster/slurm_local.sh: one node ($cpus CPUs, $mem_mb MB), partition $PARTITION
