@@ -178,3 +178,62 @@ for name in ["dit_tiny", "dit_s"]:
     for ctx in (None, 64):
         n = sum(p.numel() for p in net_preset(name, 32, 4, ctx).parameters())
         print(f"{name:8s} context_dim={str(ctx):4s} {n / 1e6:6.2f} M parameters (32x32x4, patch 2)")
+
+# %% [markdown]
+# ## A trained text-to-image DiT beside the U-Net
+# The shipped `shapes_dit` model is notebook 6's text-to-image preset with `net=dit_tiny` (4x4 patches: 64 tokens
+# of a 32x32 image) in place of the tiny U-Net: `python train.py experiment=shapes_text2img_dit`. The caption
+# reaches every block twice: its pooled vector joins the time embedding that drives adaLN, and its tokens are
+# attended to by cross-attention. Below, the same captions from the same starting noise, DDIM-20 with
+# classifier-free guidance 3: the U-Net (`shapes_text`) in the top row, the DiT in the bottom one; then the
+# fraction of samples over many validation captions whose colour, shape, size and position all match
+# (`diffexp.metrics.adherence`, which reads the drawn shape back).
+
+# %%
+from diffexp.api import draw_samples
+from diffexp.course import pretrained_or_train
+from diffexp.course import sampler as make_sampler
+from diffexp.images import make_grid
+from diffexp.metrics.adherence import caption_adherence
+
+text_steps = 20 if FAST else None  # used only when a model is trained here (DIFFEXP_NOTEBOOK_TRAIN=1)
+short = ["data.num_train=512"] if FAST else []
+text_models = {}
+for label, name, preset in [("U-Net", "shapes_text", "shapes_text2img"), ("DiT", "shapes_dit", "shapes_text2img_dit")]:
+    text_models[label], text_cfg = load(pretrained_or_train(name, [f"experiment={preset}", *short], RUNS / name,
+                                                            steps=text_steps))
+val_captions = data_of(text_cfg).captions("val")
+ddim_steps = 10 if FAST else 20
+shown = val_captions[:8]
+rows = [draw_samples(m, len(shown), make_sampler(m, "ddim", ddim_steps), seed=0, batch_size=len(shown),
+                     conditions={"captions": shown}, progress=False, guidance_scale=3.0)
+        for m in text_models.values()]
+plt.figure(figsize=(12, 3.4))
+plt.imshow(make_grid(torch.stack(rows), padding=2))
+plt.xticks([]), plt.yticks([])
+plt.title("top: U-Net (shapes_text), bottom: DiT (shapes_dit); same captions, same noise")
+plt.savefig(FIGURES / "04_dit_vs_unet_text.png", dpi=80, bbox_inches="tight")
+plt.show()
+for i, caption in enumerate(shown):
+    print(i, caption)
+
+# %%
+n_adherence = 16 if FAST else 200
+captions = [val_captions[i % len(val_captions)] for i in range(n_adherence)]
+for label, m in text_models.items():
+    samples = draw_samples(m, n_adherence, make_sampler(m, "ddim", ddim_steps), seed=1, batch_size=100,
+                           conditions={"captions": captions}, progress=False, guidance_scale=3.0)
+    score = caption_adherence(samples, captions)
+    params = sum(p.numel() for p in m.net.parameters()) / 1e6
+    print(f"{label:5s} ({type(m.net).__name__}, {params:.2f} M net parameters): all attributes match in "
+          f"{score['adherence']:.1%} of {n_adherence} samples (DDIM-{ddim_steps}, guidance 3); per attribute: "
+          + ", ".join(f"{a.removesuffix('_accuracy')} {v:.0%}" for a, v in score.items() if a.endswith("_accuracy")))
+
+# %% [markdown]
+# Both models were trained by their presets on this project's 2-core CPU: the U-Net 1,200 steps in 18.5 min, the DiT
+# 2,900 cheaper steps in 32 min (its model card). The DiT, with more parameters and more time, follows fewer captions, and
+# the per-attribute figures say where it fails: colour and position are nearly always right, the *shape* is what it
+# misses, and its edges are ragged in the grid above. A small shape spans only a few 4x4 patches, each patch is
+# predicted from its own token, and nothing in the architecture makes neighbouring patches agree except attention;
+# the U-Net's convolutions see across patch borders at every level. DiTs win at scale (the paper's FID falls steadily
+# with Gflops, and latents of 32x32x4 with 2x2 patches are far finer than this), not at a few minutes of CPU.

@@ -46,18 +46,21 @@ def test_pretrained_names_and_errors():
     assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1
 
 
+# the U-Net follows every caption (1.00 on N = 500, DDIM-10), the DiT 0.63 (its card; 0.66 on these 64); a random
+# colour, shape, size and position matches a caption naming all four 1 time in 540
 @pytest.mark.slow
-def test_shipped_text_model_follows_captions(tmp_path):
-    """>= 90 % caption adherence on 64 samples at guidance 3 with a few-step sampler (DDIM-10)."""
+@pytest.mark.parametrize("name,least", [("shapes_text", 0.9), ("shapes_dit", 0.45)])
+def test_shipped_text_models_follow_captions(name, least):
+    """Caption adherence on 64 validation captions at guidance 3 with a few-step sampler (DDIM-10)."""
     from diffexp.config import data_of_run
     from diffexp.metrics.adherence import caption_adherence
 
-    model, cfg = pretrained("shapes_text")
+    model, cfg = pretrained(name)
     captions = data_of_run(cfg).captions("val")[:64]
     images = model.sample(64, sampler(model, "ddim", 10), generator=torch.Generator().manual_seed(0),
                           guidance_scale=3.0, captions=captions)
     adherence = caption_adherence(images, captions)["adherence"]
-    assert adherence >= 0.9, adherence
+    assert adherence >= least, adherence
 
 
 def test_shipped_digits_model_draws_digits():

@@ -6,7 +6,7 @@
 
 ``train`` runs ``python train.py <preset overrides> hydra.run.dir=RUNS/<name>`` for each model (those that do not
 depend on another at once, ``--jobs`` at a time; the latent model after its autoencoder). ``pack`` measures each
-run (digits: fid_digits and the digits classifier's confident fraction; shapes text: caption adherence at guidance
+run (digits: fid_digits and the digits classifier's confident fraction; text-to-image: caption adherence at guidance
 3 with few-step samplers; VAE: held-out PSNR; latent: fid_shapes), then writes
 ``src/diffexp/pretrained/<name>/model.safetensors`` (EMA weights in float16, the run config inside, as
 train.py's model.safetensors), ``metrics.csv`` (the training curves) and ``README.md`` (the model card).
@@ -91,7 +91,7 @@ def measure(name: str, weights: Path, n: int) -> dict:
     model, cfg = load(weights)
     datamodule = data_of_run(cfg)
     figures = {}
-    if name == "shapes_text":
+    if cfg.get("text_encoder"):  # text-to-image: caption adherence
         from diffexp.metrics.adherence import caption_adherence
 
         captions = datamodule.captions("val")

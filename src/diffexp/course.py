@@ -111,8 +111,8 @@ def load(ckpt: str | Path, use_ema: bool = True):
 
 def pretrained(name: str):
     """(model in eval mode, its training config) of the course model ``name`` shipped with diffexp (see
-    :mod:`diffexp.pretrained`: digits, digits_quadratic, digits_cosine, shapes_text, shapes_latent; shapes_vae
-    gives its :class:`~diffexp.nets.AutoencoderKL`). Offline: the weights are in the package."""
+    :data:`diffexp.pretrained.MODELS` for the names; shapes_vae gives its
+    :class:`~diffexp.nets.AutoencoderKL`). Offline: the weights are in the package."""
     from omegaconf import OmegaConf
 
     from diffexp.autoencoders import load_autoencoder
