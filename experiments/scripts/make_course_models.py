@@ -180,7 +180,8 @@ def pack(name: str, run: Path, out: Path, overwrite: bool, n: int, trained_on: s
     overrides = " ".join(re.sub(r"\{runs\}/(\w+)/", lambda m: f"{m.group(1).upper()}_RUN/", o) for o in model.overrides)
     card = CARD.format(
         name=name, description=model.description[0].upper() + model.description[1:], weights=WEIGHTS,
-        sample_args="" if model.sampler == ("ddim", 20) else f" sampler={model.sampler[0]} sampler.steps={model.sampler[1]}",
+        sample_args=("" if model.sampler == ("ddim", 20) else f" sampler={model.sampler[0]} sampler.steps={model.sampler[1]}")
+        + (' prompt="a large red circle in the center" guidance_scale=3' if config.get("text_encoder") else ""),
         notebooks=", ".join(model.notebooks), overrides=overrides, data=describe_data(config),
         steps=config["trainer"]["max_steps"], batch=config["data"]["batch_size"], seed=config["seed"],
         wall=float(walls.get(name, "nan")), device=f"{trained_on} (torch {info['packages']['torch']}, Lightning {info['packages']['lightning']}){sharing}",

@@ -48,10 +48,12 @@ MODELS: dict[str, CourseModel] = {
                                       sampler=("consistency", 2)),
     "shapes_text": CourseModel(("experiment=shapes_text2img",),
                                "text-to-image on 32x32 shapes, learned text encoder, classifier-free guidance",
-                               notebooks=("06", "09")),
+                               notebooks=("04", "06", "09")),
     "shapes_dit": CourseModel(("experiment=shapes_text2img_dit",),
                               "text-to-image on 32x32 shapes with a DiT (net=dit_tiny, 4x4 patches) in place of the "
-                              "U-Net, learned text encoder, classifier-free guidance", notebooks=("04",)),
+                              "U-Net, learned text encoder, classifier-free guidance; prompts in the training form "
+                              "\"a SIZE COLOUR SHAPE in the POSITION\" (it follows prompts without a position far less often)",
+                              notebooks=("04",)),
     "shapes_vae": CourseModel(("experiment=shapes_vae",), "KL autoencoder for 32x32 shapes, f=4 (8x8x4 latents)",
                               notebooks=("08",)),
     "shapes_latent": CourseModel(("experiment=shapes_latent", "vae.ckpt={runs}/shapes_vae/checkpoints/last.ckpt"),
