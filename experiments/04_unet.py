@@ -200,7 +200,7 @@ text_steps = 20 if FAST else None  # used only when a model is trained here
 short = ["data.num_train=512"] if FAST else []
 text_models = {}
 for label, name, preset in [("U-Net", "shapes_text", "shapes_text2img"), ("DiT", "shapes_dit", "shapes_text2img_dit")]:
-    # the presets' full runs when trained here (DIFFEXP_NOTEBOOK_TRAIN=1: about 40 min for both on a 2-core CPU),
+    # the presets' full runs when trained here (DIFFEXP_NOTEBOOK_TRAIN=1: about 70 min for both on a 2-core CPU),
     # in their own folders (notebook 06 trains a shorter shapes_text)
     text_models[label], text_cfg = load(pretrained_or_train(name, [f"experiment={preset}", *short],
                                                             RUNS / f"{name}_04", steps=text_steps))
@@ -236,8 +236,7 @@ for label, m in text_models.items():
 # 80-step runs, the difference), a U-Net step took 1.68 s and a DiT step 0.80 s, so the U-Net preset's 1,200 steps
 # cost about 2,020 s and the DiT preset's 2,900 steps 2,320 s (the shipped `shapes_dit` was trained that way, in
 # 1,916 s; the shipped `shapes_text` on a GPU). The DiT, with more parameters and a little more time, follows fewer
-# captions, and
-# the per-attribute figures say where it fails: colour and position are nearly always right, the *shape* is what it
+# captions, and the per-attribute figures say where it fails: colour and position are nearly always right, the *shape* is what it
 # misses, and its edges are ragged in the grid above. A small shape spans only a few 4x4 patches, each patch is
 # predicted from its own token, and nothing in the architecture makes neighbouring patches agree except attention;
 # the U-Net's convolutions see across patch borders at every level. DiTs win at scale (the paper's FID falls steadily
